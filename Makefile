@@ -1,0 +1,40 @@
+# Two commands for a fresh clone: `make demo` (install + run the main job) and `make test`.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+DEMO_DIR ?= data/demo
+DEMO_N ?= 1000
+REDIS_PORT ?= 6379
+
+.PHONY: install demo test lint redis clean
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	# torch and torchvision resolve from this machine's local wheels (see README)
+	$(PY) -m pip install --quiet --editable '.[dev]'
+	touch $@
+
+install: $(STAMP)
+
+demo: install
+	$(BIN)/imsearch scenes $(DEMO_DIR) --n $(DEMO_N) --twins
+	$(BIN)/imsearch eval encoder
+
+redis:
+	@$(PY) -c "import redis; redis.Redis(host='127.0.0.1', port=$(REDIS_PORT)).ping()" 2>/dev/null \
+	  || redis-server --daemonize yes --port $(REDIS_PORT) --save "" --appendonly no
+	@for i in 1 2 3 4 5 6 7 8 9 10; do \
+	  $(PY) -c "import redis; redis.Redis(host='127.0.0.1', port=$(REDIS_PORT)).ping()" 2>/dev/null && exit 0; sleep 0.5; \
+	done; echo "redis did not start on 127.0.0.1:$(REDIS_PORT)"; exit 1
+
+lint: install
+	$(BIN)/ruff check indexer reranker service tests
+	$(BIN)/mypy
+
+test: install redis lint
+	$(BIN)/pytest
+
+clean:
+	rm -rf $(VENV) data .pytest_cache .mypy_cache .ruff_cache

@@ -1,0 +1,127 @@
+"""Command line: `imsearch` subcommands for scenes, encoder training and evaluation."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from indexer.scenes import EVAL_SEED, TRAIN_SEED
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
+                  help="Image search: scenes, dual encoder, index, rerank, serve.")
+train_app = typer.Typer(no_args_is_help=True, help="Train the embedded models.")
+eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models on held-out scenes.")
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+err = Console(stderr=True)
+
+ModelOpt = Annotated[
+    str, typer.Option(help="open_clip architecture (tiny, ViT-B-32, ...), local-dir:PATH or a JSON config")
+]
+PretrainedOpt = Annotated[
+    str | None, typer.Option(help="pretrained tag (laion2b_s34b_b79k) or weights file; default: embedded checkpoint")
+]
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print a clear error (no traceback) and exit."""
+    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    raise typer.Exit(code)
+
+
+def guarded(fn: Callable[[], Any]) -> Any:
+    """Run fn, turning expected failures into clear CLI errors."""
+    from indexer.encoder import EncoderUnavailable
+
+    try:
+        return fn()
+    except (EncoderUnavailable, FileNotFoundError, PermissionError, ValueError) as exc:
+        fail(str(exc))
+
+
+@app.command()
+def scenes(
+    out_dir: Annotated[Path, typer.Argument(help="folder for the PNGs and captions.jsonl")],
+    n: Annotated[int, typer.Option(min=1, help="number of scenes")] = 1000,
+    seed: Annotated[int, typer.Option(help="stream seed")] = EVAL_SEED,
+    twins: Annotated[bool, typer.Option(help="also write each scene's hard twin")] = False,
+    size: Annotated[int, typer.Option(min=16, max=1024, help="image side in pixels")] = 64,
+) -> None:
+    """Generate captioned synthetic scenes (PNG + captions.jsonl)."""
+    from indexer.scenes import write_scenes
+
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"{out_dir} exists and is not a directory")
+    manifest = guarded(lambda: write_scenes(out_dir, n, seed, twins=twins, size=size))
+    count = n * (2 if twins else 1)
+    err.print(f"wrote {count} images and {manifest}")
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+    )
+
+
+@train_app.command("encoder")
+def train_encoder_cmd(
+    steps: Annotated[int, typer.Option(min=1)] = 2500,
+    out: Annotated[Path | None, typer.Option(help="checkpoint folder (default: models/tiny-clip)")] = None,
+    seed: Annotated[int, typer.Option()] = TRAIN_SEED,
+    batch_pairs: Annotated[int, typer.Option(min=2, help="scene/twin pairs per batch")] = 64,
+    lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    eval_every: Annotated[int, typer.Option(min=0, help="validate every N steps (0: never)")] = 250,
+) -> None:
+    """Train the embedded `tiny` dual encoder with open_clip's ClipLoss on streamed scenes."""
+    from indexer.train import TrainConfig, train_encoder
+
+    if seed == EVAL_SEED or seed == 7:
+        fail(f"seed {seed} is reserved for evaluation; pick another training seed")
+    cfg = TrainConfig(steps=steps, seed=seed, batch_pairs=batch_pairs, lr=lr, eval_every=eval_every)
+    if out is not None:
+        cfg.out = out
+    with _progress() as bar:
+        task = bar.add_task("train encoder", total=steps, loss=float("nan"))
+        report = train_encoder(cfg, lambda step, loss: bar.update(task, advance=1, loss=loss))
+    err.print(f"saved {cfg.out} after {report['seconds']} s")
+
+
+@eval_app.command("encoder")
+def eval_encoder_cmd(
+    n: Annotated[int, typer.Option(min=2, help="gallery size (even)")] = 1000,
+    seed: Annotated[int, typer.Option(help="gallery seed (disjoint from training)")] = EVAL_SEED,
+    model: ModelOpt = "tiny",
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Text→image recall and binding accuracy on a deduplicated twin gallery."""
+    from indexer.encoder import EncoderSpec, load_encoder
+    from indexer.evaluate import evaluate_encoder
+
+    if seed in (TRAIN_SEED,):
+        fail(f"seed {seed} is the training seed; evaluate on a held-out seed")
+    encoder = guarded(lambda: load_encoder(EncoderSpec(model, pretrained, device)))
+    metrics = guarded(lambda: evaluate_encoder(encoder, n=n, seed=seed))
+    if as_json:
+        sys.stdout.write(json.dumps(metrics) + "\n")
+        return
+    for key, value in metrics.items():
+        sys.stdout.write(f"{key:>12}: {value}\n")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

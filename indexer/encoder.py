@@ -1,0 +1,240 @@
+"""Stage 1, encode: one dual-encoder interface over open_clip (the embedded tiny model or any pretrained)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import open_clip
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from safetensors.torch import save_file
+
+log = logging.getLogger(__name__)
+
+EMBEDDED = "tiny"
+CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
+MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+EMBEDDED_DIR = MODELS_DIR / "tiny-clip"  # open_clip `local-dir:` layout: config JSON + safetensors
+WEIGHTS_NAME = "open_clip_model.safetensors"
+CONFIG_NAME = "open_clip_config.json"
+
+ImageBatch = torch.Tensor | Sequence[Image.Image]
+
+
+class EncoderUnavailable(RuntimeError):
+    """The requested model or its weights cannot be loaded on this machine."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    """Which dual encoder to load.
+
+    model: an open_clip architecture name (`tiny`, `ViT-B-32`, ...), `local-dir:PATH`, or a path to
+        an open_clip JSON architecture config.
+    pretrained: a pretrained tag (`laion2b_s34b_b79k`), a weights file (.safetensors, or a torch file
+        loaded with weights_only), or None: the committed checkpoint for `tiny`, random weights otherwise.
+    device: `cpu`, `cuda` or `auto`.
+    """
+
+    model: str = EMBEDDED
+    pretrained: str | None = None
+    device: str = "cpu"
+
+
+def register_embedded_configs() -> None:
+    """Make the project's architectures (e.g. `tiny`) known to open_clip by name."""
+    if EMBEDDED not in open_clip.list_models():
+        open_clip.add_model_config(CONFIG_DIR)
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise EncoderUnavailable(f"device {device!r} requested but CUDA is not available; use --device cpu")
+    return torch.device(device)
+
+
+def _file_sha(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def _cached_tag_weights(model: str, tag: str) -> tuple[str, dict[str, Any]]:
+    """Find a pretrained tag's weights in the local caches, without touching the network.
+
+    Raises EncoderUnavailable naming the model and how to supply the weights.
+    """
+    cfg = open_clip.get_pretrained_cfg(model, tag)
+    if not cfg:
+        tags = open_clip.list_pretrained_tags_by_model(model)
+        raise EncoderUnavailable(f"unknown pretrained tag {tag!r} for {model}; known tags: {tags}")
+    candidates: list[str] = []
+    if cfg.get("hf_hub"):
+        from huggingface_hub import try_to_load_from_cache
+
+        # open_clip writes hf_hub as "org/repo/" (default file name) or "org/repo/file.bin"
+        repo_id, _, filename = cfg["hf_hub"].rpartition("/")
+        names = [filename or "open_clip_pytorch_model.bin", "open_clip_model.safetensors"]
+        for name in names:
+            hit = try_to_load_from_cache(repo_id, name)
+            if isinstance(hit, str):
+                candidates.append(hit)
+    if cfg.get("url"):
+        candidates.append(os.path.expanduser(f"~/.cache/clip/{os.path.basename(cfg['url'])}"))
+    for path in candidates:
+        if os.path.isfile(path):
+            return path, cfg
+    raise EncoderUnavailable(
+        f"weights for {model} / {tag} are not available offline on this machine. Either copy the Hugging "
+        f"Face cache entry {cfg.get('hf_hub') or cfg.get('url')} into ~/.cache/huggingface (download it where "
+        "a network is available), or pass --pretrained /path/to/weights.safetensors, or use "
+        "--model local-dir:/path/to/open_clip_dir."
+    )
+
+
+def _resolve(spec: EncoderSpec) -> tuple[str, str | None, dict[str, Any], str]:
+    """Turn a spec into (open_clip model name, weights file, transform kwargs, model id)."""
+    register_embedded_configs()
+    model, pretrained = spec.model, spec.pretrained
+    if model.startswith("local-dir:"):
+        folder = Path(model.removeprefix("local-dir:"))
+        if not (folder / CONFIG_NAME).is_file():
+            raise EncoderUnavailable(f"{folder} has no {CONFIG_NAME}: not an open_clip local-dir checkpoint")
+        weights = next(iter(sorted(folder.glob("*.safetensors"))), None)
+        digest = _file_sha(weights) if weights else "random"
+        return model, None, {}, f"{folder.name}@{digest}"
+    if model.endswith(".json"):
+        if not Path(model).is_file():
+            raise EncoderUnavailable(f"model config {model} does not exist")
+        open_clip.add_model_config(Path(model))
+        model = Path(model).stem
+    if model not in open_clip.list_models():
+        raise EncoderUnavailable(f"unknown model architecture {model!r}; known: tiny, ViT-B-32, ... (open_clip)")
+    if pretrained is None and model == EMBEDDED:
+        pretrained = str(EMBEDDED_DIR / WEIGHTS_NAME)
+        if not Path(pretrained).is_file():
+            raise EncoderUnavailable(f"embedded checkpoint {pretrained} missing; run `imsearch train encoder`")
+    if pretrained is None:
+        log.warning("no pretrained weights for %s: using random initialisation", model)
+        return model, None, {}, f"{model}@random"
+    if Path(pretrained).is_file():
+        return model, pretrained, {}, f"{model}@{_file_sha(Path(pretrained))}"
+    path, cfg = _cached_tag_weights(model, pretrained)
+    transform = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
+    kwargs = {f"image_{k}": v for k, v in transform.items()}
+    return model, path, kwargs, f"{model}@{pretrained}"
+
+
+class DualEncoder:
+    """A CLIP-style dual encoder: images and texts into one L2-normalised space, plus patch tokens."""
+
+    def __init__(self, model: open_clip.CLIP, preprocess: Any, tokenizer: Any, model_id: str, device: torch.device):
+        self.model = model.eval()
+        self.preprocess = preprocess
+        self.tokenizer = tokenizer
+        self.model_id = model_id
+        self.device = device
+        self.embed_dim: int = int(model.text_projection.shape[1])
+        visual = model.visual
+        grid = visual.grid_size
+        self.token_shape: tuple[int, int] = (1 + grid[0] * grid[1], int(visual.transformer.width))
+
+    # pre: decode-side work, done in data-loader workers by the indexer
+    def to_tensor(self, images: ImageBatch) -> torch.Tensor:
+        """Preprocess PIL images into a (n, 3, H, W) batch; tensors pass through."""
+        if isinstance(images, torch.Tensor):
+            return images
+        return torch.stack([self.preprocess(im.convert("RGB")) for im in images])
+
+    def _autocast(self) -> Any:
+        enabled = self.device.type == "cuda"
+        return torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=enabled)
+
+    @torch.inference_mode()
+    def encode_images_and_tokens(self, images: ImageBatch) -> tuple[np.ndarray, np.ndarray]:
+        """One forward giving pooled embeddings (n, d) float32 L2-normalised and tokens (n, t, w) float32."""
+        x = self.to_tensor(images).to(self.device)
+        with self._autocast():
+            out = self.model.forward_intermediates(
+                image=x,
+                image_indices=1,
+                normalize_intermediates=True,  # tokens after ln_post, as the pooled path sees them
+                image_output_fmt="NLC",
+                image_output_extra_tokens=True,
+            )
+        tokens = torch.cat([out["image_intermediates_prefix"][0], out["image_intermediates"][0]], dim=1)
+        pooled = F.normalize(out["image_features"].float(), dim=-1)
+        return pooled.cpu().numpy(), tokens.float().cpu().numpy()
+
+    @torch.inference_mode()
+    def encode_images(self, images: ImageBatch) -> np.ndarray:
+        """(n, d) float32, L2-normalised image embeddings."""
+        x = self.to_tensor(images).to(self.device)
+        with self._autocast():
+            feats = self.model.encode_image(x)
+        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+    def image_tokens(self, images: ImageBatch) -> np.ndarray:
+        """(n, t, w) float32 patch tokens ([CLS] first) from the last vision block."""
+        return self.encode_images_and_tokens(images)[1]
+
+    def tokenize(self, texts: Sequence[str]) -> torch.Tensor:
+        if isinstance(texts, str):
+            raise TypeError("encode_texts takes a list of strings, not a single string")
+        return self.tokenizer(list(texts)).to(self.device)
+
+    @torch.inference_mode()
+    def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
+        """(n, d) float32, L2-normalised text embeddings."""
+        if len(texts) == 0:
+            return np.zeros((0, self.embed_dim), dtype=np.float32)
+        with self._autocast():
+            feats = self.model.encode_text(self.tokenize(texts))
+        return F.normalize(feats.float(), dim=-1).cpu().numpy()
+
+
+def load_encoder(spec: EncoderSpec | None = None) -> DualEncoder:
+    """Load model, preprocessing and tokenizer together; never touches the network."""
+    spec = spec or EncoderSpec()
+    device = resolve_device(spec.device)
+    name, weights, kwargs, model_id = _resolve(spec)
+    model, _, preprocess = open_clip.create_model_and_transforms(
+        name, pretrained=weights, device=device, weights_only=True, **kwargs
+    )
+    tokenizer = open_clip.get_tokenizer(name)
+    return DualEncoder(model, preprocess, tokenizer, model_id, device)
+
+
+def create_embedded(seed: int = 0) -> DualEncoder:
+    """A freshly initialised `tiny` encoder (the starting point of training)."""
+    register_embedded_configs()
+    torch.manual_seed(seed)
+    model, _, preprocess = open_clip.create_model_and_transforms(EMBEDDED)
+    return DualEncoder(model, preprocess, open_clip.get_tokenizer(EMBEDDED), f"{EMBEDDED}@random", torch.device("cpu"))
+
+
+def save_checkpoint(model: torch.nn.Module, out_dir: Path, model_name: str = EMBEDDED) -> Path:
+    """Write fp16 safetensors + open_clip JSON config in the `local-dir:` layout; returns the weights path."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
+    weights = out_dir / WEIGHTS_NAME
+    tmp = weights.with_suffix(".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, weights)  # a reader never sees a half-written checkpoint
+    register_embedded_configs()
+    config = {"model_cfg": open_clip.get_model_config(model_name), "model_name": model_name}
+    (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")
+    return weights
