@@ -19,7 +19,9 @@ app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_
 train_app = typer.Typer(no_args_is_help=True, help="Train the embedded models.")
 eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models on held-out scenes.")
 app.add_typer(train_app, name="train")
+index_app = typer.Typer(no_args_is_help=True, help="Build and mutate versioned FAISS indexes.")
 app.add_typer(eval_app, name="eval")
+app.add_typer(index_app, name="index")
 err = Console(stderr=True)
 
 ModelOpt = Annotated[
@@ -43,7 +45,7 @@ def guarded(fn: Callable[[], Any]) -> Any:
 
     try:
         return fn()
-    except (EncoderUnavailable, FileNotFoundError, PermissionError, ValueError) as exc:
+    except (EncoderUnavailable, OSError, ValueError) as exc:
         fail(str(exc))
 
 
@@ -117,6 +119,116 @@ def eval_encoder_cmd(
         return
     for key, value in metrics.items():
         sys.stdout.write(f"{key:>12}: {value}\n")
+
+
+JsonOpt = Annotated[bool, typer.Option("--json", help="print a JSON summary at the end")]
+
+
+def _index_progress(description: str) -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.0f} images/s"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+    )
+
+
+def _run_ingest(src: Path, out: Path, mode: str, model: str, pretrained: str | None, device: str,
+                opts: Any, as_json: bool) -> None:
+    import time
+
+    from indexer.build import build_or_add
+    from indexer.encoder import EncoderSpec, load_encoder
+
+    if not src.exists():
+        fail(f"source {src} does not exist")
+    encoder = guarded(lambda: load_encoder(EncoderSpec(model, pretrained, device)))
+    start = time.perf_counter()
+    with _index_progress(mode) as bar:
+        task = bar.add_task(f"{mode} {src.name}", total=None, rate=0.0)
+
+        def progress(done: int, total: int, indexed: int) -> None:
+            rate = indexed / max(1e-9, time.perf_counter() - start)
+            bar.update(task, completed=done, total=total, rate=rate)
+
+        report = guarded(lambda: build_or_add(src, out, encoder, opts, mode, progress))
+    _print_report(report, as_json)
+
+
+def _print_report(report: Any, as_json: bool) -> None:
+    summary = report.to_json()
+    if as_json:
+        sys.stdout.write(json.dumps(summary) + "\n")
+    else:
+        err.print(", ".join(f"{k}={v}" for k, v in summary.items()))
+
+
+def _options(batch_size: int, workers: int, index: str, shard_size: int, max_pixels: int,
+             memory_budget_mb: int | None, keep: int) -> Any:
+    from indexer.build import BuildOptions
+
+    budget = memory_budget_mb * 1024 * 1024 if memory_budget_mb else None
+    return BuildOptions(batch_size, workers, shard_size, index, budget, max_pixels, keep)
+
+
+BatchOpt = Annotated[int, typer.Option(min=1, max=4096, help="images per encoder batch")]
+WorkersOpt = Annotated[int, typer.Option(min=0, max=64, help="decoding processes (0: decode in this process)")]
+KindOpt = Annotated[str, typer.Option("--index", help="auto, flat, hnsw, ivf or ivfpq")]
+ShardOpt = Annotated[int, typer.Option(min=1, help="images per shard (the resume granularity)")]
+PixelsOpt = Annotated[int, typer.Option(min=1, help="larger images are refused as decompression bombs")]
+BudgetOpt = Annotated[int | None, typer.Option(help="memory for the ANN index in MiB (tight: IVF-PQ)")]
+KeepOpt = Annotated[int, typer.Option(min=1, help="index versions to keep")]
+
+
+@index_app.command("build")
+def index_build(
+    src: Annotated[Path, typer.Argument(help="folder, .txt of paths, or .jsonl/.parquet with a path column")],
+    out: Annotated[Path, typer.Option(help="index directory")],
+    model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 64, workers: WorkersOpt = 2, index: KindOpt = "auto", shard_size: ShardOpt = 2048,
+    max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None, keep: KeepOpt = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Encode every image of SRC into a new index version at OUT (resumable)."""
+    opts = _options(batch_size, workers, index, shard_size, max_pixels, memory_budget_mb, keep)
+    _run_ingest(src, out, "build", model, pretrained, device, opts, as_json)
+
+
+@index_app.command("add")
+def index_add(
+    src: Annotated[Path, typer.Argument(help="folder, .txt of paths, or .jsonl/.parquet with a path column")],
+    index_dir: Annotated[Path, typer.Option("--index", help="index directory")],
+    model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
+    batch_size: BatchOpt = 64, workers: WorkersOpt = 2, index_kind: KindOpt = "auto", shard_size: ShardOpt = 2048,
+    max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None, keep: KeepOpt = 3,
+    as_json: JsonOpt = False,
+) -> None:
+    """Add new images (content-hash dedupe) and publish a new version."""
+    opts = _options(batch_size, workers, index_kind, shard_size, max_pixels, memory_budget_mb, keep)
+    _run_ingest(src, index_dir, "add", model, pretrained, device, opts, as_json)
+
+
+@index_app.command("remove")
+def index_remove(
+    index_dir: Annotated[Path, typer.Option("--index", help="index directory")],
+    paths: Annotated[list[str] | None, typer.Option("--paths", help="image paths to remove")] = None,
+    ids: Annotated[list[int] | None, typer.Option("--ids", help="image ids to remove")] = None,
+    keep: KeepOpt = 3, as_json: JsonOpt = False,
+) -> None:
+    """Remove images by path or id and publish a new version."""
+    from indexer.build import BuildOptions, remove
+
+    if not paths and not ids:
+        fail("give --paths or --ids")
+    report = guarded(lambda: remove(index_dir, paths, ids, BuildOptions(keep_versions=keep)))
+    _print_report(report, as_json)
+
+
+@index_app.command("info")
+def index_info(index_dir: Annotated[Path, typer.Argument(help="index directory")]) -> None:
+    """Print the current version's manifest."""
+    from indexer.store import Index
+
+    index = guarded(lambda: Index.open(index_dir))
+    sys.stdout.write(json.dumps(index.manifest, indent=2) + "\n")
 
 
 def main() -> None:

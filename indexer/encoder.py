@@ -141,8 +141,12 @@ def _resolve(spec: EncoderSpec) -> tuple[str, str | None, dict[str, Any], str]:
 class DualEncoder:
     """A CLIP-style dual encoder: images and texts into one L2-normalised space, plus patch tokens."""
 
-    def __init__(self, model: open_clip.CLIP, preprocess: Any, tokenizer: Any, model_id: str, device: torch.device):
+    def __init__(self, model: open_clip.CLIP, preprocess: Any, tokenizer: Any, model_id: str, device: torch.device,
+                 model_name: str = EMBEDDED):
         self.model = model.eval()
+        self.model_name = model_name
+        config = open_clip.get_model_config(model_name) or {}
+        self.config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.model_id = model_id
@@ -215,7 +219,7 @@ def load_encoder(spec: EncoderSpec | None = None) -> DualEncoder:
         name, pretrained=weights, device=device, weights_only=True, **kwargs
     )
     tokenizer = open_clip.get_tokenizer(name)
-    return DualEncoder(model, preprocess, tokenizer, model_id, device)
+    return DualEncoder(model, preprocess, tokenizer, model_id, device, name)
 
 
 def create_embedded(seed: int = 0) -> DualEncoder:

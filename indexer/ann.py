@@ -1,0 +1,137 @@
+"""Stage 4, ANN: choose a FAISS index type by collection size and memory, build it, search per call."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import faiss
+import numpy as np
+
+FLAT_MAX = 50_000  # exact search is fast enough below this (a few ms per query on 2 cores)
+HNSW_MAX = 2_000_000  # above this HNSW's build time and link memory outgrow IVF
+TRAIN_POINTS_PER_LIST = 64  # k-means sample size per list, as FAISS recommends (39..256)
+KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
+PQ_MIN_TRAIN = 10_000  # 256 centroids per sub-quantizer need ~39 points each
+
+
+@dataclass(frozen=True)
+class AnnPlan:
+    """What to build and the default search parameters (each call may override them)."""
+
+    kind: str  # flat | hnsw | ivf | ivfpq
+    nlist: int = 0
+    hnsw_m: int = 32
+    ef_construction: int = 200
+    ef_search: int = 128
+    nprobe: int = 0
+    pq_m: int = 0
+    refine_factor: int = 0  # ivfpq: candidates re-scored exactly = k * refine_factor
+
+    def to_dict(self) -> dict[str, int | str]:
+        return asdict(self)
+
+
+def _nlist(n: int) -> int:
+    # FAISS guidance: between 4*sqrt(n) and 16*sqrt(n) inverted lists; keep at least 39 points per list
+    return int(max(1, min(8 * math.sqrt(n), n // 39)))
+
+
+def plan_index(n: int, dim: int, kind: str = "auto", memory_budget: int | None = None) -> AnnPlan:
+    """Pick the index for n vectors of dimension dim.
+
+    Flat inner product while exact search is cheap; HNSW (fast, accurate, ~1.3x the raw vectors in
+    RAM) up to a couple of million; IVF above; IVF-PQ with exact re-scoring from the stored vectors
+    when the raw vectors do not fit the memory budget (bytes).
+    """
+    if kind not in KINDS:
+        raise ValueError(f"unknown index type {kind!r}; choose one of {', '.join(KINDS)}")
+    if kind == "auto":
+        raw = n * dim * 4
+        if n <= FLAT_MAX:
+            kind = "flat"
+        elif memory_budget is not None and raw * 1.3 > memory_budget:
+            kind = "ivfpq"
+        else:
+            kind = "hnsw" if n <= HNSW_MAX else "ivf"
+    if kind == "flat":
+        return AnnPlan("flat")
+    if kind == "hnsw":
+        return AnnPlan("hnsw")
+    nlist = _nlist(n)
+    nprobe = max(1, min(nlist, int(round(nlist / 32)) + 8))
+    if kind == "ivf":
+        return AnnPlan("ivf", nlist=nlist, nprobe=nprobe)
+    pq_m = next(m for m in (dim // 4, dim // 8, dim // 16, 1) if m >= 1 and dim % m == 0)
+    return AnnPlan("ivfpq", nlist=nlist, nprobe=nprobe, pq_m=pq_m, refine_factor=8)
+
+
+def build_index(plan: AnnPlan, vectors: np.ndarray, ids: np.ndarray, seed: int = 0) -> faiss.Index:
+    """Build an inner-product index over (n, d) float32 L2-normalised vectors with stable int64 ids."""
+    if vectors.dtype != np.float32 or vectors.ndim != 2:
+        raise TypeError("vectors must be a (n, d) float32 array")
+    n, dim = vectors.shape
+    ip = faiss.METRIC_INNER_PRODUCT
+    if plan.kind == "flat":
+        inner: faiss.Index = faiss.IndexFlatIP(dim)
+    elif plan.kind == "hnsw":
+        inner = faiss.IndexHNSWFlat(dim, plan.hnsw_m, ip)
+        inner.hnsw.efConstruction = plan.ef_construction
+    else:
+        quantizer = faiss.IndexFlatIP(dim)
+        if plan.kind == "ivf":
+            inner = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, ip)
+        else:
+            inner = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, ip)
+        inner.train(_training_sample(vectors, plan.nlist, seed))
+    index = faiss.IndexIDMap2(inner)
+    if n:
+        index.add_with_ids(np.ascontiguousarray(vectors), ids.astype(np.int64))
+    return index
+
+
+def _training_sample(vectors: np.ndarray, nlist: int, seed: int) -> np.ndarray:
+    size = min(len(vectors), max(nlist * TRAIN_POINTS_PER_LIST, 10_000))
+    rows = np.sort(np.random.default_rng(seed).choice(len(vectors), size=size, replace=False))
+    return np.ascontiguousarray(vectors[rows])
+
+
+def search_params(plan: AnnPlan, nprobe: int | None = None, ef_search: int | None = None,
+                  k: int = 10) -> faiss.SearchParameters | None:
+    """Per-call parameters: never mutate a shared index (concurrent searches would race)."""
+    if plan.kind == "hnsw":
+        return faiss.SearchParametersHNSW(efSearch=max(ef_search or plan.ef_search, k))  # type: ignore[attr-defined]
+    if plan.kind in ("ivf", "ivfpq"):
+        return faiss.SearchParametersIVF(nprobe=nprobe or plan.nprobe)  # type: ignore[call-arg]
+    return None
+
+
+def ann_search(index: faiss.Index, plan: AnnPlan, queries: np.ndarray, k: int,
+               nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(q, k) scores and ids; ids are -1 where fewer than k results exist."""
+    queries = np.ascontiguousarray(queries, dtype=np.float32)
+    params = search_params(plan, nprobe, ef_search, k)
+    if params is None:
+        return index.search(queries, k)
+    return index.search(queries, k, params=params)
+
+
+def exact_search(vectors: np.ndarray, ids: np.ndarray, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Brute-force inner-product top-k (the reference ANN results are compared with)."""
+    scores, rows = faiss.knn(np.ascontiguousarray(queries, dtype=np.float32),
+                             np.ascontiguousarray(vectors, dtype=np.float32), k, metric=faiss.METRIC_INNER_PRODUCT)
+    return scores, np.where(rows >= 0, ids[np.clip(rows, 0, None)], -1)
+
+
+def rescore(queries: np.ndarray, candidates: np.ndarray, lookup: Callable[[np.ndarray], np.ndarray],
+            k: int) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k among ANN candidates (q, c), using lookup(ids) -> (n, d) stored vectors."""
+    out_s = np.full((len(queries), k), -np.inf, np.float32)
+    out_i = np.full((len(queries), k), -1, np.int64)
+    for q, row in enumerate(candidates):
+        row = row[row >= 0]
+        exact = lookup(row) @ queries[q] if len(row) else np.zeros(0, np.float32)
+        best = np.argsort(-exact, kind="stable")[:k]
+        out_s[q, : len(best)], out_i[q, : len(best)] = exact[best], row[best]
+    return out_s, out_i

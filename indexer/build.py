@@ -1,0 +1,299 @@
+"""Stage 2–5 orchestration: reader → encoder → writer shards → FAISS index → published version."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import torch
+
+from indexer.ann import PQ_MIN_TRAIN, AnnPlan, build_index, plan_index
+from indexer.encoder import DualEncoder
+from indexer.reader import DEFAULT_MAX_PIXELS, Decoded, ImageDataset, SourceItem, list_source, make_loader
+from indexer.store import (
+    DELETED,
+    FAILURES,
+    INDEX_FILE,
+    SHARDS,
+    STAGING,
+    Index,
+    current_version,
+    link_shard,
+    publish,
+    save_npy,
+)
+from indexer.writer import Failure, Row, ShardWriter, StagedShard, read_staged
+
+Progress = Callable[[int, int, int], None]  # (items done, items total, images indexed)
+
+
+class BuildError(ValueError):
+    """A build, add or remove that cannot proceed (bad output folder, model mismatch, nothing to do)."""
+
+
+@dataclass
+class BuildOptions:
+    """Indexing settings (the CLI's flags)."""
+
+    batch_size: int = 64
+    workers: int = 2
+    shard_size: int = 2048
+    index_kind: str = "auto"
+    memory_budget: int | None = None  # bytes for the ANN index; None = no limit
+    max_pixels: int = DEFAULT_MAX_PIXELS
+    keep_versions: int = 3
+
+
+@dataclass
+class BuildReport:
+    """What a mutation did; `to_json` is what `--json` prints."""
+
+    indexed: int
+    skipped: int
+    duplicates: int
+    removed: int
+    seconds: float
+    index_type: str
+    version: str
+    count: int
+
+    def to_json(self) -> dict[str, Any]:
+        rate = self.indexed / self.seconds if self.seconds > 0 else 0.0
+        return {**asdict(self), "seconds": round(self.seconds, 3), "images_per_s": round(rate, 1)}
+
+
+def model_info(encoder: DualEncoder) -> dict[str, Any]:
+    return {"id": encoder.model_id, "name": encoder.model_name, "config_hash": encoder.config_hash,
+            "embed_dim": encoder.embed_dim, "token_shape": list(encoder.token_shape)}
+
+
+def check_writable(out: Path) -> None:
+    """Fail early, naming the folder, if the index cannot be written there."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / ".write-test"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise BuildError(f"cannot write the index to {out}: {exc.strerror or exc}") from None
+
+
+def check_model(parent: Index, encoder: DualEncoder) -> None:
+    built = parent.manifest["model"]["id"]
+    if built != encoder.model_id:
+        raise BuildError(f"index {parent.root} was built with model {built}, not {encoder.model_id}; "
+                          "use the same --model/--pretrained or build a new index")
+
+
+# --- ingest: the streaming part -------------------------------------------------------------------
+
+
+def _staging_dir(out: Path, mode: str, src: Path, encoder: DualEncoder, parent: str | None) -> Path:
+    key = json.dumps([mode, str(src.resolve()), encoder.model_id, parent])
+    return out / STAGING / hashlib.sha1(key.encode()).hexdigest()[:12]
+
+
+def _split(batch: list[Decoded], items: list[SourceItem], known: set[str]) -> tuple[list[Decoded], list[Failure], int]:
+    """Good items, failures and the count of duplicates (bytes already indexed) in one batch."""
+    good, failures, dups = [], [], 0
+    for d in batch:
+        path = items[d.position].path
+        if d.tensor is None:
+            failures.append(Failure(path, d.error or "unreadable"))
+        elif d.sha256 in known:
+            failures.append(Failure(path, "duplicate: the same bytes are already indexed"))
+            dups += 1
+        else:
+            known.add(d.sha256)
+            good.append(d)
+    return good, failures, dups
+
+
+def ingest(items: list[SourceItem], writer: ShardWriter, encoder: DualEncoder, known: set[str],
+           opts: BuildOptions, progress: Progress | None = None) -> int:
+    """Decode in workers, encode in batches, write shards; returns the number of duplicates."""
+    loader = make_loader(ImageDataset(items, encoder.preprocess, opts.max_pixels), opts.batch_size, opts.workers)
+    done = dups = indexed = 0
+    for batch in loader:
+        good, failures, batch_dups = _split(batch, items, known)
+        dups += batch_dups
+        emb, tok = _encode(encoder, good)
+        rows = [_row(items[d.position], d) for d in good]
+        writer.add(rows, emb, tok, [items[d.position].path for d in batch], failures)
+        done, indexed = done + len(batch), indexed + len(good)
+        if progress:
+            progress(done, len(items), indexed)
+    writer.flush()
+    return dups
+
+
+def _encode(encoder: DualEncoder, good: list[Decoded]) -> tuple[np.ndarray, np.ndarray]:
+    if not good:
+        return np.zeros((0, encoder.embed_dim), np.float32), np.zeros((0, *encoder.token_shape), np.float16)
+    batch = torch.stack([d.tensor for d in good if d.tensor is not None])
+    return encoder.encode_images_and_tokens(batch)
+
+
+def _row(item: SourceItem, d: Decoded) -> Row:
+    return Row(item.path, d.sha256, d.width, d.height, item.caption, item.extra)
+
+
+# --- publish: the per-version part ----------------------------------------------------------------
+
+
+def _live_vectors(shard_dirs: Iterable[Path], deleted: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    vecs, ids = [], []
+    for folder in shard_dirs:
+        shard_ids = np.load(folder / "ids.npy")
+        keep = ~np.isin(shard_ids, np.fromiter(deleted, np.int64, len(deleted)))
+        if len(shard_ids):
+            vecs.append(np.load(folder / "emb.npy", mmap_mode="r")[keep])
+            ids.append(shard_ids[keep])
+    if not vecs:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
+    return np.ascontiguousarray(np.concatenate(vecs), dtype=np.float32), np.concatenate(ids)
+
+
+def _write_version(tmp: Path, shard_dirs: list[Path], deleted: set[int], failures: list[Failure],
+                   opts: BuildOptions, dim: int) -> tuple[AnnPlan, int]:
+    """Link shards, build the FAISS index over live vectors, write tombstones and failures."""
+    for folder in shard_dirs:
+        link_shard(folder, tmp / SHARDS)
+    vectors, ids = _live_vectors(shard_dirs, deleted)
+    if len(ids) == 0:
+        vectors = np.zeros((0, dim), np.float32)
+    plan = plan_index(len(ids), dim, opts.index_kind, opts.memory_budget)
+    if (plan.kind == "ivf" and len(ids) < 39 * plan.nlist) or (plan.kind == "ivfpq" and len(ids) < PQ_MIN_TRAIN):
+        plan = plan_index(len(ids), dim, "flat")  # too few vectors to train the quantizers
+    faiss.write_index(build_index(plan, vectors, ids), str(tmp / INDEX_FILE))
+    save_npy(tmp / DELETED, np.array(sorted(deleted), np.int64))
+    (tmp / FAILURES).write_text("".join(f.to_json() + "\n" for f in failures))
+    return plan, len(ids)
+
+
+def _manifest(plan: AnnPlan, count: int, shard_dirs: list[Path], encoder_info: dict[str, Any], source: str,
+              parent: str | None, counts: dict[str, int], next_id: int) -> dict[str, Any]:
+    shards = [{"name": f.name, "rows": len(np.load(f / "ids.npy"))} for f in shard_dirs]
+    return {
+        "model": encoder_info, "dim": encoder_info["embed_dim"], "count": count, "next_id": next_id,
+        "index": plan.to_dict(), "created": datetime.now(UTC).isoformat(timespec="seconds"),
+        "source": source, "parent": parent, "counts": counts, "shards": shards,
+    }
+
+
+# --- the three mutations --------------------------------------------------------------------------
+
+
+def build_or_add(src: Path, out: Path, encoder: DualEncoder, opts: BuildOptions, mode: str = "build",
+                 progress: Progress | None = None) -> BuildReport:
+    """Index `src` into `out`: `build` starts a new collection, `add` extends the current version.
+
+    Re-running after a crash resumes from the last completed shard of the same run.
+    """
+    start = time.perf_counter()
+    items = list_source(src)
+    check_writable(out)
+    parent = Index.open(out) if mode == "add" else None
+    if parent is not None:
+        check_model(parent, encoder)
+    staging = _staging_dir(out, mode, src, encoder, parent.version if parent else None)
+    staged = read_staged(staging)
+    known = _known_hashes(parent, staged)
+    next_id = _next_id(parent, staged)
+    done = {p for s in staged for p in s.processed}
+    todo = [it for it in items if it.path not in done]
+    writer = ShardWriter(staging, staging.name, next_id, opts.shard_size, first_seq=len(staged))
+    dups = ingest(todo, writer, encoder, known, opts, progress)
+    shards = staged + writer.written
+    report = _publish_ingest(out, src, encoder, opts, parent, shards, dups + _staged_dups(staged))
+    shutil.rmtree(staging, ignore_errors=True)
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _next_id(parent: Index | None, shards: list[StagedShard]) -> int:
+    """Ids are never reused: past the parent's counter and every staged shard."""
+    candidates = [int(parent.manifest["next_id"])] if parent else [0]
+    return max(candidates + [int(s.ids.max()) + 1 for s in shards if len(s.ids)])
+
+
+def _known_hashes(parent: Index | None, staged: list[StagedShard]) -> set[str]:
+    known = {h for s in staged for h in s.sha256}
+    if parent is not None and parent._meta is not None:
+        live = parent.ids()
+        known |= {row["sha256"] for row in parent.metadata(live)}
+    return known
+
+
+def _staged_dups(staged: list[StagedShard]) -> int:
+    return sum(1 for s in staged for f in s.failures if f.reason.startswith("duplicate"))
+
+
+def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptions, parent: Index | None,
+                    shards: list[StagedShard], dups: int) -> BuildReport:
+    failures = [f for s in shards for f in s.failures]
+    new_dirs = [s.folder for s in shards if len(s.ids)]
+    parent_dirs = [parent.folder / SHARDS / s.name for s in parent.shards] if parent else []
+    deleted = set(parent.deleted) if parent else set()
+    if parent is not None:  # a re-added path with new bytes replaces its old entry
+        failed = {f.path for f in failures}
+        new_paths = {p for s in shards for p in s.processed if p not in failed}
+        live = parent.ids()
+        deleted |= {int(r["id"]) for r in parent.metadata(live) if r["path"] in new_paths}
+    indexed = sum(len(s.ids) for s in shards)
+    next_id = _next_id(parent, shards)
+    counts = {"indexed": indexed, "skipped": len(failures) - dups, "duplicates": dups, "removed": 0}
+    if parent is not None and indexed == 0 and deleted == parent.deleted:  # nothing changed: no new version
+        return BuildReport(0, counts["skipped"], dups, 0, 0.0, parent.plan.kind, parent.version, len(parent))
+    result: dict[str, Any] = {}
+
+    def fill(tmp: Path, name: str) -> dict[str, Any]:
+        plan, count = _write_version(tmp, parent_dirs + new_dirs, deleted, failures, opts, encoder.embed_dim)
+        result.update(plan=plan, count=count)
+        return _manifest(plan, count, parent_dirs + new_dirs, model_info(encoder), str(src.resolve()),
+                         parent.version if parent else None, counts, next_id)
+
+    version = publish(out, fill, keep=opts.keep_versions)
+    return BuildReport(indexed, counts["skipped"], dups, 0, 0.0, result["plan"].kind, version, result["count"])
+
+
+def remove(index_dir: Path, paths: list[str] | None = None, ids: list[int] | None = None,
+           opts: BuildOptions | None = None) -> BuildReport:
+    """Publish a version without the given images (by path or id); unknown ones are an error."""
+    start = time.perf_counter()
+    opts = opts or BuildOptions()
+    parent = Index.open(index_dir)
+    live = parent.ids()
+    rows = parent.metadata(live)
+    wanted_paths = {str(Path(p).resolve()) for p in paths or []} | set(paths or [])
+    targets = {int(r["id"]) for r in rows if r["path"] in wanted_paths} | (set(ids or []) & set(live.tolist()))
+    missing = (set(ids or []) - set(live.tolist())) if ids else set()
+    if not targets:
+        raise BuildError("nothing to remove: none of the given paths or ids is in the index")
+    deleted = set(parent.deleted) | targets
+    dirs = [parent.folder / SHARDS / s.name for s in parent.shards]
+    result: dict[str, Any] = {}
+
+    def fill(tmp: Path, name: str) -> dict[str, Any]:
+        plan, count = _write_version(tmp, dirs, deleted, [], opts, parent.dim)
+        result.update(plan=plan, count=count)
+        counts = {"indexed": 0, "skipped": 0, "duplicates": 0, "removed": len(targets), "not_found": len(missing)}
+        return _manifest(plan, count, dirs, parent.manifest["model"], parent.manifest["source"], parent.version,
+                         counts, int(parent.manifest["next_id"]))
+
+    version = publish(index_dir, fill, keep=opts.keep_versions)
+    return BuildReport(0, 0, 0, len(targets), time.perf_counter() - start, result["plan"].kind, version,
+                       result["count"])
+
+
+def has_index(out: Path) -> bool:
+    return current_version(out) is not None

@@ -1,0 +1,206 @@
+"""Stage 2, read: list a source, then decode and preprocess images in DataLoader workers."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff"}
+LIST_EXTENSIONS = {".txt", ".jsonl", ".parquet"}
+DEFAULT_MAX_PIXELS = 64_000_000  # above this an image is treated as a decompression bomb
+DEFAULT_MAX_BYTES = 256 * 1024 * 1024
+
+
+class SourceError(ValueError):
+    """The source cannot be listed (missing, unreadable, or a list file without paths)."""
+
+
+class BadImage(ValueError):
+    """One file cannot be turned into an RGB image; the message is the reason reported."""
+
+
+@dataclass(frozen=True)
+class SourceItem:
+    """One image to index, with an optional caption and extra metadata from a list file."""
+
+    path: str
+    caption: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+# --- listing --------------------------------------------------------------------------------------
+
+
+def list_source(src: Path) -> list[SourceItem]:
+    """Items of a folder (recursive, image extensions), a .txt of paths, or a .jsonl/.parquet table.
+
+    List files may give `path` (or `file`, as the scenes' captions.jsonl does) relative to themselves.
+    """
+    if not src.exists():
+        raise SourceError(f"source {src} does not exist")
+    if src.is_dir():
+        return [SourceItem(str(p)) for p in _walk_images(src)]
+    suffix = src.suffix.lower()
+    if suffix == ".txt":
+        return _list_txt(src)
+    if suffix == ".jsonl":
+        return _list_rows(src, _jsonl_rows(src))
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return _list_rows(src, iter(pq.read_table(src).to_pylist()))
+    raise SourceError(f"source {src} is not a folder or a .txt, .jsonl or .parquet list of images")
+
+
+def _walk_images(root: Path) -> list[Path]:
+    files = (p for p in root.rglob("*") if p.suffix.lower() in IMAGE_EXTENSIONS and p.is_file())
+    return sorted(p.resolve() for p in files)
+
+
+def _resolve(base: Path, raw: str) -> str:
+    path = Path(raw).expanduser()
+    return str((path if path.is_absolute() else base / path).resolve())
+
+
+def _list_txt(src: Path) -> list[SourceItem]:
+    lines = (line.strip() for line in src.read_text(encoding="utf-8").splitlines())
+    return [SourceItem(_resolve(src.parent, line)) for line in lines if line and not line.startswith("#")]
+
+
+def _jsonl_rows(src: Path) -> Iterator[dict[str, Any]]:
+    for number, line in enumerate(src.read_text(encoding="utf-8").splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise SourceError(f"{src}:{number}: not valid JSON ({exc.msg})") from None
+        if not isinstance(row, dict):
+            raise SourceError(f"{src}:{number}: each line must be a JSON object")
+        yield row
+
+
+def _list_rows(src: Path, rows: Iterator[dict[str, Any]]) -> list[SourceItem]:
+    items = []
+    for number, row in enumerate(rows, start=1):
+        raw = row.get("path") or row.get("file")
+        if not isinstance(raw, str) or not raw:
+            raise SourceError(f"{src}: row {number} has no 'path' (or 'file') column")
+        caption = row.get("caption")
+        extra = {k: v for k, v in row.items() if k not in ("path", "file", "caption")}
+        items.append(SourceItem(_resolve(src.parent, raw), caption if isinstance(caption, str) else None, extra))
+    return items
+
+
+# --- decoding -------------------------------------------------------------------------------------
+
+
+def _to_rgb(image: Image.Image) -> Image.Image:
+    """Convert any PIL mode to 8-bit RGB: 16-bit and float scaled, alpha composited on white."""
+    if image.mode in ("I;16", "I;16B", "I;16L", "I", "F"):
+        arr = np.asarray(image, dtype=np.float64)
+        top = 65535.0 if arr.max(initial=0) > 255 else 255.0
+        image = Image.fromarray(np.clip(arr / top * 255.0, 0, 255).astype(np.uint8), "L")
+    if image.mode == "P":
+        image = image.convert("RGBA")
+    if image.mode in ("RGBA", "LA", "PA"):
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGB", rgba.size, (255, 255, 255))
+        canvas.paste(rgba, mask=rgba.getchannel("A"))
+        return canvas
+    return image.convert("RGB")
+
+
+def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Bytes → upright RGB image (first frame of an animation); raises BadImage with the reason."""
+    if not data:
+        raise BadImage("empty file")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            image: Image.Image = Image.open(io.BytesIO(data))
+            width, height = image.size
+            if width * height > max_pixels:
+                raise BadImage(f"decompression bomb: {width}x{height} pixels is over the limit of {max_pixels}")
+            image.seek(0)  # animated GIF/WebP: the first frame
+            image.load()
+            image = ImageOps.exif_transpose(image) or image
+            return _to_rgb(image)
+    except BadImage:
+        raise
+    except UnidentifiedImageError:
+        raise BadImage("not an image (unrecognised format)") from None
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise BadImage(f"decompression bomb: {exc}") from None
+    except (OSError, ValueError, SyntaxError, EOFError) as exc:
+        raise BadImage(f"truncated or corrupt image: {exc}") from None
+
+
+@dataclass
+class Decoded:
+    """One item after the worker: a tensor (or None and the error) plus what the metadata needs."""
+
+    position: int
+    tensor: torch.Tensor | None
+    sha256: str = ""
+    width: int = 0
+    height: int = 0
+    error: str | None = None
+
+
+def read_item(path: str, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int,
+              max_bytes: int = DEFAULT_MAX_BYTES, position: int = 0) -> Decoded:
+    """Read, hash, decode and preprocess one file; never raises for a bad file."""
+    try:
+        size = Path(path).stat().st_size
+        if size > max_bytes:
+            return Decoded(position, None, error=f"file too large: {size} bytes (limit {max_bytes})")
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        return Decoded(position, None, error=f"cannot read file: {exc.strerror or exc}")
+    digest = hashlib.sha256(data).hexdigest()
+    try:
+        image = decode_image(data, max_pixels)
+    except BadImage as exc:
+        return Decoded(position, None, digest, error=str(exc))
+    return Decoded(position, preprocess(image), digest, image.width, image.height)
+
+
+class ImageDataset(Dataset[Decoded]):
+    """Map-style dataset over source items; decoding happens in the worker that fetches an item."""
+
+    def __init__(self, items: Sequence[SourceItem], preprocess: Callable[[Image.Image], torch.Tensor],
+                 max_pixels: int = DEFAULT_MAX_PIXELS):
+        self.items = items
+        self.preprocess = preprocess
+        self.max_pixels = max_pixels
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, position: int) -> Decoded:
+        return read_item(self.items[position].path, self.preprocess, self.max_pixels, position=position)
+
+
+def collate(batch: list[Decoded]) -> list[Decoded]:
+    """Keep items as they are: failures travel beside good tensors, stacked later by the encoder."""
+    return batch
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, workers: int) -> DataLoader[Decoded]:
+    """A DataLoader that decodes in `workers` processes (0 = in this process), in source order."""
+    return DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers, collate_fn=collate,
+        prefetch_factor=4 if workers else None, persistent_workers=False,
+    )

@@ -1,0 +1,276 @@
+"""Stage 5, store: immutable index versions published atomically, and the reader API over them."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import faiss
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from indexer.ann import AnnPlan, ann_search, rescore
+
+CURRENT = "CURRENT"
+VERSIONS = "versions"
+STAGING = "staging"
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+DELETED = "deleted.npy"
+FAILURES = "failures.jsonl"
+SHARDS = "shards"
+FORMAT = 1
+
+
+class IndexNotFound(FileNotFoundError):
+    """No published index version at the given directory."""
+
+
+class UnknownImage(KeyError):
+    """An id that the index version does not hold (never indexed, or removed)."""
+
+
+# --- durable file operations ----------------------------------------------------------------------
+
+
+def fsync_path(path: Path) -> None:
+    """Flush a file or a directory entry to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    for dirpath, _, files in os.walk(root):
+        for name in files:
+            fsync_path(Path(dirpath) / name)
+        fsync_path(Path(dirpath))
+
+
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write to a temporary sibling, fsync, rename: readers see the old or the new file, never a mix."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as fh:
+        fh.write(data)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    fsync_path(path.parent)
+
+
+def save_npy(path: Path, array: np.ndarray) -> None:
+    with path.open("wb") as fh:
+        np.save(fh, array)
+
+
+@contextlib.contextmanager
+def publish_lock(root: Path) -> Iterator[None]:
+    """One publisher at a time per index directory (across processes)."""
+    root.mkdir(parents=True, exist_ok=True)
+    with (root / ".lock").open("a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+# --- versions -------------------------------------------------------------------------------------
+
+
+def current_version(root: Path) -> str | None:
+    pointer = root / CURRENT
+    if not pointer.is_file():
+        return None
+    return pointer.read_text().strip() or None
+
+
+def list_versions(root: Path) -> list[str]:
+    folder = root / VERSIONS
+    if not folder.is_dir():
+        return []
+    return sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name.startswith("v"))
+
+
+def version_dir(root: Path, version: str | None = None) -> Path:
+    name = version or current_version(root)
+    if name is None or not (root / VERSIONS / name / MANIFEST).is_file():
+        raise IndexNotFound(f"no published index at {root} (build one with `imsearch index build`)")
+    return root / VERSIONS / name
+
+
+def publish(root: Path, fill: Callable[[Path, str], dict[str, Any]], keep: int = 3) -> str:
+    """Publish a new version: fill(tmp_dir, name) writes its files and returns the manifest.
+
+    The folder is fsynced, renamed into versions/, then CURRENT switches to it atomically; versions
+    beyond the newest `keep` are removed (never the current one).
+    """
+    with publish_lock(root):
+        existing = list_versions(root)
+        number = int(existing[-1][1:]) + 1 if existing else 1
+        name = f"v{number:06d}"
+        (root / VERSIONS).mkdir(parents=True, exist_ok=True)
+        tmp = root / VERSIONS / f".tmp-{name}-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir()
+        try:
+            manifest = fill(tmp, name)
+            manifest.update({"format": FORMAT, "version": name})
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            fsync_tree(tmp)
+            os.rename(tmp, root / VERSIONS / name)
+            fsync_path(root / VERSIONS)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        write_atomic(root / CURRENT, f"{name}\n".encode())
+        _collect(root, keep)
+    return name
+
+
+def _collect(root: Path, keep: int) -> None:
+    versions = list_versions(root)
+    current = current_version(root)
+    for old in versions[: max(0, len(versions) - max(1, keep))]:
+        if old != current:
+            shutil.rmtree(root / VERSIONS / old, ignore_errors=True)
+    for stray in (root / VERSIONS).glob(".tmp-*"):  # left by a publisher killed mid-way
+        shutil.rmtree(stray, ignore_errors=True)
+
+
+def link_shard(src: Path, dst_shards: Path) -> None:
+    """Share an immutable shard with a new version by hard links (no copy)."""
+    target = dst_shards / src.name
+    target.mkdir(parents=True, exist_ok=True)
+    for file in src.iterdir():
+        os.link(file, target / file.name)
+
+
+# --- reader ---------------------------------------------------------------------------------------
+
+
+@dataclass
+class Shard:
+    name: str
+    ids: np.ndarray  # (n,) int64
+    embeddings: np.ndarray  # (n, d) float32, memory-mapped
+    tokens: np.ndarray  # (n, t, w) float16, memory-mapped
+
+
+class Index:
+    """A published index version: ANN search, stored vectors, patch tokens and metadata by id."""
+
+    def __init__(self, root: Path, folder: Path):
+        self.root = root
+        self.folder = folder
+        self.manifest: dict[str, Any] = json.loads((folder / MANIFEST).read_text())
+        self.version: str = self.manifest["version"]
+        self.plan = AnnPlan(**self.manifest["index"])
+        self.dim: int = int(self.manifest["dim"])
+        self.deleted = set(np.load(folder / DELETED).tolist()) if (folder / DELETED).is_file() else set()
+        self.shards = [_open_shard(folder / SHARDS / s["name"]) for s in self.manifest["shards"]]
+        self._build_lookup()
+        self.faiss = faiss.read_index(str(folder / INDEX_FILE))
+
+    @classmethod
+    def open(cls, root: Path | str, version: str | None = None) -> Index:
+        """Open the CURRENT version (or a named one); the files are immutable, vectors are mmapped."""
+        root = Path(root)
+        for _ in range(5):
+            folder = version_dir(root, version)
+            try:
+                return cls(root, folder)
+            except FileNotFoundError:
+                if version is not None or folder.exists():
+                    raise
+                # garbage-collected between reading CURRENT and opening its files: read CURRENT again
+        return cls(root, version_dir(root, version))
+
+    def _build_lookup(self) -> None:
+        all_ids = np.concatenate([s.ids for s in self.shards]) if self.shards else np.zeros(0, np.int64)
+        shard_of = (np.concatenate([np.full(len(s.ids), i) for i, s in enumerate(self.shards)])
+                    if self.shards else all_ids)
+        row_of = np.concatenate([np.arange(len(s.ids)) for s in self.shards]) if self.shards else all_ids
+        order = np.argsort(all_ids, kind="stable")
+        self._ids, self._shard, self._row = all_ids[order], shard_of[order], row_of[order]
+        self._meta = pa.concat_tables([pq.read_table(self.folder / SHARDS / s.name / "meta.parquet")
+                                       for s in self.shards]) if self.shards else None
+        self._meta_pos = np.argsort(order, kind="stable")  # position in meta of the i-th sorted id
+
+    def __len__(self) -> int:
+        return int(self.manifest["count"])
+
+    def ids(self) -> np.ndarray:
+        """All live ids, sorted."""
+        live = ~np.isin(self._ids, np.fromiter(self.deleted, np.int64, len(self.deleted)))
+        return self._ids[live]
+
+    def _locate(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        ids = np.asarray(ids, dtype=np.int64)
+        pos = np.searchsorted(self._ids, ids)
+        pos = np.clip(pos, 0, max(0, len(self._ids) - 1))
+        for i, found in zip(ids, pos, strict=True):
+            if len(self._ids) == 0 or self._ids[found] != i or int(i) in self.deleted:
+                raise UnknownImage(int(i))
+        return pos
+
+    def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(n, d) float32 stored embeddings."""
+        pos = self._locate(ids)
+        out = np.empty((len(pos), self.dim), np.float32)
+        for j, p in enumerate(pos):
+            out[j] = self.shards[self._shard[p]].embeddings[self._row[p]]
+        return out
+
+    def tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(n, t, w) float16 patch tokens cached at indexing time, for the reranker."""
+        pos = self._locate(ids)
+        shape = self.shards[0].tokens.shape[1:] if self.shards else (0, 0)
+        out = np.empty((len(pos), *shape), np.float16)
+        for j, p in enumerate(pos):
+            out[j] = self.shards[self._shard[p]].tokens[self._row[p]]
+        return out
+
+    def metadata(self, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
+        """Rows of (id, path, sha256, width, height, caption, extra) for the ids."""
+        pos = self._locate(ids)
+        if self._meta is None:
+            return []
+        return self._meta.take(pa.array(self._meta_pos[pos])).to_pylist()
+
+    def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
+               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(q, k) inner-product scores and ids, best first; -1 ids pad when fewer than k exist.
+
+        IVF-PQ results are re-scored exactly from the stored vectors (k * refine_factor candidates).
+        """
+        queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
+        if queries.shape[1] != self.dim:
+            raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
+        fetch = k * self.plan.refine_factor if self.plan.refine_factor else k
+        scores, ids = ann_search(self.faiss, self.plan, queries, fetch, nprobe, ef_search)
+        if self.plan.refine_factor:
+            scores, ids = self._rescore(queries, ids, k)
+        return scores, ids
+
+    def _rescore(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return rescore(queries, candidates, self.vectors, k)
+
+
+def _open_shard(folder: Path) -> Shard:
+    return Shard(
+        folder.name,
+        np.load(folder / "ids.npy"),
+        np.load(folder / "emb.npy", mmap_mode="r"),
+        np.load(folder / "tok.npy", mmap_mode="r"),
+    )

@@ -1,0 +1,84 @@
+"""ANN choice and search: each index type against exact search, per-call parameters, re-scoring."""
+
+from __future__ import annotations
+
+import faiss
+import numpy as np
+import pytest
+
+from indexer.ann import FLAT_MAX, AnnPlan, ann_search, build_index, exact_search, plan_index, rescore
+
+
+def clustered(n: int, dim: int, seed: int = 0, centres: int = 50) -> np.ndarray:
+    """L2-normalised vectors around random centres (embeddings are clustered, not uniform)."""
+    rng = np.random.default_rng(seed)
+    means = rng.standard_normal((centres, dim)).astype(np.float32)
+    x = means[rng.integers(centres, size=n)] + 0.6 * rng.standard_normal((n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def recall_at_10(found: np.ndarray, truth: np.ndarray) -> float:
+    return float(np.mean([len(set(f) & set(t)) / 10 for f, t in zip(found, truth, strict=True)]))
+
+
+def test_plan_follows_size_and_memory() -> None:
+    assert plan_index(1000, 128).kind == "flat"
+    assert plan_index(FLAT_MAX + 1, 128).kind == "hnsw"
+    assert plan_index(5_000_000, 128).kind == "ivf"
+    tight = plan_index(1_000_000, 128, memory_budget=100 * 2**20)  # raw vectors need 512 MB
+    assert tight.kind == "ivfpq" and tight.refine_factor > 0 and 128 % tight.pq_m == 0
+    ivf = plan_index(1_000_000, 128, "ivf")
+    assert 4 * 1000 <= ivf.nlist <= 16 * 1000 and 1 <= ivf.nprobe <= ivf.nlist
+    with pytest.raises(ValueError, match="unknown index type"):
+        plan_index(10, 8, "lsh")
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    base = clustered(20_000, 32)
+    ids = np.arange(20_000, dtype=np.int64) * 3 + 7  # stable ids, not positions
+    return base, ids, clustered(200, 32, seed=1)
+
+
+@pytest.mark.parametrize(("kind", "floor"), [("flat", 1.0), ("hnsw", 0.95), ("ivf", 0.9)])
+def test_index_types_agree_with_exact_search(data, kind: str, floor: float) -> None:
+    base, ids, queries = data
+    plan = plan_index(len(base), 32, kind)
+    index = build_index(plan, base, ids)
+    _, truth = exact_search(base, ids, queries, 10)
+    _, found = ann_search(index, plan, queries, 10)
+    assert recall_at_10(found, truth) >= floor
+    assert set(np.unique(found)) <= set(ids)
+
+
+def test_ivfpq_with_exact_rescoring_recovers_recall(data) -> None:
+    base, ids, queries = data
+    plan = plan_index(len(base), 32, "ivfpq")
+    index = build_index(plan, base, ids)
+    _, truth = exact_search(base, ids, queries, 10)
+    _, coarse = ann_search(index, plan, queries, 10)
+    _, candidates = ann_search(index, plan, queries, 10 * plan.refine_factor)
+    position = {int(i): n for n, i in enumerate(ids)}
+    scores, refined = rescore(queries, candidates, lambda got: base[[position[int(i)] for i in got]], 10)
+    assert recall_at_10(refined, truth) > recall_at_10(coarse, truth)
+    assert recall_at_10(refined, truth) >= 0.9
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+
+
+def test_search_parameters_are_per_call(data) -> None:
+    base, ids, queries = data
+    plan = plan_index(len(base), 32, "ivf")
+    index = build_index(plan, base, ids)
+    inner = faiss.extract_index_ivf(index)
+    before = inner.nprobe
+    _, wide = ann_search(index, plan, queries, 10, nprobe=plan.nlist)  # exhaustive probing
+    assert inner.nprobe == before  # the shared index was not mutated
+    _, truth = exact_search(base, ids, queries, 10)
+    assert recall_at_10(wide, truth) == 1.0
+
+
+def test_fewer_vectors_than_k_pad_with_minus_one() -> None:
+    base = clustered(5, 8)
+    index = build_index(AnnPlan("flat"), base, np.arange(5, dtype=np.int64))
+    _, found = ann_search(index, AnnPlan("flat"), base[:1], 8)
+    assert list(found[0][5:]) == [-1, -1, -1]

@@ -1,0 +1,207 @@
+"""Batch indexer: build, add, remove, versions, failures report, resume after kill -9, atomic publish."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+from indexer.build import BuildError, BuildOptions, build_or_add, remove
+from indexer.cli import app
+from indexer.encoder import DualEncoder, create_embedded
+from indexer.scenes import write_scenes
+from indexer.store import STAGING, Index, list_versions
+from tests.indexer.badfiles import awkward_files, broken_files
+
+OPTS = BuildOptions(batch_size=16, workers=0, shard_size=24)
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    folder = tmp_path_factory.mktemp("corpus")
+    write_scenes(folder, 30, seed=21, twins=True)  # 60 images
+    return folder
+
+
+def _check_consistent(index: Index) -> None:
+    live = index.ids()
+    assert len(live) == len(index) == index.faiss.ntotal
+    paths = [m["path"] for m in index.metadata(live)]
+    assert len(set(paths)) == len(paths), "each image exactly once"
+
+
+def test_build_indexes_a_scenes_manifest_with_captions(corpus: Path, tmp_path: Path, encoder: DualEncoder) -> None:
+    report = build_or_add(corpus / "captions.jsonl", tmp_path / "idx", encoder, OPTS, "build")
+    assert (report.indexed, report.skipped, report.index_type, report.version) == (60, 0, "flat", "v000001")
+    index = Index.open(tmp_path / "idx")
+    _check_consistent(index)
+    manifest = index.manifest
+    assert manifest["model"]["id"] == encoder.model_id and manifest["dim"] == encoder.embed_dim
+    assert manifest["count"] == 60 and manifest["counts"]["indexed"] == 60 and manifest["created"]
+    rows = index.metadata(index.ids()[:3])
+    assert all(r["caption"] and len(r["sha256"]) == 64 and r["width"] == 64 for r in rows)
+    assert index.tokens(index.ids()[:2]).shape == (2, *encoder.token_shape)
+    assert index.tokens(index.ids()[:2]).dtype == np.float16
+    assert not any((tmp_path / "idx" / STAGING).iterdir())  # staging cleaned after publish
+
+
+def test_search_agrees_with_exact_search_and_stored_vectors(corpus: Path, tmp_path: Path,
+                                                            encoder: DualEncoder) -> None:
+    build_or_add(corpus, tmp_path / "idx", encoder, OPTS, "build")
+    index = Index.open(tmp_path / "idx")
+    rows = index.metadata(index.ids())
+    query = encoder.encode_texts([rows[0]["caption"] or "a red circle"])
+    scores, ids = index.search(query, 10)
+    live = index.ids()
+    exact = index.vectors(live) @ query[0]
+    assert list(ids[0]) == list(live[np.argsort(-exact, kind="stable")[:10]])
+    np.testing.assert_allclose(scores[0], np.sort(exact)[::-1][:10], atol=1e-5)
+    image = encoder.encode_images([__import__("PIL.Image").Image.open(rows[5]["path"])])
+    assert index.search(image, 1)[1][0, 0] == rows[5]["id"]  # an indexed image finds itself
+
+
+def test_broken_and_awkward_files_never_stop_a_build(tmp_path: Path, encoder: DualEncoder) -> None:
+    broken = broken_files(tmp_path / "src")
+    awkward = awkward_files(tmp_path / "src")
+    report = build_or_add(tmp_path / "src", tmp_path / "idx", encoder, OPTS, "build")
+    assert report.indexed == len(awkward) and report.skipped == len(broken)
+    index = Index.open(tmp_path / "idx")
+    failures = [json.loads(x) for x in (index.folder / "failures.jsonl").read_text().splitlines()]
+    reasons = {Path(f["path"]).name: f["reason"] for f in failures}
+    assert set(reasons) == set(broken)
+    for name, needle in broken.items():
+        assert needle in reasons[name]
+    sizes = {Path(r["path"]).name: (r["width"], r["height"]) for r in index.metadata(index.ids())}
+    assert sizes == awkward  # EXIF rotation applied before measuring
+
+
+def test_add_dedupes_by_content_and_remove_round_trips(corpus: Path, tmp_path: Path, encoder: DualEncoder) -> None:
+    first = tmp_path / "first"
+    second = tmp_path / "second"
+    first.mkdir(), second.mkdir()
+    pngs = sorted(corpus.glob("*.png"))
+    for p in pngs[:40]:
+        os.link(p, first / p.name)
+    for p in pngs[30:]:  # 10 overlap with the first batch, under other names
+        (second / f"copy_{p.name}").write_bytes(p.read_bytes())
+    root = tmp_path / "idx"
+    build_or_add(first, root, encoder, OPTS, "build")
+    before = Index.open(root)
+    report = build_or_add(second, root, encoder, OPTS, "add")
+    assert (report.indexed, report.duplicates, report.count) == (20, 10, 60)
+    after = Index.open(root)
+    _check_consistent(after)
+    assert set(before.ids()) < set(after.ids())  # old ids are stable
+    again = build_or_add(second, root, encoder, OPTS, "add")
+    assert (again.indexed, again.duplicates, again.count, again.version) == (0, 30, 60, after.version)
+    victims = [str(first / pngs[0].name)]
+    gone = remove(root, paths=victims, ids=[int(after.ids()[-1])])
+    assert (gone.removed, gone.count) == (2, 58)
+    final = Index.open(root)
+    _check_consistent(final)
+    assert victims[0] not in {m["path"] for m in final.metadata(final.ids())}
+    with pytest.raises(BuildError, match="nothing to remove"):
+        remove(root, ids=[10_000])
+    assert list_versions(root) == ["v000001", "v000002", "v000003"]
+    remove(root, ids=[int(final.ids()[0])])
+    assert list_versions(root) == ["v000002", "v000003", "v000004"]  # only the newest 3 are kept
+
+
+def test_add_with_another_model_is_refused(corpus: Path, tmp_path: Path, encoder: DualEncoder) -> None:
+    build_or_add(corpus, tmp_path / "idx", encoder, OPTS, "build")
+    other = create_embedded(seed=9)
+    with pytest.raises(BuildError, match="was built with model"):
+        build_or_add(corpus, tmp_path / "idx", other, OPTS, "add")
+
+
+def test_cli_build_json_and_clear_errors(corpus: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    result = runner.invoke(app, ["index", "build", str(corpus), "--out", str(tmp_path / "idx"), "--workers", "0",
+                                 "--device", "cpu", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout.strip().splitlines()[-1])
+    assert summary["indexed"] == 60 and summary["skipped"] == 0 and summary["index_type"] == "flat"
+    assert summary["version"] == "v000001" and summary["images_per_s"] > 0
+    missing = runner.invoke(app, ["index", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    assert missing.exit_code == 2 and "does not exist" in missing.output
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    unwritable = runner.invoke(app, ["index", "build", str(corpus), "--out", str(blocker / "idx")])
+    assert unwritable.exit_code == 2 and "cannot write the index" in unwritable.output
+
+
+def _build_cmd(src: Path, out: Path) -> list[str]:
+    return [sys.executable, "-m", "indexer.cli", "index", "build", str(src), "--out", str(out), "--workers", "0",
+            "--batch-size", "8", "--shard-size", "16", "--device", "cpu", "--json"]
+
+
+@pytest.mark.slow
+def test_kill_minus_nine_then_resume_indexes_each_image_once(tmp_path: Path) -> None:
+    write_scenes(tmp_path / "src", 150, seed=33, twins=True)  # 300 images, 19 shards
+    out = tmp_path / "idx"
+    proc = subprocess.Popen(_build_cmd(tmp_path / "src", out), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    shards: list[Path] = []
+    while time.monotonic() < deadline and proc.poll() is None:
+        shards = [p for p in out.glob(f"{STAGING}/*/shards/*") if not p.name.startswith(".")]
+        if len(shards) >= 3:
+            break
+        time.sleep(0.05)
+    assert proc.poll() is None, "the build finished before it could be killed"
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    survivors = {p.name for p in out.glob(f"{STAGING}/*/shards/*") if not p.name.startswith(".")}
+    assert len(survivors) >= 3
+    done = subprocess.run(_build_cmd(tmp_path / "src", out), capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout.strip().splitlines()[-1])["indexed"] == 300
+    index = Index.open(out)
+    _check_consistent(index)
+    assert len(index) == 300
+    assert survivors <= {s["name"] for s in index.manifest["shards"]}  # resumed, not redone
+
+
+def test_readers_see_whole_versions_while_publishing(corpus: Path, tmp_path: Path, encoder: DualEncoder) -> None:
+    root = tmp_path / "idx"
+    build_or_add(corpus, root, encoder, OPTS, "build")
+    ids = [int(i) for i in Index.open(root).ids()]
+    errors: list[str] = []
+    stop = threading.Event()
+
+    def read() -> None:
+        while not stop.is_set():
+            index = Index.open(root)
+            rows = sum(s["rows"] for s in index.manifest["shards"]) - len(index.deleted)
+            if not (rows == len(index) == index.faiss.ntotal == len(index.ids())):
+                errors.append(f"{index.version}: mixed state")
+
+    reader = threading.Thread(target=read)
+    reader.start()
+    try:
+        for i in range(4):
+            remove(root, ids=[ids[i]], opts=BuildOptions(keep_versions=2))
+    finally:
+        stop.set()
+        reader.join()
+    assert not errors
+    assert len(Index.open(root)) == 56
+
+
+def test_unknown_ids_are_refused(corpus: Path, tmp_path: Path, encoder: DualEncoder) -> None:
+    from indexer.store import UnknownImage
+
+    build_or_add(corpus, tmp_path / "idx", encoder, OPTS, "build")
+    index = Index.open(tmp_path / "idx")
+    with pytest.raises(UnknownImage):
+        index.tokens([12345])
+    with pytest.raises(UnknownImage):
+        index.metadata([-1])
