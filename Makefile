@@ -4,7 +4,7 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/demo
-DEMO_N ?= 1000
+DEMO_N ?= 1500
 REDIS_PORT ?= 6379
 
 .PHONY: install demo test lint redis clean
@@ -19,8 +19,10 @@ $(STAMP): pyproject.toml
 install: $(STAMP)
 
 demo: install
-	$(BIN)/imsearch scenes $(DEMO_DIR) --n $(DEMO_N) --twins
+	$(BIN)/imsearch scenes $(DEMO_DIR)/images --n $(DEMO_N) --twins
+	$(BIN)/imsearch index build $(DEMO_DIR)/images/captions.jsonl --out $(DEMO_DIR)/index
 	$(BIN)/imsearch eval encoder
+	$(BIN)/imsearch eval tradeoff --n 400 --ks 16
 
 redis:
 	@$(PY) -c "import redis; redis.Redis(host='127.0.0.1', port=$(REDIS_PORT)).ping()" 2>/dev/null \

@@ -10,8 +10,8 @@ import faiss
 import numpy as np
 
 FLAT_MAX = 50_000  # exact search is fast enough below this (a few ms per query on 2 cores)
-HNSW_MAX = 2_000_000  # above this HNSW's build time and link memory outgrow IVF
-TRAIN_POINTS_PER_LIST = 64  # k-means sample size per list, as FAISS recommends (39..256)
+HNSW_MAX = 500_000  # above this HNSW's build time (minutes on a few cores) and link memory outgrow IVF
+TRAIN_POINTS_PER_LIST = 39  # k-means sample size per list: FAISS's lower bound (39..256), to bound training
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
 PQ_MIN_TRAIN = 10_000  # 256 centroids per sub-quantizer need ~39 points each
 
@@ -35,14 +35,14 @@ class AnnPlan:
 
 def _nlist(n: int) -> int:
     # FAISS guidance: between 4*sqrt(n) and 16*sqrt(n) inverted lists; keep at least 39 points per list
-    return int(max(1, min(8 * math.sqrt(n), n // 39)))
+    return int(max(1, min(4 * math.sqrt(n), n // 39)))
 
 
 def plan_index(n: int, dim: int, kind: str = "auto", memory_budget: int | None = None) -> AnnPlan:
     """Pick the index for n vectors of dimension dim.
 
     Flat inner product while exact search is cheap; HNSW (fast, accurate, ~1.3x the raw vectors in
-    RAM) up to a couple of million; IVF above; IVF-PQ with exact re-scoring from the stored vectors
+    RAM) up to half a million; IVF above; IVF-PQ with exact re-scoring from the stored vectors
     when the raw vectors do not fit the memory budget (bytes).
     """
     if kind not in KINDS:
@@ -84,11 +84,26 @@ def build_index(plan: AnnPlan, vectors: np.ndarray, ids: np.ndarray, seed: int =
             inner = faiss.IndexIVFFlat(quantizer, dim, plan.nlist, ip)
         else:
             inner = faiss.IndexIVFPQ(quantizer, dim, plan.nlist, plan.pq_m, 8, ip)
-        inner.train(_training_sample(vectors, plan.nlist, seed))
+        inner = _train(inner, _training_sample(vectors, plan.nlist, seed))
     index = faiss.IndexIDMap2(inner)
     if n:
         index.add_with_ids(np.ascontiguousarray(vectors), ids.astype(np.int64))
     return index
+
+
+def gpu_count() -> int:
+    """GPUs FAISS can use (0 with faiss-cpu, which lacks the GPU API)."""
+    return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
+
+
+def _train(index: faiss.Index, sample: np.ndarray) -> faiss.Index:
+    """Train IVF quantizers on the GPU when faiss-gpu sees one (k-means is the slow part), else on CPU."""
+    if gpu_count() == 0:
+        index.train(sample)
+        return index
+    on_gpu = faiss.index_cpu_to_all_gpus(index)
+    on_gpu.train(sample)
+    return faiss.index_gpu_to_cpu(on_gpu)
 
 
 def _training_sample(vectors: np.ndarray, nlist: int, seed: int) -> np.ndarray:

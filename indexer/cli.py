@@ -82,13 +82,16 @@ def train_encoder_cmd(
     batch_pairs: Annotated[int, typer.Option(min=2, help="scene/twin pairs per batch")] = 64,
     lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
     eval_every: Annotated[int, typer.Option(min=0, help="validate every N steps (0: never)")] = 250,
+    init: Annotated[Path | None, typer.Option(help="continue from these weights with a new schedule")] = None,
+    start_step: Annotated[int, typer.Option(min=0, help="offset into the scene stream")] = 0,
 ) -> None:
     """Train the embedded `tiny` dual encoder with open_clip's ClipLoss on streamed scenes."""
     from indexer.train import TrainConfig, train_encoder
 
     if seed == EVAL_SEED or seed == 7:
         fail(f"seed {seed} is reserved for evaluation; pick another training seed")
-    cfg = TrainConfig(steps=steps, seed=seed, batch_pairs=batch_pairs, lr=lr, eval_every=eval_every)
+    cfg = TrainConfig(steps=steps, seed=seed, batch_pairs=batch_pairs, lr=lr, eval_every=eval_every, init=init,
+                      start_step=start_step)
     if out is not None:
         cfg.out = out
     with _progress() as bar:

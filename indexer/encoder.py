@@ -210,6 +210,22 @@ class DualEncoder:
         return F.normalize(feats.float(), dim=-1).cpu().numpy()
 
 
+    @torch.inference_mode()
+    def encode_texts_and_tokens(self, texts: Sequence[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """One text forward: pooled (n, d) L2-normalised, tokens (n, L, w) after ln_final, mask (n, L).
+
+        The mask is True up to and including the end-of-text token; CLIP's text tower is causal, so
+        later positions carry nothing about the text and must never be attended to.
+        """
+        ids = self.tokenize(texts)
+        with self._autocast():
+            out = self.model.forward_intermediates(text=ids, text_indices=1, normalize_intermediates=True)
+        eot = ids.argmax(dim=-1)  # open_clip pools at the EOT token, the highest id in the vocabulary
+        mask = torch.arange(ids.shape[1], device=ids.device)[None, :] <= eot[:, None]
+        pooled = F.normalize(out["text_features"].float(), dim=-1)
+        return pooled.cpu().numpy(), out["text_intermediates"][0].float().cpu().numpy(), mask.cpu().numpy()
+
+
 def load_encoder(spec: EncoderSpec | None = None) -> DualEncoder:
     """Load model, preprocessing and tokenizer together; never touches the network."""
     spec = spec or EncoderSpec()

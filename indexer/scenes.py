@@ -189,6 +189,57 @@ def twin(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
     return replace(scene, objects=tuple(objs)), kind
 
 
+NEGATIVE_KINDS = ("swap", "colour_change", "shape_change", "size_change", "position_change", "drop_object")
+
+
+def _change(obj: SceneObject, field: str, rng: np.random.Generator) -> SceneObject:
+    choices = {"colour": list(COLOURS), "shape": list(SHAPES), "size": list(SIZES)}[field]
+    others = [c for c in choices if c != getattr(obj, field)]
+    new = others[int(rng.integers(len(others)))]
+    if field == "colour":
+        return replace(obj, colour=new)
+    return replace(obj, shape=new) if field == "shape" else replace(obj, size=new)
+
+
+def _drop(scene: Scene, rng: np.random.Generator) -> Scene:
+    objs = list(scene.objects)
+    objs.pop(int(rng.integers(len(objs))))
+    if len(objs) > 1:
+        return replace(scene, objects=tuple(objs))
+    (obj,) = objs  # the survivor of a pair becomes a single object at the matching named position
+    slot = obj.col if scene.layout == "horizontal" else obj.row
+    cell = {"horizontal": [(0, 1), (1, 1), (2, 1)], "vertical": [(1, 0), (1, 1), (1, 2)]}[scene.layout][slot]
+    return Scene((replace(obj, col=cell[0], row=cell[1]),), "single", scene.background)
+
+
+def perturb(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
+    """A compositional negative: every kind of mistake a dual encoder makes, one at a time.
+
+    Kinds: swap (a hard twin: attributes or places swapped between objects), colour/shape/size
+    change of one object, position change of a single object, or an object dropped.
+    """
+    if rng.random() < 0.4:  # swaps are the hardest negatives (the twin gallery is made of them)
+        return twin(scene, rng)
+    for _ in range(20):
+        kind = NEGATIVE_KINDS[1 + int(rng.integers(len(NEGATIVE_KINDS) - 1))]
+        if kind == "drop_object" and len(scene.objects) > 1:
+            out = _drop(scene, rng)
+        elif kind == "position_change" and scene.layout == "single":
+            cells = [c for c in SINGLE_POSITIONS if c != (scene.objects[0].col, scene.objects[0].row)]
+            col, row = cells[int(rng.integers(len(cells)))]
+            out = replace(scene, objects=(replace(scene.objects[0], col=col, row=row),))
+        elif kind.endswith("_change") and kind != "position_change":
+            objs = list(scene.objects)
+            i = int(rng.integers(len(objs)))
+            objs[i] = _change(objs[i], kind.removesuffix("_change"), rng)
+            out = replace(scene, objects=tuple(objs))
+        else:
+            continue
+        if len({o.attrs() for o in out.objects}) == len(out.objects) and out.key() != scene.key():
+            return out, kind
+    return twin(scene, rng)
+
+
 # --- rendering ------------------------------------------------------------------------------------
 
 

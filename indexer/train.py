@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 from open_clip.loss import ClipLoss
+from safetensors.torch import load_file
 
 from indexer.encoder import EMBEDDED_DIR, DualEncoder, create_embedded, save_checkpoint
 from indexer.scenes import TRAIN_SEED, VAL_SEED, Sample, render, scene_pair
@@ -30,6 +31,8 @@ class TrainConfig:
     seed: int = TRAIN_SEED
     eval_every: int = 250  # 0 = never; evaluates on the validation seed, never an evaluation seed
     out: Path = field(default_factory=lambda: EMBEDDED_DIR)
+    init: Path | None = None  # continue from these weights (a second schedule) instead of a fresh model
+    start_step: int = 0  # offset into the data stream, so a continued run sees new scenes
 
 
 def batch_samples(seed: int, step: int, pairs: int) -> list[Sample]:
@@ -84,6 +87,8 @@ def train_encoder(cfg: TrainConfig, on_step: Callback | None = None) -> dict[str
     """Train `tiny` from scratch; writes the checkpoint to cfg.out and returns the training log."""
     torch.manual_seed(cfg.seed)
     encoder = create_embedded(cfg.seed)
+    if cfg.init is not None:
+        encoder.model.load_state_dict({k: v.float() for k, v in load_file(str(cfg.init)).items()})
     model = encoder.model.train()
     image_size = int(model.visual.image_size[0])
     opt = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6)
@@ -94,7 +99,7 @@ def train_encoder(cfg: TrainConfig, on_step: Callback | None = None) -> dict[str
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        images, texts = make_batch(encoder, batch_samples(cfg.seed, step, cfg.batch_pairs), image_size)
+        images, texts = make_batch(encoder, batch_samples(cfg.seed, cfg.start_step + step, cfg.batch_pairs), image_size)
         img_f, txt_f, scale = model(images, texts)
         loss = loss_fn(img_f, txt_f, scale)
         opt.zero_grad(set_to_none=True)

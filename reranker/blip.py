@@ -1,0 +1,70 @@
+"""Stage 6, rerank backend: HF BLIP ITM (BlipForImageTextRetrieval) behind the reranker interface."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from reranker.score import Query
+
+
+class BlipReranker:
+    """BLIP's ITM head over cached vision features: the vision tower runs once per image (at index
+    time, through `image_tokens`), the text encoder with cross-attention runs per query.
+
+    Weights load from a local folder only (`save_pretrained` layout, safetensors); no hub access.
+    """
+
+    name = "blip"
+
+    def __init__(self, model_dir: Path | str, device: str = "cpu", fusion_weight: float = 0.0):
+        from transformers import BlipForImageTextRetrieval, BlipProcessor
+
+        folder = Path(model_dir)
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a BLIP checkpoint folder (no config.json); download "
+                                    "e.g. Salesforce/blip-itm-base-coco where a network is available")
+        self.model = BlipForImageTextRetrieval.from_pretrained(folder, local_files_only=True,
+                                                               use_safetensors=True).to(device).eval()
+        self.processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
+        self.device = torch.device(device)
+        self.fusion_weight = fusion_weight
+        tokenizer = self.processor.tokenizer
+        enc = tokenizer.convert_tokens_to_ids("[ENC]")
+        # the original BLIP replaces [CLS] with [ENC] for ITM; HF checkpoints without it keep [CLS]
+        self.enc_token_id: int | None = enc if enc != tokenizer.unk_token_id else None
+
+    @torch.inference_mode()
+    def image_tokens(self, images: Sequence[Image.Image]) -> np.ndarray:
+        """(n, t, w) vision features to cache in the token store."""
+        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        return self.model.vision_model(pixel_values=pixels).last_hidden_state.float().cpu().numpy()
+
+    def prepare(self, text: str) -> Query:
+        batch: Any = self.processor.tokenizer([text], return_tensors="np", padding=False, truncation=True,
+                                              max_length=35)
+        ids = batch["input_ids"][0].copy()
+        if self.enc_token_id is not None:
+            ids[0] = self.enc_token_id
+        return Query(text, ids, batch["attention_mask"][0].astype(bool))
+
+    @torch.inference_mode()
+    def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray:
+        """(k,) log p(match) for k candidates in one batch."""
+        k = len(image_tokens)
+        if k == 0:
+            return np.zeros(0, np.float32)
+        image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32)).to(self.device)
+        ids = torch.from_numpy(query.tokens).long().to(self.device)[None].expand(k, -1)
+        mask = torch.from_numpy(query.mask).long().to(self.device)[None].expand(k, -1)
+        hidden = self.model.text_encoder(
+            input_ids=ids, attention_mask=mask, encoder_hidden_states=image,
+            encoder_attention_mask=torch.ones(image.shape[:2], dtype=torch.long, device=self.device),
+        ).last_hidden_state
+        logits = self.model.itm_head(hidden[:, 0, :])
+        return torch.log_softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()

@@ -1,0 +1,85 @@
+"""Command line: `imsearch train reranker` and `imsearch eval tradeoff`."""
+
+from __future__ import annotations
+
+import json
+import sys
+from functools import partial
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from indexer.cli import _progress, err, fail, guarded
+from indexer.scenes import EVAL_SEED, TRAIN_SEED, VAL_SEED
+
+KindOpt = Annotated[str, typer.Option(help="mid (cross-attention ITM) or early (single stream)")]
+
+
+def train_reranker_cmd(
+    kind: KindOpt = "mid",
+    steps: Annotated[int, typer.Option(min=1)] = 1200,
+    batch: Annotated[int, typer.Option(min=2, help="positives per step (each with 3 negatives)")] = 48,
+    lr: Annotated[float, typer.Option(min=0.0)] = 3e-4,
+    layers: Annotated[int, typer.Option(min=1, max=12)] = 3,
+    val_n: Annotated[int, typer.Option(min=2, help="validation gallery for the fusion weight")] = 1000,
+    out: Annotated[Path | None, typer.Option(help="checkpoint (default models/reranker-KIND.safetensors)")] = None,
+) -> None:
+    """Train a reranker on the frozen embedded encoder, then fit its score fusion on validation scenes."""
+    from indexer.encoder import load_encoder
+    from reranker.evaluate import fit_fusion_weight
+    from reranker.model import save_reranker
+    from reranker.score import TokenReranker
+    from reranker.train import RerankTrainConfig, train_reranker
+
+    if kind not in ("mid", "early"):
+        fail(f"unknown reranker kind {kind!r}: use mid or early")
+    encoder = guarded(load_encoder)
+    cfg = RerankTrainConfig(kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out)
+    with _progress() as bar:
+        task = bar.add_task(f"train {kind} reranker", total=steps, loss=float("nan"))
+        model, log = train_reranker(encoder, cfg, lambda step, loss: bar.update(task, advance=1, loss=loss))
+    weight, val_r1 = fit_fusion_weight(encoder, TokenReranker(model, encoder), val_n, VAL_SEED)
+    model.cfg.fusion_weight = weight
+    path = save_reranker(model, cfg.path())
+    summary = {"kind": kind, "steps": steps, "seconds": log["seconds"], "fusion_weight": weight,
+               "val_r1_at_16": val_r1, "parameters": sum(p.numel() for p in model.parameters()),
+               "bytes": path.stat().st_size}
+    path.with_suffix(".json").write_text(json.dumps({**summary, "losses": log["losses"]}) + "\n")
+    err.print(json.dumps(summary))
+
+
+def eval_tradeoff_cmd(
+    n: Annotated[int, typer.Option(min=2, help="gallery size (even)")] = 1000,
+    seed: Annotated[int, typer.Option(help="gallery seed (disjoint from training and validation)")] = EVAL_SEED,
+    tiers: Annotated[str, typer.Option(help="comma-separated rerank tiers")] = "mid,early",
+    ks: Annotated[str, typer.Option(help="comma-separated candidate counts")] = "8,16,32,64",
+    errors: Annotated[bool, typer.Option("--errors", help="break top-1 errors down by kind")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON list")] = False,
+) -> None:
+    """Late vs mid vs early fusion: R@1, R@5, binding accuracy and ms per query at each k."""
+
+    from indexer.encoder import load_encoder
+    from reranker.evaluate import evaluate_tradeoff
+    from reranker.score import Reranker, load_tier
+
+    if seed in (TRAIN_SEED, VAL_SEED):
+        fail(f"seed {seed} is used for training or validation; evaluate on a held-out seed")
+    encoder = guarded(load_encoder)
+    rerankers: dict[str, Reranker] = {}
+    for tier in (t for t in tiers.split(",") if t):
+        rerankers[tier] = guarded(partial(load_tier, tier, encoder))
+    k_values = tuple(int(k) for k in ks.split(",") if k)
+    rows = guarded(lambda: evaluate_tradeoff(encoder, rerankers, n, seed, k_values, errors))
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    for row in rows:
+        sys.stdout.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+                         + "\n")
+
+
+def register(train_app: typer.Typer, eval_app: typer.Typer) -> None:
+    """Attach the reranker commands to the root CLI's groups."""
+    train_app.command("reranker")(train_reranker_cmd)
+    eval_app.command("tradeoff")(eval_tradeoff_cmd)

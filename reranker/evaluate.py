@@ -1,0 +1,125 @@
+"""Stage 6, evaluate: the speed/depth table (late, mid, early fusion at each k) on a twin gallery."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from dataclasses import dataclass
+
+import faiss
+import numpy as np
+
+from indexer.encoder import DualEncoder
+from indexer.evaluate import BATCH, _difference
+from indexer.scenes import EVAL_SEED, Sample, render, twin_gallery
+from reranker.score import Query, Reranker, fuse
+
+KS = (8, 16, 32, 64)
+ERROR_GROUPS = {
+    "colour_swap": "binding", "shape_swap": "binding", "size_swap": "binding", "binding_or_order": "binding",
+    "lr_swap": "relation", "tb_swap": "relation", "layout": "relation", "size_change": "size", "size": "size",
+    "shape": "shape", "colour": "colour",
+}
+
+
+@dataclass
+class Gallery:
+    """A twin gallery embedded once: pooled vectors in a flat index, tokens as the store would hold them."""
+
+    samples: list[Sample]
+    index: faiss.IndexFlatIP
+    tokens: np.ndarray  # (n, t, w) float16
+
+
+def embed(encoder: DualEncoder, n: int, seed: int) -> Gallery:
+    samples = twin_gallery(n, seed)
+    size = int(encoder.model.visual.image_size[0])
+    pooled, tokens = [], []
+    for i in range(0, n, BATCH):
+        emb, tok = encoder.encode_images_and_tokens([render(s.scene, size) for s in samples[i : i + BATCH]])
+        pooled.append(emb)
+        tokens.append(tok.astype(np.float16))
+    index = faiss.IndexFlatIP(encoder.embed_dim)
+    index.add(np.concatenate(pooled))
+    return Gallery(samples, index, np.concatenate(tokens))
+
+
+@dataclass
+class QueryResult:
+    ranking: np.ndarray  # gallery rows, best first (reranked head, then the dual encoder's order)
+    ms: float
+
+
+def run_query(encoder: DualEncoder, gallery: Gallery, text: str, reranker: Reranker | None, k: int,
+              depth: int) -> QueryResult:
+    """Encode → search → (rerank top-k), timed end to end, as the service runs one query."""
+    start = time.perf_counter()
+    pooled, tokens, mask = encoder.encode_texts_and_tokens([text])
+    cosine, rows = gallery.index.search(pooled, max(depth, k))
+    cosine, rows = cosine[0], rows[0]
+    if reranker is not None and k > 0:
+        log_p = reranker.log_match(Query(text, tokens[0], mask[0]), gallery.tokens[rows[:k]])
+        order = np.argsort(-fuse(log_p, cosine[:k], reranker.fusion_weight), kind="stable")
+        rows = np.concatenate([rows[:k][order], rows[k:]])
+    return QueryResult(rows, (time.perf_counter() - start) * 1000)
+
+
+def _rank_of(ranking: np.ndarray, row: int) -> int:
+    hits = np.flatnonzero(ranking == row)
+    return int(hits[0]) if len(hits) else len(ranking)
+
+
+def evaluate_tier(encoder: DualEncoder, gallery: Gallery, tier: str, reranker: Reranker | None, k: int,
+                  errors: bool = False) -> dict[str, object]:
+    """One row of the table: r1, r5, binding_acc and per-query latency percentiles."""
+    n = len(gallery.samples)
+    depth = max(KS) + 1  # the twin's position is known whenever it is in the candidate list
+    ranks, wins, times = [], [], []
+    kinds: Counter[str] = Counter()
+    for q, sample in enumerate(gallery.samples):
+        result = run_query(encoder, gallery, sample.caption, reranker, k, depth)
+        rank, twin_rank = _rank_of(result.ranking, q), _rank_of(result.ranking, q ^ 1)
+        ranks.append(rank)
+        wins.append(rank < twin_rank)
+        times.append(result.ms)
+        if errors and rank != 0:
+            kinds[ERROR_GROUPS.get(_difference(sample, gallery.samples[int(result.ranking[0])]), "other")] += 1
+    ranks_a = np.array(ranks)
+    row: dict[str, object] = {
+        "tier": tier, "k": k, "r1": float((ranks_a < 1).mean()), "r5": float((ranks_a < 5).mean()),
+        "binding_acc": float(np.mean(wins)), "ms_p50": float(np.percentile(times, 50)),
+        "ms_p95": float(np.percentile(times, 95)), "n": n,
+    }
+    if errors:
+        row["errors"] = dict(kinds)
+    return row
+
+
+def evaluate_tradeoff(encoder: DualEncoder, rerankers: dict[str, Reranker], n: int = 1000, seed: int = EVAL_SEED,
+                      ks: tuple[int, ...] = KS, errors: bool = False) -> list[dict[str, object]]:
+    """The course's fusion table, measured: late (k = 0), then each reranker tier at each k."""
+    gallery = embed(encoder, n, seed)
+    run_query(encoder, gallery, gallery.samples[0].caption, None, 0, 10)  # warm-up
+    rows = [evaluate_tier(encoder, gallery, "late", None, 0, errors)]
+    for tier, reranker in rerankers.items():
+        for k in ks:
+            rows.append(evaluate_tier(encoder, gallery, tier, reranker, k, errors))
+    return rows
+
+
+def fit_fusion_weight(encoder: DualEncoder, reranker: Reranker, n: int, seed: int, k: int = 16,
+                      grid: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)) -> tuple[float, float]:
+    """The cosine weight maximising R@1 at k on a validation gallery; returns (weight, r1)."""
+    gallery = embed(encoder, n, seed)
+    cached = []
+    for q, sample in enumerate(gallery.samples):
+        pooled, tokens, mask = encoder.encode_texts_and_tokens([sample.caption])
+        cosine, rows = gallery.index.search(pooled, k)
+        log_p = reranker.log_match(Query(sample.caption, tokens[0], mask[0]), gallery.tokens[rows[0]])
+        cached.append((q, cosine[0], rows[0], log_p))
+    best = (grid[0], -1.0)
+    for weight in grid:
+        r1 = float(np.mean([rows[np.argmax(fuse(lp, cos, weight))] == q for q, cos, rows, lp in cached]))
+        if r1 > best[1]:
+            best = (weight, r1)
+    return best

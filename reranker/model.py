@@ -1,0 +1,126 @@
+"""Stage 6, rerank models: mid fusion (ITM cross-attention) and early fusion (single stream) matchers."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+
+@dataclass
+class RerankerConfig:
+    """Architecture and fitted score fusion; stored as safetensors metadata next to the weights."""
+
+    kind: str = "mid"  # mid | early
+    width: int = 192
+    layers: int = 3
+    heads: int = 4
+    text_width: int = 128  # the dual encoder's text token width
+    image_width: int = 192  # the dual encoder's patch token width
+    image_tokens: int = 65  # [CLS] + patches
+    max_text: int = 32
+    fusion_weight: float = 10.0  # final = log p(match) + fusion_weight * cosine, fitted on validation
+    encoder_id: str = ""  # the dual encoder whose tokens this reranker reads
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self))
+
+
+class CrossBlock(nn.Module):
+    """Text self-attention, cross-attention to image tokens, feed-forward; pre-norm residuals."""
+
+    def __init__(self, width: int, heads: int):
+        super().__init__()
+        self.ln1, self.ln2, self.ln3 = nn.LayerNorm(width), nn.LayerNorm(width), nn.LayerNorm(width)
+        self.self_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.cross_attn = nn.MultiheadAttention(width, heads, batch_first=True)
+        self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
+
+    def forward(self, text: torch.Tensor, pad: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        h = self.ln1(text)
+        text = text + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        h = self.ln2(text)
+        text = text + self.cross_attn(h, image, image, need_weights=False)[0]
+        return text + self.mlp(self.ln3(text))
+
+
+class Matcher(nn.Module):
+    """Scores (image tokens, text tokens) pairs: a logit per pair, log p(match) = logsigmoid-like 2-way."""
+
+    def __init__(self, cfg: RerankerConfig):
+        super().__init__()
+        self.cfg = cfg
+        w = cfg.width
+        self.text_in = nn.Linear(cfg.text_width, w)
+        self.image_in = nn.Linear(cfg.image_width, w)
+        self.image_pos = nn.Parameter(torch.zeros(1, cfg.image_tokens, w))
+        self.enc = nn.Parameter(torch.zeros(1, 1, w))  # the [ENC] token whose output feeds the head
+        nn.init.normal_(self.image_pos, std=0.02)
+        nn.init.normal_(self.enc, std=0.02)
+        self.ln_out = nn.LayerNorm(w)
+        self.head = nn.Linear(w, 2)  # (no match, match)
+        if cfg.kind == "mid":
+            self.blocks = nn.ModuleList([CrossBlock(w, cfg.heads) for _ in range(cfg.layers)])
+        elif cfg.kind == "early":
+            self.type_emb = nn.Parameter(torch.zeros(2, w))  # image, text
+            layer = nn.TransformerEncoderLayer(w, cfg.heads, 4 * w, dropout=0.0, activation="gelu",
+                                               batch_first=True, norm_first=True)
+            self.stream = nn.TransformerEncoder(layer, cfg.layers, enable_nested_tensor=False)
+        else:
+            raise ValueError(f"unknown reranker kind {cfg.kind!r}: use mid or early")
+
+    def forward(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(n, 2) logits.
+
+        Args:
+            image: (n, t, image_width) patch tokens.
+            text: (n, L, text_width) text tokens.
+            mask: (n, L) bool, True for real text tokens (padding is never attended).
+        """
+        n = image.shape[0]
+        img = self.image_in(image) + self.image_pos[:, : image.shape[1]]
+        txt = torch.cat([self.enc.expand(n, -1, -1), self.text_in(text)], dim=1)
+        pad = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=mask.device), ~mask], dim=1)
+        if self.cfg.kind == "mid":
+            for block in self.blocks:
+                txt = block(txt, pad, img)
+            out = txt[:, 0]
+        else:
+            seq = torch.cat([txt + self.type_emb[1], img + self.type_emb[0]], dim=1)
+            img_pad = torch.zeros(n, img.shape[1], dtype=torch.bool, device=mask.device)
+            out = self.stream(seq, src_key_padding_mask=torch.cat([pad, img_pad], dim=1))[:, 0]
+        return self.head(self.ln_out(out))
+
+    @staticmethod
+    def log_match(logits: torch.Tensor) -> torch.Tensor:
+        """(n,) log p(match)."""
+        return torch.log_softmax(logits.float(), dim=-1)[:, 1]
+
+
+def save_reranker(model: Matcher, path: Path) -> Path:
+    """fp16 safetensors with the config (and fitted fusion weight) in the file's metadata."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata={"config": model.cfg.to_json()})
+    tmp.replace(path)
+    return path
+
+
+def load_reranker(path: Path, device: str | torch.device = "cpu") -> Matcher:
+    """Load a checkpoint written by save_reranker (safetensors only: no pickle)."""
+    if not path.is_file():
+        raise FileNotFoundError(f"reranker checkpoint {path} not found; run `imsearch train reranker`")
+    with safe_open(str(path), framework="pt") as fh:
+        meta = fh.metadata() or {}
+        state = {k: fh.get_tensor(k).float() for k in fh.keys()}  # noqa: SIM118 (safe_open is not a dict)
+    if "config" not in meta:
+        raise ValueError(f"{path} has no reranker config in its metadata")
+    model = Matcher(RerankerConfig(**json.loads(meta["config"])))
+    model.load_state_dict(state)
+    return model.to(device).eval()

@@ -1,0 +1,80 @@
+"""Stage 6, rerank: one interface to rescore top-k candidates from their cached image tokens."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import numpy as np
+import torch
+
+from indexer.encoder import MODELS_DIR, DualEncoder
+from reranker.model import Matcher, load_reranker
+
+TIERS = ("mid", "early")
+
+
+@dataclass
+class Query:
+    """What a reranker needs from the query, computed once: text tokens (L, w) and their mask (L,)."""
+
+    text: str
+    tokens: np.ndarray
+    mask: np.ndarray
+
+
+class Reranker(Protocol):
+    """Rescores k candidates of one query; higher is a better match."""
+
+    name: str
+    fusion_weight: float
+
+    def prepare(self, text: str) -> Query: ...
+
+    def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray: ...
+
+
+class TokenReranker:
+    """A mid or early fusion Matcher over the dual encoder's text and cached patch tokens."""
+
+    def __init__(self, matcher: Matcher, encoder: DualEncoder):
+        if matcher.cfg.encoder_id and matcher.cfg.encoder_id != encoder.model_id:
+            raise ValueError(f"reranker was trained on tokens of {matcher.cfg.encoder_id}, "
+                             f"but the encoder is {encoder.model_id}")
+        self.matcher = matcher.eval()
+        self.encoder = encoder
+        self.name = matcher.cfg.kind
+        self.fusion_weight = matcher.cfg.fusion_weight
+
+    def prepare(self, text: str) -> Query:
+        _, tokens, mask = self.encoder.encode_texts_and_tokens([text])
+        return Query(text, tokens[0], mask[0])
+
+    @torch.inference_mode()
+    def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray:
+        """(k,) log p(match) for k candidates, all in one batch.
+
+        Args:
+            query: from prepare (or built from the tokens the search already computed).
+            image_tokens: (k, t, w) float16/float32 tokens from the index's token store.
+        """
+        k = len(image_tokens)
+        if k == 0:
+            return np.zeros(0, np.float32)
+        image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
+        text = torch.from_numpy(query.tokens).float()[None].expand(k, -1, -1)
+        mask = torch.from_numpy(query.mask)[None].expand(k, -1)
+        return Matcher.log_match(self.matcher(image, text, mask)).numpy()
+
+
+def fuse(log_match: np.ndarray, cosine: np.ndarray, weight: float) -> np.ndarray:
+    """Final score: ITM log-probability plus the weighted dual-encoder cosine."""
+    return log_match + weight * cosine
+
+
+def load_tier(kind: str, encoder: DualEncoder, path: Path | None = None) -> TokenReranker:
+    """The committed reranker of a tier (or a given checkpoint) bound to its encoder."""
+    if kind not in TIERS:
+        raise ValueError(f"unknown rerank tier {kind!r}: use one of {', '.join(TIERS)}")
+    return TokenReranker(load_reranker(path or MODELS_DIR / f"reranker-{kind}.safetensors"), encoder)

@@ -1,0 +1,86 @@
+"""Reranker models: shapes, masks, batching, checkpoints with their fusion weight."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from reranker.model import Matcher, RerankerConfig, load_reranker, save_reranker
+
+
+def _inputs(n: int = 3, length: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    image = torch.randn(n, 65, 192, generator=g)
+    text = torch.randn(n, length, 128, generator=g)
+    mask = torch.zeros(n, length, dtype=torch.bool)
+    mask[:, :6] = True  # six real tokens, four of padding
+    return image, text, mask
+
+
+@pytest.fixture(params=["mid", "early"])
+def matcher(request: pytest.FixtureRequest) -> Matcher:
+    torch.manual_seed(0)
+    return Matcher(RerankerConfig(kind=request.param, layers=2)).eval()
+
+
+def test_output_shape_and_log_probabilities(matcher: Matcher) -> None:
+    logits = matcher(*_inputs())
+    assert logits.shape == (3, 2)
+    log_p = Matcher.log_match(logits)
+    assert log_p.shape == (3,) and torch.all(log_p <= 0)
+
+
+def test_padding_tokens_are_never_attended(matcher: Matcher) -> None:
+    image, text, mask = _inputs()
+    noisy = text.clone()
+    noisy[:, 6:] = 1000.0 * torch.randn_like(noisy[:, 6:])  # garbage where the mask is False
+    with torch.no_grad():
+        torch.testing.assert_close(matcher(image, text, mask), matcher(image, noisy, mask), rtol=1e-4, atol=1e-5)
+        changed = text.clone()
+        changed[:, 2] += 1.0  # a real token does matter
+        assert not torch.allclose(matcher(image, text, mask), matcher(image, changed, mask))
+
+
+def test_a_batch_scores_like_single_calls(matcher: Matcher) -> None:
+    image, text, mask = _inputs(n=5)
+    with torch.no_grad():
+        batched = matcher(image, text, mask)
+        single = torch.cat([matcher(image[i : i + 1], text[i : i + 1], mask[i : i + 1]) for i in range(5)])
+    torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
+
+
+def test_unknown_kind_is_refused() -> None:
+    with pytest.raises(ValueError, match="unknown reranker kind"):
+        Matcher(RerankerConfig(kind="late"))
+
+
+def test_checkpoint_round_trip_keeps_weights_and_fusion_weight(matcher: Matcher, tmp_path: Path) -> None:
+    matcher.cfg.fusion_weight = 7.5
+    path = save_reranker(matcher, tmp_path / "r.safetensors")
+    loaded = load_reranker(path)
+    assert loaded.cfg.fusion_weight == 7.5 and loaded.cfg.kind == matcher.cfg.kind
+    again = load_reranker(save_reranker(loaded, tmp_path / "again.safetensors"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(*_inputs()), again(*_inputs()))
+    assert path.stat().st_size < 25 * 2**20
+
+
+def test_missing_checkpoint_names_the_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="imsearch train reranker"):
+        load_reranker(tmp_path / "none.safetensors")
+
+
+def test_committed_checkpoints_are_small_fp16_safetensors() -> None:
+    from safetensors import safe_open
+
+    from indexer.encoder import MODELS_DIR
+
+    for kind in ("mid", "early"):
+        path = MODELS_DIR / f"reranker-{kind}.safetensors"
+        assert path.stat().st_size < 25 * 2**20
+        with safe_open(str(path), framework="pt") as fh:
+            assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float16}
+        assert np.isfinite(load_reranker(path).cfg.fusion_weight)

@@ -1,0 +1,89 @@
+"""Reranking over cached tokens: token-store round trip, batching, training signal, committed targets."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from indexer.build import BuildOptions, build_or_add
+from indexer.encoder import DualEncoder
+from indexer.scenes import write_scenes
+from indexer.store import Index
+from reranker.evaluate import evaluate_tradeoff
+from reranker.score import TokenReranker, fuse, load_tier
+from reranker.train import RerankTrainConfig, make_pairs, new_matcher, train_reranker
+
+
+@pytest.fixture(scope="module")
+def mid(encoder: DualEncoder) -> TokenReranker:
+    return load_tier("mid", encoder)
+
+
+def test_token_store_round_trip_gives_the_same_scores(mid: TokenReranker, encoder: DualEncoder,
+                                                      tmp_path: Path) -> None:
+    write_scenes(tmp_path / "src", 6, seed=41, twins=True)
+    build_or_add(tmp_path / "src", tmp_path / "idx", encoder, BuildOptions(workers=0), "build")
+    index = Index.open(tmp_path / "idx")
+    ids = index.ids()
+    rows = index.metadata(ids)
+    query = mid.prepare(rows[0]["caption"])
+    from_store = mid.log_match(query, index.tokens(ids))
+    from PIL import Image
+
+    fresh = encoder.image_tokens([Image.open(r["path"]) for r in rows])
+    np.testing.assert_allclose(from_store, mid.log_match(query, fresh), atol=2e-2)  # fp16 storage
+    assert int(np.argmax(from_store)) in (0, 1)  # the caption's image (or its twin) scores best
+
+
+def test_k_candidates_in_one_batch_equal_k_single_calls(mid: TokenReranker, encoder: DualEncoder) -> None:
+    from indexer.scenes import render, scene_pair
+
+    tokens = encoder.image_tokens([render(scene_pair(5, i)[0].scene) for i in range(8)])
+    query = mid.prepare("a small red circle left of a large blue square")
+    batched = mid.log_match(query, tokens)
+    single = np.concatenate([mid.log_match(query, tokens[i : i + 1]) for i in range(8)])
+    np.testing.assert_allclose(batched, single, atol=1e-5)
+    assert mid.log_match(query, tokens[:0]).shape == (0,)
+
+
+def test_fusion_adds_weighted_cosine() -> None:
+    np.testing.assert_allclose(fuse(np.array([-1.0, -0.1]), np.array([0.5, 0.2]), 10.0), [4.0, 1.9])
+
+
+def test_reranker_refuses_tokens_of_another_encoder(encoder: DualEncoder) -> None:
+    matcher = new_matcher(encoder, RerankTrainConfig())
+    matcher.cfg.encoder_id = "other@123"
+    with pytest.raises(ValueError, match="trained on tokens of"):
+        TokenReranker(matcher, encoder)
+
+
+def _swap_accuracy(reranker: TokenReranker, encoder: DualEncoder, seed: int) -> float:
+    """Pairwise accuracy on (caption, image, compositional negative image) triples."""
+    batch = make_pairs(encoder, RerankTrainConfig(batch=64, seed=seed), step=0)
+    with torch.no_grad():
+        scores = reranker.matcher.log_match(reranker.matcher(batch.image, batch.text, batch.mask)).numpy()
+    pos, neg = scores[:64], scores[64:128]  # (image, caption) vs (negative image, same caption)
+    return float((pos > neg).mean())
+
+
+@pytest.mark.slow
+def test_short_training_beats_chance_on_compositional_negatives(encoder: DualEncoder) -> None:
+    cfg = RerankTrainConfig(kind="mid", steps=120, batch=32, lr=5e-4, warmup=10, layers=2, width=128)
+    model, log = train_reranker(encoder, cfg)
+    accuracy = _swap_accuracy(TokenReranker(model, encoder), encoder, seed=5)
+    losses = log["losses"]
+    assert isinstance(losses, list) and np.mean(losses[-20:]) < np.mean(losses[:20])
+    assert accuracy > 0.6, accuracy
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("seed", [2026, 7])
+def test_committed_rerankers_meet_the_targets(encoder: DualEncoder, seed: int) -> None:
+    tiers = {t: load_tier(t, encoder) for t in ("mid", "early")}
+    rows = evaluate_tradeoff(encoder, tiers, n=1000, seed=seed, ks=(16,))
+    late, mid_row, early_row = rows
+    assert mid_row["r1"] >= 0.95 and mid_row["binding_acc"] >= 0.98
+    assert mid_row["r1"] > late["r1"] and early_row["r1"] >= mid_row["r1"] - 0.01
