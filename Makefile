@@ -32,7 +32,7 @@ redis:
 	done; echo "redis did not start on 127.0.0.1:$(REDIS_PORT)"; exit 1
 
 lint: install
-	$(BIN)/ruff check indexer reranker service tests
+	$(BIN)/ruff check indexer reranker service tests bench
 	$(BIN)/mypy
 
 test: install redis lint

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -40,12 +41,18 @@ class BuildError(ValueError):
     """A build, add or remove that cannot proceed (bad output folder, model mismatch, nothing to do)."""
 
 
+def default_workers() -> int:
+    """Decoding processes: leave two cores to the encoder; on a 2-core machine decode in-process,
+    since a worker would only steal the encoder's cores (measured in bench/index_throughput.py)."""
+    return max(0, min(8, (os.cpu_count() or 1) - 2))
+
+
 @dataclass
 class BuildOptions:
     """Indexing settings (the CLI's flags)."""
 
     batch_size: int = 64
-    workers: int = 2
+    workers: int = field(default_factory=default_workers)
     shard_size: int = 2048
     index_kind: str = "auto"
     memory_budget: int | None = None  # bytes for the ANN index; None = no limit

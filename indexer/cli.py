@@ -164,16 +164,19 @@ def _print_report(report: Any, as_json: bool) -> None:
         err.print(", ".join(f"{k}={v}" for k, v in summary.items()))
 
 
-def _options(batch_size: int, workers: int, index: str, shard_size: int, max_pixels: int,
+def _options(batch_size: int, workers: int | None, index: str, shard_size: int, max_pixels: int,
              memory_budget_mb: int | None, keep: int) -> Any:
-    from indexer.build import BuildOptions
+    from indexer.build import BuildOptions, default_workers
 
     budget = memory_budget_mb * 1024 * 1024 if memory_budget_mb else None
-    return BuildOptions(batch_size, workers, shard_size, index, budget, max_pixels, keep)
+    return BuildOptions(batch_size, default_workers() if workers is None else workers, shard_size, index, budget,
+                        max_pixels, keep)
 
 
 BatchOpt = Annotated[int, typer.Option(min=1, max=4096, help="images per encoder batch")]
-WorkersOpt = Annotated[int, typer.Option(min=0, max=64, help="decoding processes (0: decode in this process)")]
+WorkersOpt = Annotated[
+    int | None, typer.Option(min=0, max=64, help="decoding processes (0: in this process; default: cores - 2)")
+]
 KindOpt = Annotated[str, typer.Option("--index", help="auto, flat, hnsw, ivf or ivfpq")]
 ShardOpt = Annotated[int, typer.Option(min=1, help="images per shard (the resume granularity)")]
 PixelsOpt = Annotated[int, typer.Option(min=1, help="larger images are refused as decompression bombs")]
@@ -186,7 +189,7 @@ def index_build(
     src: Annotated[Path, typer.Argument(help="folder, .txt of paths, or .jsonl/.parquet with a path column")],
     out: Annotated[Path, typer.Option(help="index directory")],
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 64, workers: WorkersOpt = 2, index: KindOpt = "auto", shard_size: ShardOpt = 2048,
+    batch_size: BatchOpt = 64, workers: WorkersOpt = None, index: KindOpt = "auto", shard_size: ShardOpt = 2048,
     max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None, keep: KeepOpt = 3,
     as_json: JsonOpt = False,
 ) -> None:
@@ -200,7 +203,7 @@ def index_add(
     src: Annotated[Path, typer.Argument(help="folder, .txt of paths, or .jsonl/.parquet with a path column")],
     index_dir: Annotated[Path, typer.Option("--index", help="index directory")],
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 64, workers: WorkersOpt = 2, index_kind: KindOpt = "auto", shard_size: ShardOpt = 2048,
+    batch_size: BatchOpt = 64, workers: WorkersOpt = None, index_kind: KindOpt = "auto", shard_size: ShardOpt = 2048,
     max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None, keep: KeepOpt = 3,
     as_json: JsonOpt = False,
 ) -> None:

@@ -50,9 +50,12 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
-def fsync_tree(root: Path) -> None:
+def fsync_tree(root: Path, skip: str | None = None) -> None:
+    """fsync every file and directory below root; files under a `skip` folder only get their
+    directory entries synced (hard links to shard files that were synced when the shard completed)."""
     for dirpath, _, files in os.walk(root):
-        for name in files:
+        linked = skip is not None and skip in Path(dirpath).relative_to(root).parts
+        for name in [] if linked else files:
             fsync_path(Path(dirpath) / name)
         fsync_path(Path(dirpath))
 
@@ -127,7 +130,7 @@ def publish(root: Path, fill: Callable[[Path, str], dict[str, Any]], keep: int =
             manifest = fill(tmp, name)
             manifest.update({"format": FORMAT, "version": name})
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-            fsync_tree(tmp)
+            fsync_tree(tmp, skip=SHARDS)
             os.rename(tmp, root / VERSIONS / name)
             fsync_path(root / VERSIONS)
         except BaseException:

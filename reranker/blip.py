@@ -29,8 +29,8 @@ class BlipReranker:
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} is not a BLIP checkpoint folder (no config.json); download "
                                     "e.g. Salesforce/blip-itm-base-coco where a network is available")
-        self.model = BlipForImageTextRetrieval.from_pretrained(folder, local_files_only=True,
-                                                               use_safetensors=True).to(device).eval()
+        model: Any = BlipForImageTextRetrieval.from_pretrained(folder, local_files_only=True, use_safetensors=True)
+        self.model = model.to(device).eval()
         self.processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
         self.device = torch.device(device)
         self.fusion_weight = fusion_weight

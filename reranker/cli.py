@@ -18,8 +18,8 @@ KindOpt = Annotated[str, typer.Option(help="mid (cross-attention ITM) or early (
 
 def train_reranker_cmd(
     kind: KindOpt = "mid",
-    steps: Annotated[int, typer.Option(min=1)] = 1200,
-    batch: Annotated[int, typer.Option(min=2, help="positives per step (each with 3 negatives)")] = 48,
+    steps: Annotated[int, typer.Option(min=1)] = 1500,
+    batch: Annotated[int, typer.Option(min=2, help="positives per step (each with 4 negatives)")] = 32,
     lr: Annotated[float, typer.Option(min=0.0)] = 3e-4,
     layers: Annotated[int, typer.Option(min=1, max=12)] = 3,
     val_n: Annotated[int, typer.Option(min=2, help="validation gallery for the fusion weight")] = 1000,

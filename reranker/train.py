@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from indexer.encoder import MODELS_DIR, DualEncoder
-from indexer.scenes import TRAIN_SEED, Scene, caption, perturb, render, scene_pair
+from indexer.scenes import TRAIN_SEED, Scene, caption, perturb, render, scene_pair, twin
 from reranker.model import Matcher, RerankerConfig, save_reranker
 
 
@@ -22,8 +22,8 @@ class RerankTrainConfig:
     """Reranker training settings; defaults produced the committed checkpoints."""
 
     kind: str = "mid"
-    steps: int = 1200
-    batch: int = 48  # positives per step; each brings 3 negatives
+    steps: int = 1500
+    batch: int = 32  # positives per step; each brings 4 negatives
     lr: float = 3e-4
     warmup: int = 100
     weight_decay: float = 0.05
@@ -48,15 +48,36 @@ class PairBatch:
     kinds: list[str] = field(default_factory=list)
 
 
-def _sample_scenes(seed: int, step: int, batch: int) -> tuple[list[Scene], list[Scene], list[str], np.random.Generator]:
+@dataclass
+class Negatives:
+    """One step's scenes: positives, their hard twins (image side) and two text-side negatives each."""
+
+    positives: list[Scene]
+    twins: list[Scene]
+    order_swaps: list[Scene]  # relation negatives: places swapped (or a single object mirrored)
+    perturbed: list[Scene]  # any kind of mistake: substitutions, swaps, a dropped object
+    kinds: list[str]  # twin kind, then perturbation kind, per positive
+
+
+def _order_swap(scene: Scene, rng: np.random.Generator) -> Scene:
+    if scene.layout == "single":
+        return twin(scene, rng)[0]
+    objs = list(scene.objects)
+    i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
+    a, b = objs[i], objs[j]
+    objs[i] = replace(a, colour=b.colour, shape=b.shape, size=b.size)
+    objs[j] = replace(b, colour=a.colour, shape=a.shape, size=a.size)
+    return replace(scene, objects=tuple(objs))
+
+
+def sample_negatives(seed: int, step: int, batch: int) -> tuple[Negatives, np.random.Generator]:
+    """Relations are what the dual encoder misses most, so every positive gets an order swap."""
     rng = np.random.default_rng([seed, 77, step])  # a stream disjoint from the encoder's
     positives = [scene_pair(seed + 1000, step * batch + i)[0].scene for i in range(batch)]
-    negatives, kinds = [], []
-    for scene in positives:
-        neg, kind = perturb(scene, rng)
-        negatives.append(neg)
-        kinds.append(kind)
-    return positives, negatives, kinds, rng
+    twins, kinds = zip(*(twin(s, rng) for s in positives), strict=True)
+    perturbed, p_kinds = zip(*(perturb(s, rng) for s in positives), strict=True)
+    swaps = [_order_swap(s, rng) for s in positives]
+    return Negatives(positives, list(twins), swaps, list(perturbed), list(kinds) + list(p_kinds)), rng
 
 
 def _mine(sim: np.ndarray, rng: np.random.Generator, temperature: float) -> np.ndarray:
@@ -69,22 +90,22 @@ def _mine(sim: np.ndarray, rng: np.random.Generator, temperature: float) -> np.n
 
 
 def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairBatch:
-    """Positives, compositional negatives on both sides, and ITC-mined in-batch image negatives."""
-    positives, negatives, kinds, rng = _sample_scenes(cfg.seed, step, cfg.batch)
+    """Per positive: its twin image, an order-swapped and a perturbed caption, and an ITC-mined image."""
+    neg, rng = sample_negatives(cfg.seed, step, cfg.batch)
     size = int(encoder.model.visual.image_size[0])
-    texts = [caption(s, rng) for s in positives] + [caption(s, rng) for s in negatives]
-    img_emb, img_tok = encoder.encode_images_and_tokens([render(s, size) for s in positives + negatives])
+    texts = [caption(s, rng) for s in neg.positives + neg.order_swaps + neg.perturbed]
+    img_emb, img_tok = encoder.encode_images_and_tokens([render(s, size) for s in neg.positives + neg.twins])
     txt_emb, txt_tok, txt_mask = encoder.encode_texts_and_tokens(texts)
     b = cfg.batch
-    pos, neg = np.arange(b), np.arange(b, 2 * b)
+    pos = np.arange(b)
     mined = _mine(txt_emb[:b] @ img_emb[:b].T, rng, cfg.mined_temperature)
-    image_rows = np.concatenate([pos, neg, pos, mined])
-    text_rows = np.concatenate([pos, pos, neg, pos])
-    labels = np.concatenate([np.ones(b), np.zeros(3 * b)])
+    image_rows = np.concatenate([pos, pos + b, pos, pos, mined])
+    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos])
+    labels = np.concatenate([np.ones(b), np.zeros(4 * b)])
+    kinds = ["positive"] * b + neg.kinds[:b] + ["order_swap"] * b + neg.kinds[b:] + ["mined"] * b
     return PairBatch(
         torch.from_numpy(img_tok[image_rows]), torch.from_numpy(txt_tok[text_rows]),
-        torch.from_numpy(txt_mask[text_rows]), torch.from_numpy(labels).long(),
-        ["positive"] * b + kinds + kinds + ["mined"] * b,
+        torch.from_numpy(txt_mask[text_rows]), torch.from_numpy(labels).long(), kinds,
     )
 
 
@@ -104,10 +125,10 @@ def new_matcher(encoder: DualEncoder, cfg: RerankTrainConfig) -> Matcher:
 
 def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
                    on_step: Callable[[int, float], None] | None = None) -> tuple[Matcher, dict[str, object]]:
-    """Train a mid or early fusion matcher; 3 negatives per positive, so positives weigh 3x in the loss."""
+    """Train a mid or early fusion matcher; 4 negatives per positive, so positives weigh 4x in the loss."""
     model = new_matcher(encoder, cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    class_weight = torch.tensor([1.0, 3.0])
+    class_weight = torch.tensor([1.0, 4.0])
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(cfg.steps):

@@ -2,10 +2,40 @@
 
 from __future__ import annotations
 
-from indexer.cli import app, eval_app, train_app
+from typing import Annotated
+
+import typer
+
+from indexer.cli import app, err, eval_app, fail, train_app
 from reranker.cli import register
 
 register(train_app, eval_app)
+
+
+@app.command()
+def serve(
+    index: Annotated[list[str], typer.Option(help="DIR or NAME=DIR; repeat to serve several (first = default)")],
+    host: Annotated[str, typer.Option()] = "127.0.0.1",
+    port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
+    model: Annotated[str, typer.Option(help="the model the indexes were built with")] = "tiny",
+    pretrained: Annotated[str | None, typer.Option()] = None,
+) -> None:
+    """Serve the search API and web page with uvicorn."""
+    import uvicorn
+    from pydantic import ValidationError
+
+    from service.app import create_app
+    from service.config import Settings
+    from service.errors import StartupError
+    from service.state import load_engine
+
+    try:
+        settings = Settings(indexes=index, model=model, pretrained=pretrained)
+        engine = load_engine(settings)
+    except (StartupError, ValidationError) as exc:
+        fail(str(exc))
+    err.print(f"serving {', '.join(engine.indexes)} on http://{host}:{port}")
+    uvicorn.run(create_app(settings, engine), host=host, port=port, log_level="info")
 
 
 def main() -> None:

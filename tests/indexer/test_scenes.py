@@ -154,3 +154,24 @@ def test_write_scenes_outputs_pngs_and_jsonl(tmp_path: Path) -> None:
     write_scenes(again, 5, 3, twins=True, size=48)
     assert (again / "captions.jsonl").read_text() == manifest.read_text()
     assert (again / rows[0]["file"]).read_bytes() == (tmp_path / rows[0]["file"]).read_bytes()
+
+
+def test_perturbations_cover_every_error_kind_and_always_change_the_description() -> None:
+    from indexer.scenes import perturb
+
+    rng = np.random.default_rng(0)
+    kinds = set()
+    for index in range(600):
+        scene = scene_pair(13, index)[0].scene
+        other, kind = perturb(scene, rng)
+        kinds.add(kind)
+        assert other.key() != scene.key()
+        if kind == "drop_object":
+            assert len(other.objects) == len(scene.objects) - 1
+        if kind.endswith("_change") and kind != "position_change":
+            field = kind.removesuffix("_change")
+            diffs = [(a, b) for a, b in zip(scene.objects, other.objects, strict=True) if a != b]
+            assert len(diffs) == 1 and getattr(diffs[0][0], field) != getattr(diffs[0][1], field)
+        render(other)
+    assert kinds >= {"colour_change", "shape_change", "size_change", "position_change", "drop_object",
+                     "colour_swap", "shape_swap", "lr_swap", "tb_swap"}

@@ -78,8 +78,9 @@ def test_committed_checkpoints_are_small_fp16_safetensors() -> None:
 
     from indexer.encoder import MODELS_DIR
 
-    for kind in ("mid", "early"):
-        path = MODELS_DIR / f"reranker-{kind}.safetensors"
+    paths = sorted(MODELS_DIR.glob("reranker-*.safetensors"))
+    assert paths, "no committed reranker checkpoint"
+    for path in paths:
         assert path.stat().st_size < 25 * 2**20
         with safe_open(str(path), framework="pt") as fh:
             assert {fh.get_tensor(k).dtype for k in fh.keys()} == {torch.float16}

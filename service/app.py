@@ -1,0 +1,46 @@
+"""Service app: the FastAPI factory; the lifespan loads the shared state once."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request, Response
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.responses import JSONResponse
+
+from service.config import Settings
+from service.errors import install_handlers
+from service.routes import health, images, search
+from service.state import Engine, load_engine
+
+
+def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
+    """Build the app; the engine is loaded in the lifespan unless one is given (shared by tests)."""
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.engine = engine or load_engine(settings)
+        yield
+
+    app = FastAPI(title="imsearch", version="0.1.0", lifespan=lifespan)
+    app.state.settings = settings
+    if settings.cors_origins:
+        app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST"],
+                           allow_headers=["Content-Type", "X-API-Key"])
+    app.middleware("http")(_body_limit(settings.max_body_bytes))
+    install_handlers(app)
+    for router in (search.router, images.router, health.router):
+        app.include_router(router)
+    return app
+
+
+def _body_limit(limit: int) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
+    async def check(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        length = request.headers.get("content-length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            return JSONResponse(status_code=413, content={"detail": f"request body over {limit} bytes"})
+        return await call_next(request)
+
+    return check

@@ -1,0 +1,50 @@
+"""Service settings: the one place that reads the environment (prefix IMSEARCH_, .env supported)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+RerankTier = Literal["none", "mid", "early"]
+
+
+class Settings(BaseSettings):
+    """Settings of the API process."""
+
+    model_config = SettingsConfigDict(env_prefix="IMSEARCH_", env_file=".env", extra="ignore")
+
+    indexes: list[str] = Field(default_factory=list, description="NAME=DIR or DIR; the first is the default")
+    model: str = "tiny"
+    pretrained: str | None = None
+    device: str = "cpu"
+    rerankers: list[str] = Field(default_factory=lambda: ["mid", "early"])
+    default_rerank: RerankTier = "none"
+    max_k: int = Field(1000, ge=1)
+    max_rerank_k: int = Field(256, ge=1)
+    default_rerank_k: int = Field(16, ge=1)
+    redis_url: str | None = None
+    api_key: str | None = None
+    cors_origins: list[str] = Field(default_factory=list)
+    max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    max_pixels: int = Field(40_000_000, ge=1)
+    cache_ttl_s: int = Field(3600, ge=1)
+
+    @field_validator("indexes")
+    @classmethod
+    def _named(cls, value: list[str]) -> list[str]:
+        for spec in value:
+            name, _, folder = spec.rpartition("=")
+            if not folder:
+                raise ValueError(f"index spec {spec!r} must be DIR or NAME=DIR")
+        return value
+
+    def index_dirs(self) -> dict[str, Path]:
+        """Index name → folder; an unnamed DIR is named after its folder."""
+        out: dict[str, Path] = {}
+        for spec in self.indexes:
+            name, _, folder = spec.rpartition("=")
+            out[name or Path(folder).name] = Path(folder)
+        return out

@@ -1,0 +1,53 @@
+"""Service errors: domain exceptions mapped to HTTP status codes in one place, never a traceback."""
+
+from __future__ import annotations
+
+import logging
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+
+from indexer.store import UnknownImage
+from service.search import BadQuery
+
+log = logging.getLogger(__name__)
+
+
+class UnknownIndex(LookupError):
+    """An index name the service does not serve."""
+
+
+class StartupError(RuntimeError):
+    """The configured model, indexes or rerankers cannot be served together."""
+
+
+def _detail(status: int, message: str) -> JSONResponse:
+    return JSONResponse(status_code=status, content={"detail": message})
+
+
+def install_handlers(app: FastAPI) -> None:
+    """Map domain errors to 4xx; anything unexpected to a bare 500 (logged, never echoed)."""
+
+    @app.exception_handler(BadQuery)
+    async def bad_query(_: Request, exc: BadQuery) -> JSONResponse:
+        return _detail(422, str(exc))
+
+    @app.exception_handler(UnknownIndex)
+    async def unknown_index(_: Request, exc: UnknownIndex) -> JSONResponse:
+        return _detail(404, str(exc.args[0]))
+
+    @app.exception_handler(UnknownImage)
+    async def unknown_image(_: Request, exc: UnknownImage) -> JSONResponse:
+        return _detail(404, f"no image with id {exc.args[0]} in this index")
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        return _detail(422, f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", ""))
+
+    @app.exception_handler(Exception)
+    async def unexpected(_: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error", exc_info=exc)
+        return _detail(500, "internal error")

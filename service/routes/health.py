@@ -1,0 +1,32 @@
+"""Routes: liveness, readiness and the served indexes' manifests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter
+
+from service.deps import EngineDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/healthz")
+def healthz() -> dict[str, str]:
+    """The process is up."""
+    return {"status": "ok"}
+
+
+@router.get("/readyz")
+def readyz(engine: EngineDep) -> dict[str, Any]:
+    """Model, indexes and rerankers loaded."""
+    return {"status": "ready", "model": engine.encoder.model_id, "indexes": list(engine.indexes),
+            "rerankers": ["none", *engine.rerankers]}
+
+
+@router.get("/v1/index")
+def index_info(engine: EngineDep, index: str | None = None) -> dict[str, Any]:
+    """Manifest and counts of an index (the default one unless named)."""
+    served = engine.index(index)
+    return {"name": index or engine.default_index, "version": served.version, "count": len(served),
+            "manifest": served.manifest}

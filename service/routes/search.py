@@ -1,0 +1,63 @@
+"""Routes: text, image and embedding search with a per-request rerank tier."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Annotated
+
+from fastapi import APIRouter, File, Form, UploadFile
+
+from service.deps import EngineDep
+from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
+from service.search import BadQuery, QueryInput, SearchOutput, search
+from service.state import Engine
+
+router = APIRouter(prefix="/v1", tags=["search"])
+
+
+def _decode_base64(data: str) -> bytes:
+    try:
+        return base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadQuery("image must be base64 of the image file's bytes") from None
+
+
+def _respond(engine: Engine, name: str | None, query: QueryInput) -> SearchResponse:
+    index = engine.index(name)
+    out: SearchOutput = search(engine.encoder, index, engine.rerankers, query, engine.settings.max_pixels)
+    hits = [HitOut(id=h.id, score=h.score, similarity=h.similarity, rerank_score=h.rerank_score,
+                   url=f"/v1/images/{h.id}?index={name or engine.default_index}", path=h.meta.get("path"),
+                   caption=h.meta.get("caption")) for h in out.hits]
+    return SearchResponse(hits=hits, timings_ms=Timings(**out.timings_ms), index_version=out.index_version,
+                          index=name or engine.default_index, rerank=query.rerank)
+
+
+def _query(engine: Engine, body: SearchRequest, image: bytes | None) -> QueryInput:
+    settings = engine.settings
+    rerank = body.rerank or settings.default_rerank
+    return QueryInput(text=body.text, image=image, embedding=body.embedding, k=min(body.k, settings.max_k),
+                      rerank=rerank, rerank_k=min(body.rerank_k or settings.default_rerank_k, settings.max_rerank_k),
+                      min_similarity=body.min_similarity)
+
+
+@router.post("/search", response_model=SearchResponse)
+def search_json(body: SearchRequest, engine: EngineDep) -> SearchResponse:
+    """Search by text, base64 image or embedding; `rerank` picks none, mid or early fusion."""
+    image = _decode_base64(body.image) if body.image is not None else None
+    return _respond(engine, body.index, _query(engine, body, image))
+
+
+@router.post("/search/image", response_model=SearchResponse)
+def search_upload(
+    engine: EngineDep,
+    file: Annotated[UploadFile, File(description="an image file")],
+    k: Annotated[int, Form(ge=1, le=1000)] = 10,
+    index: Annotated[str | None, Form(min_length=1, max_length=200)] = None,
+) -> SearchResponse:
+    """Search by an uploaded image (multipart)."""
+    data = file.file.read(engine.settings.max_body_bytes + 1)
+    if not data:
+        raise BadQuery("the uploaded file is empty")
+    # image queries rank by the dual encoder: the rerankers match text against images
+    return _respond(engine, index, QueryInput(image=data, k=min(k, engine.settings.max_k)))

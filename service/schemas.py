@@ -1,0 +1,59 @@
+"""HTTP schemas: constrained request and response models of the search API."""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+
+class SearchRequest(BaseModel):
+    """Exactly one of text, image (base64 file bytes) or embedding."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, min_length=1, max_length=1000)
+    image: str | None = Field(None, min_length=1, description="base64 of the image file's bytes")
+    embedding: list[float] | None = Field(None, min_length=1, max_length=8192)
+    k: int = Field(10, ge=1, le=1000)
+    rerank: Literal["none", "mid", "early"] | None = None
+    rerank_k: int | None = Field(None, ge=1, le=256)
+    min_similarity: float | None = Field(None, ge=-1.0, le=1.0)
+    index: str | None = Field(None, min_length=1, max_length=200)
+
+    @model_validator(mode="after")
+    def _exactly_one_query(self) -> SearchRequest:
+        given = [name for name in ("text", "image", "embedding") if getattr(self, name) is not None]
+        if len(given) != 1:
+            raise ValueError(f"give exactly one of text, image or embedding (got {', '.join(given) or 'none'})")
+        return self
+
+
+class HitOut(BaseModel):
+    id: int
+    score: float
+    similarity: float
+    rerank_score: float | None = None
+    url: str
+    path: str | None = None
+    caption: str | None = None
+
+
+class Timings(BaseModel):
+    encode: float
+    search: float
+    rerank: float
+    total: float
+
+
+class SearchResponse(BaseModel):
+    hits: list[HitOut]
+    timings_ms: Timings
+    index_version: str
+    index: str
+    rerank: str
+    cached: bool = False
+
+
+class ErrorResponse(BaseModel):
+    detail: str

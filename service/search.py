@@ -1,0 +1,120 @@
+"""Service core: one query through encode → ANN search → optional rerank, timed per stage."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from indexer.encoder import DualEncoder
+from indexer.reader import decode_image
+from indexer.store import Index
+from reranker.score import Query, Reranker, fuse
+
+
+class BadQuery(ValueError):
+    """A query the client must fix (the message says how)."""
+
+
+@dataclass
+class QueryInput:
+    """Exactly one of text, image (file bytes) or embedding."""
+
+    text: str | None = None
+    image: bytes | None = None
+    embedding: list[float] | None = None
+    k: int = 10
+    rerank: str = "none"
+    rerank_k: int = 16
+    min_similarity: float | None = None
+
+
+@dataclass
+class Hit:
+    id: int
+    score: float
+    similarity: float
+    rerank_score: float | None
+    meta: dict[str, Any]
+
+
+@dataclass
+class SearchOutput:
+    hits: list[Hit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    index_version: str = ""
+
+
+def encode_query(encoder: DualEncoder, q: QueryInput, dim: int, max_pixels: int) -> tuple[np.ndarray, Query | None]:
+    """(1, d) query vector, plus the reranker's text query when the query is text."""
+    if q.text is not None:
+        pooled, tokens, mask = encoder.encode_texts_and_tokens([q.text])
+        return pooled, Query(q.text, tokens[0], mask[0])
+    if q.image is not None:
+        try:
+            image = decode_image(q.image, max_pixels)
+        except ValueError as exc:
+            raise BadQuery(f"image: {exc}") from None
+        return encoder.encode_images([image]), None
+    vector = np.asarray(q.embedding, dtype=np.float32)[None]
+    if vector.shape[1] != dim:
+        raise BadQuery(f"embedding has {vector.shape[1]} dimensions; this index expects {dim}")
+    norm = float(np.linalg.norm(vector))
+    if not np.isfinite(norm) or norm == 0.0:
+        raise BadQuery("embedding must be a finite, non-zero vector")
+    return vector / norm, None
+
+
+def search(encoder: DualEncoder, index: Index, rerankers: dict[str, Reranker], q: QueryInput,
+           max_pixels: int = 40_000_000) -> SearchOutput:
+    """Run one query; timings_ms holds encode, search, rerank and total."""
+    if q.rerank != "none" and q.rerank not in rerankers:
+        raise BadQuery(f"rerank tier {q.rerank!r} is not loaded; available: none, {', '.join(rerankers)}")
+    start = time.perf_counter()
+    vector, text_query = encode_query(encoder, q, index.dim, max_pixels)
+    encoded = time.perf_counter()
+    depth = max(q.k, q.rerank_k if q.rerank != "none" else 0)
+    scores, ids = index.search(vector, depth)
+    scores, ids = scores[0][ids[0] >= 0], ids[0][ids[0] >= 0]
+    searched = time.perf_counter()
+    reranked: tuple[np.ndarray, np.ndarray] | None = None  # (log p(match), fused score), NaN past rerank_k
+    if q.rerank != "none":
+        if text_query is None:
+            raise BadQuery("reranking needs a text query; use rerank='none' for image or embedding queries")
+        scores, ids, reranked = _rerank(rerankers[q.rerank], index, text_query, scores, ids, q.rerank_k)
+    done = time.perf_counter()
+    hits = _hits(index, scores, ids, reranked, q)
+    timings = {"encode": encoded - start, "search": searched - encoded, "rerank": done - searched,
+               "total": time.perf_counter() - start}
+    return SearchOutput(hits, {k: round(v * 1000, 3) for k, v in timings.items()}, index.version)
+
+
+def _rerank(reranker: Reranker, index: Index, query: Query, cosine: np.ndarray, ids: np.ndarray,
+            k: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Reorder the top k by fused score; the rest keep the dual encoder's order below them."""
+    head = ids[:k]
+    log_p = reranker.log_match(query, index.tokens(head))
+    fused = fuse(log_p, cosine[:k], reranker.fusion_weight)
+    order = np.argsort(-fused, kind="stable")
+    tail = np.full(len(ids) - len(head), np.nan)
+    new_ids = np.concatenate([head[order], ids[k:]])
+    new_cos = np.concatenate([cosine[:k][order], cosine[k:]])
+    return new_cos, new_ids, (np.concatenate([log_p[order], tail]), np.concatenate([fused[order], tail]))
+
+
+def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: tuple[np.ndarray, np.ndarray] | None,
+          q: QueryInput) -> list[Hit]:
+    """The first k hits (after min_similarity); score is the fused score where reranked, else cosine."""
+    keep = np.ones(len(ids), bool) if q.min_similarity is None else cosine >= q.min_similarity
+    ids, cosine = ids[keep][: q.k], cosine[keep][: q.k]
+    log_p, fused = (r[keep][: q.k] for r in reranked) if reranked else (None, None)
+    metas = index.metadata(ids) if len(ids) else []
+    hits = []
+    for i, (image_id, sim, meta) in enumerate(zip(ids, cosine, metas, strict=True)):
+        done = log_p is not None and fused is not None and not np.isnan(fused[i])
+        score = float(fused[i]) if done and fused is not None else float(sim)
+        rerank = float(log_p[i]) if done and log_p is not None else None
+        hits.append(Hit(int(image_id), score, float(sim), rerank, meta))
+    return hits

@@ -1,0 +1,112 @@
+"""The HTTP app with its lifespan: search, images, health, and 4xx (never 5xx) for bad requests."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from indexer.build import BuildOptions, build_or_add
+from indexer.encoder import DualEncoder
+from indexer.scenes import write_scenes
+from service.app import create_app
+from service.config import Settings
+from service.errors import StartupError
+from service.state import load_engine
+
+
+@pytest.fixture(scope="module")
+def index_dir(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("app")
+    write_scenes(root / "src", 30, seed=61, twins=True)
+    build_or_add(root / "src" / "captions.jsonl", root / "idx", encoder, BuildOptions(workers=0), "build")
+    return root / "idx"
+
+
+@pytest.fixture(scope="module")
+def client(index_dir: Path) -> Iterator[TestClient]:
+    settings = Settings(indexes=[f"scenes={index_dir}"], rerankers=["mid"], max_body_bytes=200_000)
+    with TestClient(create_app(settings)) as test_client:  # runs the lifespan
+        yield test_client
+
+
+def test_text_search_with_and_without_rerank(client: TestClient) -> None:
+    fast = client.post("/v1/search", json={"text": "a small red circle left of a large blue square", "k": 5})
+    assert fast.status_code == 200, fast.text
+    body = fast.json()
+    assert len(body["hits"]) == 5 and body["index"] == "scenes" and body["rerank"] == "none"
+    assert set(body["timings_ms"]) == {"encode", "search", "rerank", "total"} and body["index_version"]
+    deep = client.post("/v1/search", json={"text": "a small red circle left of a large blue square", "k": 5,
+                                           "rerank": "mid", "rerank_k": 16}).json()
+    assert deep["rerank"] == "mid" and all(h["rerank_score"] is not None for h in deep["hits"])
+    assert deep["timings_ms"]["rerank"] > 0
+
+
+def test_image_queries_base64_and_upload_find_the_image(client: TestClient) -> None:
+    hit = client.post("/v1/search", json={"text": "a large green cross", "k": 1}).json()["hits"][0]
+    data = Path(hit["path"]).read_bytes()
+    by_b64 = client.post("/v1/search", json={"image": base64.b64encode(data).decode(), "k": 1}).json()
+    assert by_b64["hits"][0]["id"] == hit["id"]
+    upload = client.post("/v1/search/image", files={"file": ("q.png", data, "image/png")}, data={"k": "1"})
+    assert upload.status_code == 200 and upload.json()["hits"][0]["id"] == hit["id"]
+
+
+def test_images_route_serves_indexed_files_only(client: TestClient) -> None:
+    hit = client.post("/v1/search", json={"text": "a small blue square", "k": 1}).json()["hits"][0]
+    image = client.get(hit["url"])
+    assert image.status_code == 200 and image.headers["content-type"] == "image/png"
+    assert image.content == Path(hit["path"]).read_bytes()
+    again = client.get(hit["url"], headers={"If-None-Match": image.headers["etag"]})
+    assert again.status_code == 304
+    assert client.get("/v1/images/999999").status_code == 404
+    assert client.get("/v1/images/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({}, 422),
+        ({"text": "a", "embedding": [0.1]}, 422),
+        ({"text": "a", "k": 0}, 422),
+        ({"text": "a", "k": 5000}, 422),
+        ({"text": "a", "rerank": "deepest"}, 422),
+        ({"embedding": [0.1, 0.2]}, 422),
+        ({"image": "not base64!!"}, 422),
+        ({"image": base64.b64encode(b"plain text").decode()}, 422),
+        ({"text": "a", "index": "nope"}, 404),
+        ({"text": "a", "unknown_field": 1}, 422),
+    ],
+)
+def test_bad_requests_are_clear_4xx(client: TestClient, body: dict, status: int) -> None:
+    response = client.post("/v1/search", json=body)
+    assert response.status_code == status, response.text
+    detail = response.json()["detail"]
+    assert isinstance(detail, str) and detail and "Traceback" not in detail
+
+
+def test_oversized_body_is_413(client: TestClient) -> None:
+    response = client.post("/v1/search", content=b"x" * 300_000, headers={"Content-Type": "application/json"})
+    assert response.status_code == 413
+
+
+def test_health_ready_and_index_info(client: TestClient) -> None:
+    assert client.get("/healthz").json() == {"status": "ok"}
+    ready = client.get("/readyz").json()
+    assert ready["status"] == "ready" and ready["indexes"] == ["scenes"] and "mid" in ready["rerankers"]
+    info = client.get("/v1/index").json()
+    assert info["count"] == 60 and info["manifest"]["model"]["id"] == ready["model"]
+
+
+def test_service_refuses_an_index_of_another_model(index_dir: Path, tmp_path: Path) -> None:
+    weights = tmp_path / "other.safetensors"
+    from indexer.encoder import create_embedded, save_checkpoint
+
+    save_checkpoint(create_embedded(seed=5).model, tmp_path)
+    (tmp_path / "open_clip_model.safetensors").rename(weights)
+    with pytest.raises(StartupError, match="was built with model"):
+        load_engine(Settings(indexes=[str(index_dir)], pretrained=str(weights)))
+    with pytest.raises(StartupError, match="no index configured"):
+        load_engine(Settings())

@@ -1,0 +1,90 @@
+"""Search core: text, image and embedding queries, rerank tiers, timings, clear errors for bad queries."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from indexer.build import BuildOptions, build_or_add
+from indexer.encoder import DualEncoder
+from indexer.scenes import write_scenes
+from indexer.store import Index
+from reranker.score import Reranker, load_tier
+from service.search import BadQuery, QueryInput, search
+
+
+@pytest.fixture(scope="module")
+def index(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Index:
+    root = tmp_path_factory.mktemp("svc")
+    write_scenes(root / "src", 40, seed=51, twins=True)
+    build_or_add(root / "src" / "captions.jsonl", root / "idx", encoder, BuildOptions(workers=0), "build")
+    return Index.open(root / "idx")
+
+
+@pytest.fixture(scope="module")
+def rerankers(encoder: DualEncoder) -> dict[str, Reranker]:
+    return {"mid": load_tier("mid", encoder)}
+
+
+def test_text_search_returns_hits_with_metadata_and_timings(encoder, index, rerankers) -> None:
+    caption = index.metadata(index.ids()[:1])[0]["caption"]
+    out = search(encoder, index, rerankers, QueryInput(text=caption, k=5))
+    assert len(out.hits) == 5 and out.index_version == index.version
+    assert [h.score for h in out.hits] == sorted((h.score for h in out.hits), reverse=True)
+    assert all(h.rerank_score is None and h.meta["path"] for h in out.hits)
+    assert set(out.timings_ms) == {"encode", "search", "rerank", "total"} and out.timings_ms["rerank"] < 1.0
+
+
+def test_rerank_reorders_only_the_head_and_reports_scores(encoder, index, rerankers) -> None:
+    caption = index.metadata(index.ids()[:1])[0]["caption"]
+    fast = search(encoder, index, rerankers, QueryInput(text=caption, k=20))
+    deep = search(encoder, index, rerankers, QueryInput(text=caption, k=20, rerank="mid", rerank_k=8))
+    assert {h.id for h in deep.hits[:8]} == {h.id for h in fast.hits[:8]}  # same candidates, new order
+    assert [h.id for h in deep.hits[8:]] == [h.id for h in fast.hits[8:]]
+    assert all(h.rerank_score is not None for h in deep.hits[:8])
+    assert all(h.rerank_score is None for h in deep.hits[8:])
+    head = [h.score for h in deep.hits[:8]]
+    assert head == sorted(head, reverse=True)
+
+
+def test_image_and_embedding_queries(encoder, index, rerankers) -> None:
+    row = index.metadata(index.ids()[3:4])[0]
+    data = Path(row["path"]).read_bytes()
+    out = search(encoder, index, rerankers, QueryInput(image=data, k=1))
+    assert out.hits[0].id == row["id"]
+    vector = index.vectors([row["id"]])[0] * 3.0  # any scale: normalised on the way in
+    out = search(encoder, index, rerankers, QueryInput(embedding=vector.tolist(), k=1))
+    assert out.hits[0].id == row["id"] and out.hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+
+
+def test_min_similarity_filters(encoder, index, rerankers) -> None:
+    out = search(encoder, index, rerankers, QueryInput(text="a small red circle", k=50, min_similarity=0.99))
+    assert all(h.similarity >= 0.99 for h in out.hits)
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [
+        (QueryInput(embedding=[0.1, 0.2]), "dimensions"),
+        (QueryInput(embedding=[0.0] * 128), "non-zero"),
+        (QueryInput(image=b"not an image"), "image:"),
+        (QueryInput(text="a red circle", rerank="deepest"), "not loaded"),
+        (QueryInput(embedding=[1.0] * 128, rerank="mid"), "needs a text query"),
+    ],
+)
+def test_bad_queries_are_client_errors(encoder, index, rerankers, query: QueryInput, needle: str) -> None:
+    with pytest.raises(BadQuery, match=needle):
+        search(encoder, index, rerankers, query)
+
+
+def test_pixel_bomb_query_is_refused(encoder, index, rerankers) -> None:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (300, 300)).save(buf, format="PNG")
+    with pytest.raises(BadQuery, match="decompression bomb"):
+        search(encoder, index, rerankers, QueryInput(image=buf.getvalue()), max_pixels=10_000)
+    assert np.isfinite(index.vectors(index.ids()[:1])).all()
