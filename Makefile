@@ -22,7 +22,7 @@ demo: install
 	$(BIN)/imsearch scenes $(DEMO_DIR)/images --n $(DEMO_N) --twins
 	$(BIN)/imsearch index build $(DEMO_DIR)/images/captions.jsonl --out $(DEMO_DIR)/index
 	$(BIN)/imsearch eval encoder
-	$(BIN)/imsearch eval tradeoff --n 400 --ks 16
+	$(BIN)/imsearch eval tradeoff --n 400 --ks 16 --tiers mid
 
 redis:
 	@$(PY) -c "import redis; redis.Redis(host='127.0.0.1', port=$(REDIS_PORT)).ping()" 2>/dev/null \

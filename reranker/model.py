@@ -31,6 +31,22 @@ class RerankerConfig:
         return json.dumps(asdict(self))
 
 
+def grid_position_embedding(tokens: int, width: int) -> torch.Tensor:
+    """(1, tokens, width) sin/cos of each patch's column (first half) and row (second half); [CLS] gets 0."""
+    side = int(round((tokens - 1) ** 0.5))
+    if side * side != tokens - 1 or width % 4:
+        return torch.randn(1, tokens, width) * 0.02
+    freqs = 1.0 / (100.0 ** (torch.arange(width // 4) / (width // 4)))
+    rows, cols = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+
+    def encode(coord: torch.Tensor) -> torch.Tensor:
+        angles = coord.flatten()[:, None].float() * freqs[None, :]
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    grid = torch.cat([encode(cols), encode(rows)], dim=1)  # (side*side, width)
+    return torch.cat([torch.zeros(1, width), grid])[None]
+
+
 class CrossBlock(nn.Module):
     """Text self-attention, cross-attention to image tokens, feed-forward; pre-norm residuals."""
 
@@ -58,9 +74,10 @@ class Matcher(nn.Module):
         w = cfg.width
         self.text_in = nn.Linear(cfg.text_width, w)
         self.image_in = nn.Linear(cfg.image_width, w)
-        self.image_pos = nn.Parameter(torch.zeros(1, cfg.image_tokens, w))
+        # learned, but starting from explicit 2-D (x, y) features: relations ("left of", "above")
+        # compare positions, which the last ViT block's tokens carry only weakly
+        self.image_pos = nn.Parameter(grid_position_embedding(cfg.image_tokens, w))
         self.enc = nn.Parameter(torch.zeros(1, 1, w))  # the [ENC] token whose output feeds the head
-        nn.init.normal_(self.image_pos, std=0.02)
         nn.init.normal_(self.enc, std=0.02)
         self.ln_out = nn.LayerNorm(w)
         self.head = nn.Linear(w, 2)  # (no match, match)
