@@ -27,7 +27,6 @@ from indexer.store import (
     SHARDS,
     STAGING,
     Index,
-    current_version,
     link_shard,
     publish,
     save_npy,
@@ -301,6 +300,3 @@ def remove(index_dir: Path, paths: list[str] | None = None, ids: list[int] | Non
     return BuildReport(0, 0, 0, len(targets), time.perf_counter() - start, result["plan"].kind, version,
                        result["count"])
 
-
-def has_index(out: Path) -> bool:
-    return current_version(out) is not None

@@ -47,11 +47,12 @@ def errors_by_kind(sim: np.ndarray, gallery: list[Sample]) -> dict[str, int]:
     counts: Counter[str] = Counter()
     for q, hit in enumerate(top):
         if hit != q:
-            counts[_difference(gallery[q], gallery[int(hit)])] += 1
+            counts[difference_kind(gallery[q], gallery[int(hit)])] += 1
     return dict(counts)
 
 
-def _difference(want: Sample, got: Sample) -> str:
+def difference_kind(want: Sample, got: Sample) -> str:
+    """What tells a wrongly retrieved sample from the wanted one (a twin kind, or the first differing field)."""
     if got.index == want.index:  # the twin: its kind names the difference
         return got.twin_kind or want.twin_kind or "twin"
     a, b = want.scene, got.scene

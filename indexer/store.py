@@ -263,11 +263,8 @@ class Index:
         fetch = k * self.plan.refine_factor if self.plan.refine_factor else k
         scores, ids = ann_search(self.faiss, self.plan, queries, fetch, nprobe, ef_search)
         if self.plan.refine_factor:
-            scores, ids = self._rescore(queries, ids, k)
+            scores, ids = rescore(queries, ids, self.vectors, k)
         return scores, ids
-
-    def _rescore(self, queries: np.ndarray, candidates: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return rescore(queries, candidates, self.vectors, k)
 
 
 def _open_shard(folder: Path) -> Shard:

@@ -10,7 +10,7 @@ import faiss
 import numpy as np
 
 from indexer.encoder import DualEncoder
-from indexer.evaluate import BATCH, _difference
+from indexer.evaluate import BATCH, difference_kind
 from indexer.scenes import EVAL_SEED, Sample, render, twin_gallery
 from reranker.score import Query, Reranker, fuse
 
@@ -83,7 +83,7 @@ def evaluate_tier(encoder: DualEncoder, gallery: Gallery, tier: str, reranker: R
         wins.append(rank < twin_rank)
         times.append(result.ms)
         if errors and rank != 0:
-            kinds[ERROR_GROUPS.get(_difference(sample, gallery.samples[int(result.ranking[0])]), "other")] += 1
+            kinds[ERROR_GROUPS.get(difference_kind(sample, gallery.samples[int(result.ranking[0])]), "other")] += 1
     ranks_a = np.array(ranks)
     row: dict[str, object] = {
         "tier": tier, "k": k, "r1": float((ranks_a < 1).mean()), "r5": float((ranks_a < 5).mean()),

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from indexer.encoder import MODELS_DIR, DualEncoder
 from indexer.scenes import TRAIN_SEED, Scene, caption, perturb, render, scene_pair, twin
-from reranker.model import Matcher, RerankerConfig, save_reranker
+from reranker.model import Matcher, RerankerConfig
 
 
 @dataclass
@@ -146,6 +146,3 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
     model.eval()
     return model, {"seconds": round(time.perf_counter() - start, 1), "losses": [round(x, 4) for x in losses]}
 
-
-def save_trained(model: Matcher, cfg: RerankTrainConfig) -> Path:
-    return save_reranker(model, cfg.path())
