@@ -234,9 +234,8 @@ def _next_id(parent: Index | None, shards: list[StagedShard]) -> int:
 
 def _known_hashes(parent: Index | None, staged: list[StagedShard]) -> set[str]:
     known = {h for s in staged for h in s.sha256}
-    if parent is not None and parent._meta is not None:
-        live = parent.ids()
-        known |= {row["sha256"] for row in parent.metadata(live)}
+    if parent is not None:
+        known |= {row["sha256"] for row in parent.live_rows}
     return known
 
 
@@ -253,8 +252,7 @@ def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptio
     if parent is not None:  # a re-added path with new bytes replaces its old entry
         failed = {f.path for f in failures}
         new_paths = {p for s in shards for p in s.processed if p not in failed}
-        live = parent.ids()
-        deleted |= {int(r["id"]) for r in parent.metadata(live) if r["path"] in new_paths}
+        deleted |= {int(r["id"]) for r in parent.live_rows if r["path"] in new_paths}
     indexed = sum(len(s.ids) for s in shards)
     next_id = _next_id(parent, shards)
     counts = {"indexed": indexed, "skipped": len(failures) - dups, "duplicates": dups, "removed": 0}
@@ -279,7 +277,7 @@ def remove(index_dir: Path, paths: list[str] | None = None, ids: list[int] | Non
     opts = opts or BuildOptions()
     parent = Index.open(index_dir)
     live = parent.ids()
-    rows = parent.metadata(live)
+    rows = parent.live_rows
     wanted_paths = {str(Path(p).resolve()) for p in paths or []} | set(paths or [])
     targets = {int(r["id"]) for r in rows if r["path"] in wanted_paths} | (set(ids or []) & set(live.tolist()))
     missing = (set(ids or []) - set(live.tolist())) if ids else set()

@@ -9,6 +9,7 @@ import os
 import shutil
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -217,6 +218,11 @@ class Index:
         """All live ids, sorted."""
         live = ~np.isin(self._ids, np.fromiter(self.deleted, np.int64, len(self.deleted)))
         return self._ids[live]
+
+    @cached_property
+    def live_rows(self) -> list[dict[str, Any]]:
+        """Metadata of every live image (read once per opened version; used by add and remove)."""
+        return self.metadata(self.ids())
 
     def _locate(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         ids = np.asarray(ids, dtype=np.int64)
