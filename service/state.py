@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from indexer.encoder import DualEncoder, EncoderSpec, EncoderUnavailable, load_encoder
 from indexer.store import Index, IndexNotFound
 from reranker.score import Reranker, load_tier
+from service.cache import ResultCache
 from service.config import Settings
 from service.errors import StartupError, UnknownIndex
 
@@ -22,6 +23,7 @@ class Engine:
     encoder: DualEncoder
     indexes: dict[str, Index]
     rerankers: dict[str, Reranker]
+    cache: ResultCache
 
     @property
     def default_index(self) -> str:
@@ -54,4 +56,4 @@ def load_engine(settings: Settings) -> Engine:
             rerankers[tier] = load_tier(tier, encoder)
         except (FileNotFoundError, ValueError) as exc:
             log.warning("rerank tier %s unavailable: %s", tier, exc)
-    return Engine(settings, encoder, indexes, rerankers)
+    return Engine(settings, encoder, indexes, rerankers, ResultCache(settings.redis_url, settings.cache_ttl_s))

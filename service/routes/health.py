@@ -19,9 +19,10 @@ def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 def readyz(engine: EngineDep) -> dict[str, Any]:
-    """Model, indexes and rerankers loaded."""
-    return {"status": "ready", "model": engine.encoder.model_id, "indexes": list(engine.indexes),
-            "rerankers": ["none", *engine.rerankers]}
+    """Model, indexes and rerankers loaded; a configured but unreachable Redis reports `degraded`."""
+    cache = "disabled" if not engine.cache.enabled else ("ok" if engine.cache.healthy() else "degraded")
+    return {"status": "ready" if cache != "degraded" else "degraded", "cache": cache,
+            "model": engine.encoder.model_id, "indexes": list(engine.indexes), "rerankers": ["none", *engine.rerankers]}
 
 
 @router.get("/v1/index")

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import base64
 import binascii
+import time
 from typing import Annotated
 
 from fastapi import APIRouter, File, Form, UploadFile
 
+from service.cache import result_key
 from service.deps import EngineDep
 from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
 from service.search import BadQuery, QueryInput, SearchOutput, search
@@ -43,9 +45,24 @@ def _query(engine: Engine, body: SearchRequest, image: bytes | None) -> QueryInp
 
 @router.post("/search", response_model=SearchResponse)
 def search_json(body: SearchRequest, engine: EngineDep) -> SearchResponse:
-    """Search by text, base64 image or embedding; `rerank` picks none, mid or early fusion."""
+    """Search by text, base64 image or embedding; `rerank` picks none, mid or early fusion.
+
+    Results are cached in Redis (when configured) under the index version, so a new version
+    invalidates them; a cached answer says `cached: true` and times only the lookup.
+    """
+    start = time.perf_counter()
+    settings = engine.settings
+    request = {**body.model_dump(), "defaults": [settings.default_rerank, settings.default_rerank_k]}
+    key = result_key(engine.encoder.model_id, engine.index(body.index).version, request)
+    hit = engine.cache.get(key)
+    if hit is not None:
+        lookup = round((time.perf_counter() - start) * 1000, 3)
+        hit.update(cached=True, timings_ms={"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup})
+        return SearchResponse(**hit)
     image = _decode_base64(body.image) if body.image is not None else None
-    return _respond(engine, body.index, _query(engine, body, image))
+    response = _respond(engine, body.index, _query(engine, body, image))
+    engine.cache.put(key, response.model_dump())
+    return response
 
 
 @router.post("/search/image", response_model=SearchResponse)

@@ -1,0 +1,77 @@
+"""Result cache against the real Redis: hit/miss, invalidation by index version, Redis down → still 200."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from indexer.build import BuildOptions, build_or_add, remove
+from indexer.encoder import DualEncoder
+from indexer.scenes import write_scenes
+from service.app import create_app
+from service.cache import PREFIX
+from service.config import Settings
+from service.state import load_engine
+
+REDIS_URL = "redis://127.0.0.1:6379/0"
+QUERY = {"text": "a large red square above a small green circle", "k": 3}
+
+
+@pytest.fixture()
+def clean_redis() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    for key in client.scan_iter(f"{PREFIX}*"):
+        client.delete(key)
+    yield client
+    for key in client.scan_iter(f"{PREFIX}*"):
+        client.delete(key)
+
+
+@pytest.fixture()
+def index_dir(encoder: DualEncoder, tmp_path: Path) -> Path:
+    write_scenes(tmp_path / "src", 12, seed=71, twins=True)
+    build_or_add(tmp_path / "src" / "captions.jsonl", tmp_path / "idx", encoder, BuildOptions(workers=0), "build")
+    return tmp_path / "idx"
+
+
+def _client(index_dir: Path, url: str) -> TestClient:
+    return TestClient(create_app(Settings(indexes=[str(index_dir)], rerankers=[], redis_url=url)))
+
+
+def test_second_identical_query_is_served_from_redis(index_dir: Path, clean_redis: redis.Redis) -> None:
+    with _client(index_dir, REDIS_URL) as client:
+        first = client.post("/v1/search", json=QUERY).json()
+        second = client.post("/v1/search", json=QUERY).json()
+        other = client.post("/v1/search", json={**QUERY, "k": 4}).json()
+    assert first["cached"] is False and second["cached"] is True and other["cached"] is False
+    assert [h["id"] for h in second["hits"]] == [h["id"] for h in first["hits"]]
+    keys = list(clean_redis.scan_iter(f"{PREFIX}result:*"))
+    assert len(keys) == 2 and all(0 < clean_redis.ttl(k) <= 3600 for k in keys)  # a TTL on every key
+
+
+def test_a_new_index_version_invalidates_cached_results(index_dir: Path, clean_redis: redis.Redis,
+                                                          encoder: DualEncoder) -> None:
+    with _client(index_dir, REDIS_URL) as client:
+        first = client.post("/v1/search", json=QUERY).json()
+    remove(index_dir, ids=[first["hits"][0]["id"]])
+    with _client(index_dir, REDIS_URL) as client:  # a process serving the new version
+        after = client.post("/v1/search", json=QUERY).json()
+    assert after["cached"] is False and after["index_version"] != first["index_version"]
+    assert first["hits"][0]["id"] not in [h["id"] for h in after["hits"]]
+
+
+def test_redis_down_means_bypass_not_errors(index_dir: Path) -> None:
+    with _client(index_dir, "redis://127.0.0.1:1/0") as client:  # nothing listens on port 1
+        responses = [client.post("/v1/search", json=QUERY) for _ in range(3)]
+        ready = client.get("/readyz").json()
+    assert all(r.status_code == 200 and r.json()["cached"] is False for r in responses)
+    assert ready["status"] == "degraded" and ready["cache"] == "degraded"
+
+
+def test_no_redis_configured_is_not_degraded(index_dir: Path) -> None:
+    engine = load_engine(Settings(indexes=[str(index_dir)], rerankers=[]))
+    assert not engine.cache.enabled and engine.cache.healthy()
