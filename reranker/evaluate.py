@@ -12,7 +12,7 @@ import numpy as np
 from indexer.encoder import DualEncoder
 from indexer.evaluate import BATCH, difference_kind
 from indexer.scenes import EVAL_SEED, Sample, render, twin_gallery
-from reranker.score import Query, Reranker, fuse
+from reranker.score import Query, Reranker, fuse, rerank_order
 
 KS = (8, 16, 32, 64)
 ERROR_GROUPS = {
@@ -58,8 +58,7 @@ def run_query(encoder: DualEncoder, gallery: Gallery, text: str, reranker: Reran
     cosine, rows = gallery.index.search(pooled, max(depth, k))
     cosine, rows = cosine[0], rows[0]
     if reranker is not None and k > 0:
-        log_p = reranker.log_match(Query(text, tokens[0], mask[0]), gallery.tokens[rows[:k]])
-        order = np.argsort(-fuse(log_p, cosine[:k], reranker.fusion_weight), kind="stable")
+        order, _, _ = rerank_order(reranker, Query(text, tokens[0], mask[0]), gallery.tokens[rows[:k]], cosine[:k])
         rows = np.concatenate([rows[:k][order], rows[k:]])
     return QueryResult(rows, (time.perf_counter() - start) * 1000)
 

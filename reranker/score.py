@@ -73,6 +73,14 @@ def fuse(log_match: np.ndarray, cosine: np.ndarray, weight: float) -> np.ndarray
     return log_match + weight * cosine
 
 
+def rerank_order(reranker: Reranker, query: Query, image_tokens: np.ndarray,
+                 cosine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rescore k candidates: (order best first, log p(match), fused score), all (k,)."""
+    log_p = reranker.log_match(query, image_tokens)
+    fused = fuse(log_p, cosine, reranker.fusion_weight)
+    return np.argsort(-fused, kind="stable"), log_p, fused
+
+
 def load_tier(kind: str, encoder: DualEncoder, path: Path | None = None) -> TokenReranker:
     """The committed reranker of a tier (or a given checkpoint) bound to its encoder."""
     if kind not in TIERS:

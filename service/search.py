@@ -11,7 +11,7 @@ import numpy as np
 from indexer.encoder import DualEncoder
 from indexer.reader import decode_image
 from indexer.store import Index
-from reranker.score import Query, Reranker, fuse
+from reranker.score import Query, Reranker, rerank_order
 
 
 class BadQuery(ValueError):
@@ -95,9 +95,7 @@ def _rerank(reranker: Reranker, index: Index, query: Query, cosine: np.ndarray, 
             k: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
     """Reorder the top k by fused score; the rest keep the dual encoder's order below them."""
     head = ids[:k]
-    log_p = reranker.log_match(query, index.tokens(head))
-    fused = fuse(log_p, cosine[:k], reranker.fusion_weight)
-    order = np.argsort(-fused, kind="stable")
+    order, log_p, fused = rerank_order(reranker, query, index.tokens(head), cosine[:k])
     tail = np.full(len(ids) - len(head), np.nan)
     new_ids = np.concatenate([head[order], ids[k:]])
     new_cos = np.concatenate([cosine[:k][order], cosine[k:]])
