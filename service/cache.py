@@ -1,4 +1,4 @@
-"""Service cache: Redis keys (prefixed, a TTL on every key) for search results; never fatal."""
+"""Service cache: Redis keys (prefixed, a TTL on every key) for results and text embeddings; never fatal."""
 
 from __future__ import annotations
 
@@ -6,8 +6,10 @@ import hashlib
 import json
 import logging
 import time
+import unicodedata
 from typing import Any
 
+import numpy as np
 import redis
 
 log = logging.getLogger(__name__)
@@ -23,8 +25,33 @@ def result_key(model_id: str, index_version: str, request: dict[str, Any]) -> st
     return f"{PREFIX}result:{model_id}:{index_version}:{digest}"
 
 
-class ResultCache:
-    """Get/put JSON results; with Redis unset or down every call is a miss and `degraded` is set."""
+def normalise_text(text: str) -> str:
+    """The text as the tokenizer sees it (CLIP's BPE lower-cases and collapses whitespace)."""
+    return " ".join(unicodedata.normalize("NFC", text).lower().split())
+
+
+def text_key(model_id: str, text: str) -> str:
+    digest = hashlib.sha256(normalise_text(text).encode()).hexdigest()[:32]
+    return f"{PREFIX}text:{model_id}:{digest}"
+
+
+def pack_text(pooled: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> bytes:
+    """pooled float32 (d,), then the unmasked rows of tokens as float16; the mask is a prefix."""
+    length = int(mask.sum())
+    return (np.uint32(length).tobytes() + np.uint32(tokens.shape[0]).tobytes()
+            + pooled.astype(np.float32).tobytes() + tokens[:length].astype(np.float16).tobytes())
+
+
+def unpack_text(raw: bytes, dim: int, width: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    length, context = (int(v) for v in np.frombuffer(raw[:8], dtype=np.uint32))
+    pooled = np.frombuffer(raw[8 : 8 + 4 * dim], dtype=np.float32).copy()
+    tokens = np.zeros((context, width), np.float32)
+    tokens[:length] = np.frombuffer(raw[8 + 4 * dim :], dtype=np.float16).reshape(length, width)
+    return pooled, tokens, np.arange(context) < length
+
+
+class QueryCache:
+    """Get/put JSON results and packed text embeddings; with Redis unset or down every call is a miss."""
 
     def __init__(self, url: str | None, ttl_s: int):
         self.ttl_s = ttl_s
@@ -42,7 +69,7 @@ class ResultCache:
             self._warned_at = time.monotonic()
             log.warning("Redis cache unavailable, bypassing it: %s", exc)
 
-    def get(self, key: str) -> dict[str, Any] | None:
+    def get_raw(self, key: str) -> bytes | None:
         if self.client is None:
             return None
         try:
@@ -51,15 +78,40 @@ class ResultCache:
             self._failed(exc)
             return None
         self.degraded = False
-        return json.loads(raw) if isinstance(raw, bytes | str) else None
+        return raw if isinstance(raw, bytes) else None
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
+    def put_raw(self, key: str, value: bytes | str) -> None:
         if self.client is None:
             return
         try:
-            self.client.set(key, json.dumps(value), ex=self.ttl_s)
+            self.client.set(key, value, ex=self.ttl_s)
         except redis.RedisError as exc:
             self._failed(exc)
+
+    def get(self, key: str) -> dict[str, Any] | None:
+        raw = self.get_raw(key)
+        return json.loads(raw) if raw is not None else None
+
+    def put(self, key: str, value: dict[str, Any]) -> None:
+        self.put_raw(key, json.dumps(value))
+
+    def clear(self) -> int:
+        """Delete this service's result and text keys; returns how many were removed."""
+        if self.client is None:
+            return 0
+        removed = 0
+        try:
+            batch: list[bytes] = []
+            for key in self.client.scan_iter(match=f"{PREFIX}*", count=1000):
+                batch.append(key)
+                if len(batch) >= 1000:
+                    removed += int(self.client.delete(*batch))
+                    batch = []
+            if batch:
+                removed += int(self.client.delete(*batch))
+        except redis.RedisError as exc:
+            self._failed(exc)
+        return removed
 
     def healthy(self) -> bool:
         """Ping Redis (True when no Redis is configured: nothing to be degraded)."""

@@ -31,6 +31,8 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
     cache_ttl_s: int = Field(3600, ge=1)
+    max_batch: int = Field(32, ge=1, description="most queries per micro-batch (encoder forward, FAISS search)")
+    max_wait_ms: float = Field(1.0, ge=0.0, le=50.0, description="wait for stragglers, only under load")
 
     @field_validator("indexes")
     @classmethod

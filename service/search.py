@@ -8,10 +8,12 @@ from typing import Any
 
 import numpy as np
 
-from indexer.encoder import DualEncoder
 from indexer.reader import decode_image
 from indexer.store import Index
 from reranker.score import Query, Reranker, rerank_order
+from service.batching import MicroBatcher
+from service.encoding import QueryEncoder
+from service.metrics import Metrics
 
 
 class BadQuery(ValueError):
@@ -47,42 +49,67 @@ class SearchOutput:
     index_version: str = ""
 
 
-def encode_query(encoder: DualEncoder, q: QueryInput, dim: int, max_pixels: int) -> tuple[np.ndarray, Query | None]:
-    """(1, d) query vector, plus the reranker's text query when the query is text."""
+class Searcher:
+    """One index version behind a micro-batcher: concurrent queries share one FAISS search call."""
+
+    def __init__(self, index: Index, metrics: Metrics | None = None, max_batch: int = 64, max_wait_ms: float = 1.0):
+        self.index = index
+        self.metrics = metrics or Metrics()
+        self._batcher = MicroBatcher(self._search, max_batch, max_wait_ms, f"search-{index.version}")
+
+    def __call__(self, vector: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of one (d,) query, best first, without FAISS's -1 padding."""
+        return self._batcher((vector, depth))
+
+    def close(self) -> None:
+        self._batcher.close()
+
+    def _search(self, items: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
+        self.metrics.batch.labels("search").observe(len(items))
+        depth = max(d for _, d in items)
+        scores, ids = self.index.search(np.stack([v for v, _ in items]).astype(np.float32), depth)
+        out = []
+        for row, (_, d) in enumerate(items):
+            keep = ids[row, :d] >= 0
+            out.append((scores[row, :d][keep], ids[row, :d][keep]))
+        return out
+
+
+def encode_query(encoder: QueryEncoder, q: QueryInput, dim: int, max_pixels: int) -> tuple[np.ndarray, Query | None]:
+    """(d,) query vector, plus the reranker's text query when the query is text."""
     if q.text is not None:
-        pooled, tokens, mask = encoder.encode_texts_and_tokens([q.text])
-        return pooled, Query(q.text, tokens[0], mask[0])
+        text = encoder.text(q.text)
+        return text.pooled, Query(q.text, text.tokens, text.mask)
     if q.image is not None:
         try:
             image = decode_image(q.image, max_pixels)
         except ValueError as exc:
             raise BadQuery(f"image: {exc}") from None
-        return encoder.encode_images([image]), None
-    vector = np.asarray(q.embedding, dtype=np.float32)[None]
-    if vector.shape[1] != dim:
-        raise BadQuery(f"embedding has {vector.shape[1]} dimensions; this index expects {dim}")
+        return encoder.image(image), None
+    vector = np.asarray(q.embedding, dtype=np.float32)
+    if vector.shape[0] != dim:
+        raise BadQuery(f"embedding has {vector.shape[0]} dimensions; this index expects {dim}")
     norm = float(np.linalg.norm(vector))
     if not np.isfinite(norm) or norm == 0.0:
         raise BadQuery("embedding must be a finite, non-zero vector")
     return vector / norm, None
 
 
-def search(encoder: DualEncoder, index: Index, rerankers: dict[str, Reranker], q: QueryInput,
+def search(encoder: QueryEncoder, searcher: Searcher, rerankers: dict[str, Reranker], q: QueryInput,
            max_pixels: int = 40_000_000) -> SearchOutput:
     """Run one query; timings_ms holds encode, search, rerank and total."""
     if q.rerank != "none" and q.rerank not in rerankers:
         raise BadQuery(f"rerank tier {q.rerank!r} is not loaded; available: none, {', '.join(rerankers)}")
+    index = searcher.index
     start = time.perf_counter()
     vector, text_query = encode_query(encoder, q, index.dim, max_pixels)
     encoded = time.perf_counter()
-    depth = max(q.k, q.rerank_k if q.rerank != "none" else 0)
-    scores, ids = index.search(vector, depth)
-    scores, ids = scores[0][ids[0] >= 0], ids[0][ids[0] >= 0]
+    if q.rerank != "none" and text_query is None:
+        raise BadQuery("reranking needs a text query; use rerank='none' for image or embedding queries")
+    scores, ids = searcher(vector, max(q.k, q.rerank_k if q.rerank != "none" else 0))
     searched = time.perf_counter()
     reranked: tuple[np.ndarray, np.ndarray] | None = None  # (log p(match), fused score), NaN past rerank_k
-    if q.rerank != "none":
-        if text_query is None:
-            raise BadQuery("reranking needs a text query; use rerank='none' for image or embedding queries")
+    if q.rerank != "none" and text_query is not None:
         scores, ids, reranked = _rerank(rerankers[q.rerank], index, text_query, scores, ids, q.rerank_k)
     done = time.perf_counter()
     hits = _hits(index, scores, ids, reranked, q)

@@ -8,9 +8,12 @@ from dataclasses import dataclass
 from indexer.encoder import DualEncoder, EncoderSpec, EncoderUnavailable, load_encoder
 from indexer.store import Index, IndexNotFound
 from reranker.score import Reranker, load_tier
-from service.cache import ResultCache
+from service.cache import QueryCache
 from service.config import Settings
+from service.encoding import QueryEncoder
 from service.errors import StartupError, UnknownIndex
+from service.metrics import Metrics
+from service.search import Searcher
 
 log = logging.getLogger(__name__)
 
@@ -23,17 +26,28 @@ class Engine:
     encoder: DualEncoder
     indexes: dict[str, Index]
     rerankers: dict[str, Reranker]
-    cache: ResultCache
+    cache: QueryCache
+    metrics: Metrics
+    queries: QueryEncoder
+    searchers: dict[str, Searcher]
 
     @property
     def default_index(self) -> str:
         return next(iter(self.indexes))
 
     def index(self, name: str | None) -> Index:
+        return self.searcher(name).index
+
+    def searcher(self, name: str | None) -> Searcher:
         key = name or self.default_index
-        if key not in self.indexes:
+        if key not in self.searchers:
             raise UnknownIndex(f"unknown index {key!r}; served: {', '.join(self.indexes)}")
-        return self.indexes[key]
+        return self.searchers[key]
+
+    def close(self) -> None:
+        self.queries.close()
+        for searcher in self.searchers.values():
+            searcher.close()
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -56,4 +70,15 @@ def load_engine(settings: Settings) -> Engine:
             rerankers[tier] = load_tier(tier, encoder)
         except (FileNotFoundError, ValueError) as exc:
             log.warning("rerank tier %s unavailable: %s", tier, exc)
-    return Engine(settings, encoder, indexes, rerankers, ResultCache(settings.redis_url, settings.cache_ttl_s))
+    return assemble(settings, encoder, indexes, rerankers)
+
+
+def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index],
+             rerankers: dict[str, Reranker]) -> Engine:
+    """Wire loaded models and indexes into an engine: cache, metrics, batched encoder and searchers."""
+    cache = QueryCache(settings.redis_url, settings.cache_ttl_s)
+    metrics = Metrics()
+    queries = QueryEncoder(encoder, cache, metrics, settings.max_batch, settings.max_wait_ms)
+    searchers = {name: Searcher(index, metrics, settings.max_batch, settings.max_wait_ms)
+                 for name, index in indexes.items()}
+    return Engine(settings, encoder, indexes, rerankers, cache, metrics, queries, searchers)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -13,7 +14,8 @@ from indexer.encoder import DualEncoder
 from indexer.scenes import write_scenes
 from indexer.store import Index
 from reranker.score import Reranker, load_tier
-from service.search import BadQuery, QueryInput, search
+from service.encoding import QueryEncoder
+from service.search import BadQuery, QueryInput, Searcher, search
 
 
 @pytest.fixture(scope="module")
@@ -25,23 +27,37 @@ def index(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Ind
 
 
 @pytest.fixture(scope="module")
+def queries(encoder: DualEncoder) -> Iterator[QueryEncoder]:
+    out = QueryEncoder(encoder)
+    yield out
+    out.close()
+
+
+@pytest.fixture(scope="module")
+def searcher(index: Index) -> Iterator[Searcher]:
+    out = Searcher(index)
+    yield out
+    out.close()
+
+
+@pytest.fixture(scope="module")
 def rerankers(encoder: DualEncoder) -> dict[str, Reranker]:
     return {"mid": load_tier("mid", encoder)}
 
 
-def test_text_search_returns_hits_with_metadata_and_timings(encoder, index, rerankers) -> None:
+def test_text_search_returns_hits_with_metadata_and_timings(queries, searcher, index, rerankers) -> None:
     caption = index.metadata(index.ids()[:1])[0]["caption"]
-    out = search(encoder, index, rerankers, QueryInput(text=caption, k=5))
+    out = search(queries, searcher, rerankers, QueryInput(text=caption, k=5))
     assert len(out.hits) == 5 and out.index_version == index.version
     assert [h.score for h in out.hits] == sorted((h.score for h in out.hits), reverse=True)
     assert all(h.rerank_score is None and h.meta["path"] for h in out.hits)
     assert set(out.timings_ms) == {"encode", "search", "rerank", "total"} and out.timings_ms["rerank"] < 1.0
 
 
-def test_rerank_reorders_only_the_head_and_reports_scores(encoder, index, rerankers) -> None:
+def test_rerank_reorders_only_the_head_and_reports_scores(queries, searcher, index, rerankers) -> None:
     caption = index.metadata(index.ids()[:1])[0]["caption"]
-    fast = search(encoder, index, rerankers, QueryInput(text=caption, k=20))
-    deep = search(encoder, index, rerankers, QueryInput(text=caption, k=20, rerank="mid", rerank_k=8))
+    fast = search(queries, searcher, rerankers, QueryInput(text=caption, k=20))
+    deep = search(queries, searcher, rerankers, QueryInput(text=caption, k=20, rerank="mid", rerank_k=8))
     assert {h.id for h in deep.hits[:8]} == {h.id for h in fast.hits[:8]}  # same candidates, new order
     assert [h.id for h in deep.hits[8:]] == [h.id for h in fast.hits[8:]]
     assert all(h.rerank_score is not None for h in deep.hits[:8])
@@ -50,18 +66,18 @@ def test_rerank_reorders_only_the_head_and_reports_scores(encoder, index, rerank
     assert head == sorted(head, reverse=True)
 
 
-def test_image_and_embedding_queries(encoder, index, rerankers) -> None:
+def test_image_and_embedding_queries(queries, searcher, index, rerankers) -> None:
     row = index.metadata(index.ids()[3:4])[0]
     data = Path(row["path"]).read_bytes()
-    out = search(encoder, index, rerankers, QueryInput(image=data, k=1))
+    out = search(queries, searcher, rerankers, QueryInput(image=data, k=1))
     assert out.hits[0].id == row["id"]
     vector = index.vectors([row["id"]])[0] * 3.0  # any scale: normalised on the way in
-    out = search(encoder, index, rerankers, QueryInput(embedding=vector.tolist(), k=1))
+    out = search(queries, searcher, rerankers, QueryInput(embedding=vector.tolist(), k=1))
     assert out.hits[0].id == row["id"] and out.hits[0].similarity == pytest.approx(1.0, abs=1e-5)
 
 
-def test_min_similarity_filters(encoder, index, rerankers) -> None:
-    out = search(encoder, index, rerankers, QueryInput(text="a small red circle", k=50, min_similarity=0.99))
+def test_min_similarity_filters(queries, searcher, index, rerankers) -> None:
+    out = search(queries, searcher, rerankers, QueryInput(text="a small red circle", k=50, min_similarity=0.99))
     assert all(h.similarity >= 0.99 for h in out.hits)
 
 
@@ -75,16 +91,16 @@ def test_min_similarity_filters(encoder, index, rerankers) -> None:
         (QueryInput(embedding=[1.0] * 128, rerank="mid"), "needs a text query"),
     ],
 )
-def test_bad_queries_are_client_errors(encoder, index, rerankers, query: QueryInput, needle: str) -> None:
+def test_bad_queries_are_client_errors(queries, searcher, index, rerankers, query: QueryInput, needle: str) -> None:
     with pytest.raises(BadQuery, match=needle):
-        search(encoder, index, rerankers, query)
+        search(queries, searcher, rerankers, query)
 
 
-def test_pixel_bomb_query_is_refused(encoder, index, rerankers) -> None:
+def test_pixel_bomb_query_is_refused(queries, searcher, index, rerankers) -> None:
     from PIL import Image
 
     buf = io.BytesIO()
     Image.new("RGB", (300, 300)).save(buf, format="PNG")
     with pytest.raises(BadQuery, match="decompression bomb"):
-        search(encoder, index, rerankers, QueryInput(image=buf.getvalue()), max_pixels=10_000)
+        search(queries, searcher, rerankers, QueryInput(image=buf.getvalue()), max_pixels=10_000)
     assert np.isfinite(index.vectors(index.ids()[:1])).all()

@@ -1,0 +1,71 @@
+"""Micro-batching: concurrent callers share one call, results go back to the right caller, errors too."""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pytest
+
+from indexer.encoder import DualEncoder
+from service.batching import MicroBatcher
+from service.encoding import QueryEncoder
+
+
+def test_items_queued_behind_a_running_batch_form_one_batch() -> None:
+    release = threading.Event()
+    sizes: list[int] = []
+
+    def double(items: list[int]) -> list[int]:
+        sizes.append(len(items))
+        if items == [0]:
+            release.wait(5)  # hold the worker while the others queue up
+        return [2 * i for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(double, max_batch=8, max_wait_ms=0)
+    first = batcher.submit(0)
+    while not sizes:  # the worker is now inside the first call
+        threading.Event().wait(0.001)
+    rest = [batcher.submit(i) for i in range(1, 11)]
+    release.set()
+    assert first.result(5) == 0 and [f.result(5) for f in rest] == [2 * i for i in range(1, 11)]
+    assert sizes == [1, 8, 2]  # bounded by max_batch
+    assert batcher.stats.items == 11 and batcher.stats.largest == 8
+    batcher.close()
+
+
+def test_an_error_reaches_every_caller_of_the_batch_and_the_worker_survives() -> None:
+    def fail_on_negative(items: list[int]) -> list[int]:
+        if any(i < 0 for i in items):
+            raise ValueError("negative")
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(fail_on_negative, max_batch=4)
+    with pytest.raises(ValueError, match="negative"):
+        batcher(-1)
+    assert batcher(3) == 3
+    batcher.close()
+
+
+def test_wrong_result_count_is_an_error_not_a_hang() -> None:
+    batcher: MicroBatcher[int, int] = MicroBatcher(lambda items: [], max_batch=4)
+    with pytest.raises(RuntimeError, match="0 results for 1"):
+        batcher.submit(1).result(5)
+    batcher.close()
+
+
+def test_concurrent_text_queries_match_single_encodes(encoder: DualEncoder) -> None:
+    texts = [f"a {c} circle left of a small {d} square" for c in ("red", "blue", "green", "yellow")
+             for d in ("white", "purple", "orange", "cyan")]
+    queries = QueryEncoder(encoder, max_batch=8)
+    with ThreadPoolExecutor(16) as pool:
+        got = list(pool.map(queries.text, texts))
+    pooled, tokens, mask = encoder.encode_texts_and_tokens(texts)
+    for i, enc in enumerate(got):
+        np.testing.assert_allclose(enc.pooled, pooled[i], atol=1e-5)
+        np.testing.assert_allclose(enc.tokens[mask[i]], tokens[i][mask[i]], atol=1e-4)
+        assert (enc.mask == mask[i]).all()
+    batched = queries.metrics.registry.get_sample_value("imsearch_batch_size_sum", {"batcher": "text"})
+    assert batched == len(texts)  # every text went through a batch
+    queries.close()
