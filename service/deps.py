@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
-from fastapi import Depends, Request
+from fastapi import Depends, Header, HTTPException, Request
 
 from service.state import Engine
 
@@ -15,3 +16,17 @@ def get_engine(request: Request) -> Engine:
 
 
 EngineDep = Annotated[Engine, Depends(get_engine)]
+
+
+def require_api_key(engine: EngineDep, x_api_key: Annotated[str | None, Header()] = None) -> None:
+    """Guards mutating endpoints: 401 without a key, 403 with a wrong one (constant-time compare)."""
+    expected = engine.settings.api_key
+    if expected is None:
+        return  # no key configured: a local, single-user deployment (the startup log says so)
+    if not x_api_key:
+        raise HTTPException(status_code=401, detail="this endpoint needs an API key in the X-API-Key header")
+    if not hmac.compare_digest(x_api_key.encode(), expected.encode()):
+        raise HTTPException(status_code=403, detail="wrong API key")
+
+
+ApiKeyDep = Depends(require_api_key)

@@ -1,10 +1,11 @@
-"""Routes: liveness, readiness and the served indexes' manifests."""
+"""Routes: liveness, readiness, Prometheus metrics and the served indexes' manifests."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
+from prometheus_client import CONTENT_TYPE_LATEST
 
 from service.deps import EngineDep
 
@@ -31,3 +32,9 @@ def index_info(engine: EngineDep, index: str | None = None) -> dict[str, Any]:
     served = engine.index(index)
     return {"name": index or engine.default_index, "version": served.version, "count": len(served),
             "manifest": served.manifest}
+
+
+@router.get("/metrics", response_class=Response)
+def metrics(engine: EngineDep) -> Response:
+    """Prometheus text format: latency per stage and rerank tier, HTTP latency, cache hits, batch sizes."""
+    return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)

@@ -10,7 +10,7 @@ from typing import Annotated
 from fastapi import APIRouter, File, Form, UploadFile
 
 from service.cache import result_key
-from service.deps import EngineDep
+from service.deps import ApiKeyDep, EngineDep
 from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
 from service.search import BadQuery, QueryInput, SearchOutput, search
 from service.state import Engine
@@ -26,8 +26,9 @@ def _decode_base64(data: str) -> bytes:
 
 
 def _respond(engine: Engine, name: str | None, query: QueryInput) -> SearchResponse:
-    index = engine.index(name)
-    out: SearchOutput = search(engine.encoder, index, engine.rerankers, query, engine.settings.max_pixels)
+    out: SearchOutput = search(engine.queries, engine.searcher(name), engine.rerankers, query,
+                               engine.settings.max_pixels)
+    engine.metrics.observe_search(out.timings_ms, query.rerank)
     hits = [HitOut(id=h.id, score=h.score, similarity=h.similarity, rerank_score=h.rerank_score,
                    url=f"/v1/images/{h.id}?index={name or engine.default_index}", path=h.meta.get("path"),
                    caption=h.meta.get("caption")) for h in out.hits]
@@ -55,6 +56,8 @@ def search_json(body: SearchRequest, engine: EngineDep) -> SearchResponse:
     request = {**body.model_dump(), "defaults": [settings.default_rerank, settings.default_rerank_k]}
     key = result_key(engine.encoder.model_id, engine.index(body.index).version, request)
     hit = engine.cache.get(key)
+    if engine.cache.enabled:
+        engine.metrics.cache_lookup("result", hit is not None)
     if hit is not None:
         lookup = round((time.perf_counter() - start) * 1000, 3)
         hit.update(cached=True, timings_ms={"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup})
@@ -78,3 +81,9 @@ def search_upload(
         raise BadQuery("the uploaded file is empty")
     # image queries rank by the dual encoder: the rerankers match text against images
     return _respond(engine, index, QueryInput(image=data, k=min(k, engine.settings.max_k)))
+
+
+@router.delete("/cache", dependencies=[ApiKeyDep])
+def clear_cache(engine: EngineDep) -> dict[str, int]:
+    """Drop every cached result and text embedding (API key required)."""
+    return {"removed": engine.cache.clear()}

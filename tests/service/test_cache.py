@@ -1,10 +1,11 @@
-"""Result cache against the real Redis: hit/miss, invalidation by index version, Redis down → still 200."""
+"""Caches against the real Redis: results and text embeddings, invalidation, Redis down → still 200."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import redis
 from fastapi.testclient import TestClient
@@ -13,8 +14,9 @@ from indexer.build import BuildOptions, build_or_add, remove
 from indexer.encoder import DualEncoder
 from indexer.scenes import write_scenes
 from service.app import create_app
-from service.cache import PREFIX
+from service.cache import PREFIX, QueryCache
 from service.config import Settings
+from service.encoding import QueryEncoder
 from service.state import load_engine
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -51,6 +53,34 @@ def test_second_identical_query_is_served_from_redis(index_dir: Path, clean_redi
     assert [h["id"] for h in second["hits"]] == [h["id"] for h in first["hits"]]
     keys = list(clean_redis.scan_iter(f"{PREFIX}result:*"))
     assert len(keys) == 2 and all(0 < clean_redis.ttl(k) <= 3600 for k in keys)  # a TTL on every key
+    texts = list(clean_redis.scan_iter(f"{PREFIX}text:*"))
+    assert len(texts) == 1 and 0 < clean_redis.ttl(texts[0]) <= 3600  # the two k's share one text encoding
+
+
+def test_text_embedding_cache_round_trips_and_ignores_case_and_spacing(encoder: DualEncoder,
+                                                                       clean_redis: redis.Redis) -> None:
+    cache = QueryCache(REDIS_URL, 60)
+    queries = QueryEncoder(encoder, cache)
+    fresh = queries.text("A red  circle left of a blue square")
+    again = queries.text("a red circle left of a blue square ")
+    queries.close()
+    labels = {"cache": "text", "outcome": "hit"}
+    hits = queries.metrics.registry.get_sample_value("imsearch_cache_requests_total", labels)
+    assert hits == 1 and len(list(clean_redis.scan_iter(f"{PREFIX}text:*"))) == 1
+    np.testing.assert_array_equal(again.pooled, fresh.pooled)
+    np.testing.assert_allclose(again.tokens, np.where(fresh.mask[:, None], fresh.tokens, 0), atol=2e-3)
+    assert (again.mask == fresh.mask).all()
+
+
+def test_clear_needs_the_api_key_and_empties_the_cache(index_dir: Path, clean_redis: redis.Redis) -> None:
+    settings = Settings(indexes=[str(index_dir)], rerankers=[], redis_url=REDIS_URL, api_key="s3cret")
+    with TestClient(create_app(settings)) as client:
+        client.post("/v1/search", json=QUERY)
+        assert client.delete("/v1/cache").status_code == 401
+        assert client.delete("/v1/cache", headers={"X-API-Key": "wrong"}).status_code == 403
+        cleared = client.delete("/v1/cache", headers={"X-API-Key": "s3cret"})
+        assert cleared.status_code == 200 and cleared.json()["removed"] == 2  # one result, one text
+        assert client.post("/v1/search", json=QUERY).json()["cached"] is False
 
 
 def test_a_new_index_version_invalidates_cached_results(index_dir: Path, clean_redis: redis.Redis,
