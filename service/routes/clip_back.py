@@ -1,0 +1,187 @@
+"""Routes: the clip-retrieval back-end API (/indices-list, /knn-service, /metadata) over our search core."""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from fastapi import APIRouter, Request
+from fastapi.concurrency import run_in_threadpool
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from indexer.store import Index, UnknownImage
+from service.deps import EngineDep
+from service.routes.images import thumbnail_jpeg
+from service.search import BadQuery, QueryInput, search
+from service.state import Engine
+
+router = APIRouter(tags=["clip-retrieval"])
+
+DEDUP_COSINE = 0.995  # near-identical pictures (re-encodes, resizes) count as duplicates
+PREVIEW_SIDE = 256
+
+
+class KnnRequest(BaseModel):
+    """What ClipClient and clip-retrieval-front send: all 14 keys, unused ones null."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    text: str | None = Field(None, max_length=1000)
+    image: str | None = None
+    image_url: str | None = None
+    embedding_input: list[float] | None = Field(None, max_length=8192)
+    modality: str = "image"
+    num_images: int = Field(..., ge=1, le=10_000)
+    num_result_ids: int | None = Field(None, ge=1, le=10_000)
+    indice_name: str | None = None
+    use_mclip: bool | None = False
+    deduplicate: bool | None = False
+    use_safety_model: bool | None = False
+    use_violence_detector: bool | None = False
+    aesthetic_score: float | str | None = None
+    aesthetic_weight: float | str | None = None
+
+    @field_validator("aesthetic_score", "aesthetic_weight")
+    @classmethod
+    def _numeric_or_empty(cls, value: float | str | None) -> float | str | None:
+        if isinstance(value, str) and value.strip():
+            float(value)  # a non-numeric string is a client error (the reference server crashes)
+        return value
+
+
+class MetadataRequest(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    ids: list[int] = Field(..., max_length=10_000)
+    indice_name: str | None = None
+
+
+async def _json_body(request: Request) -> Any:
+    """The body as JSON whatever the Content-Type (the client sends none, the web front text/plain)."""
+    raw = await request.body()
+    try:
+        return json.loads(raw)
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        raise BadQuery("the request body must be JSON") from None
+
+
+def _parse(model: type[KnnRequest] | type[MetadataRequest], data: Any) -> Any:
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        raise BadQuery(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+
+
+def _query(body: KnnRequest, engine: Engine) -> QueryInput:
+    """The first usable query of text → image → image_url → embedding_input, as the reference does."""
+    if body.modality != "image":
+        raise BadQuery("modality 'text' needs a caption index; this service indexes images (use 'image')")
+    depth = min(max(body.num_result_ids or body.num_images, body.num_images), engine.settings.max_k)
+    if body.deduplicate:
+        depth = min(2 * depth, engine.settings.max_k)  # room for the duplicates we drop
+    if body.text and body.text.strip():
+        return QueryInput(text=body.text, k=depth)
+    if body.image:
+        try:
+            data = base64.b64decode(body.image.split(",", 1)[-1], validate=True)
+        except ValueError:
+            raise BadQuery("image must be base64 of the image file's bytes") from None
+        return QueryInput(image=data, k=depth)
+    if body.image_url:
+        raise BadQuery("image_url is not fetched (this service makes no outbound requests); send `image` as base64")
+    if body.embedding_input:
+        return QueryInput(embedding=body.embedding_input, k=depth)
+    raise BadQuery("give one of text, image or embedding_input")
+
+
+def _deduplicate(index: Index, ids: list[int]) -> list[int]:
+    """Keep the best-ranked of each group of identical files or near-identical embeddings."""
+    if not ids:
+        return ids
+    vectors = index.vectors(ids)
+    hashes = [row["sha256"] for row in index.metadata(ids)]
+    kept: list[int] = []  # rows of ids
+    seen: set[str] = set()
+    for i in range(len(ids)):
+        near = bool(kept) and float(np.max(vectors[kept] @ vectors[i])) >= DEDUP_COSINE
+        if hashes[i] not in seen and not near:
+            seen.add(hashes[i])
+            kept.append(i)
+    return [ids[i] for i in kept]
+
+
+def _preview(path: str | None) -> str | None:
+    """A base64 JPEG of the indexed file (at most 256 px a side), as the reference's `image` column."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        return base64.b64encode(thumbnail_jpeg(Path(path), PREVIEW_SIDE)).decode()
+    except (OSError, ValueError):
+        return None
+
+
+def _metadata(name: str, image_id: int, row: dict[str, Any]) -> dict[str, Any]:
+    meta = {"url": f"/v1/images/{image_id}?index={name}", "image_path": row.get("path"), "caption": row.get("caption")}
+    meta = {k: v for k, v in meta.items() if v is not None}
+    preview = _preview(row.get("path"))
+    if preview is not None:
+        meta["image"] = preview
+    return meta
+
+
+@router.get("/indices-list")
+def indices_list(engine: EngineDep) -> list[str]:
+    """The served index names, the default first."""
+    return list(engine.indexes)
+
+
+@router.post("/knn-service")
+async def knn_service(request: Request, engine: EngineDep) -> list[dict[str, Any]]:
+    """clip-retrieval's query endpoint: a flat list, metadata on the first `num_images` items."""
+    body: KnnRequest = _parse(KnnRequest, await _json_body(request))
+    return await run_in_threadpool(_knn, engine, body)  # blocking work off the event loop (batching needs threads)
+
+
+def _knn(engine: Engine, body: KnnRequest) -> list[dict[str, Any]]:
+    name = body.indice_name or engine.default_index
+    searcher = engine.searcher(name)
+    query = _query(body, engine)
+    out = search(engine.queries, searcher, engine.rerankers, query, engine.settings.max_pixels)
+    engine.metrics.observe_search(out.timings_ms, "none")
+    similarity = {h.id: h.similarity for h in out.hits}
+    rows = {h.id: h.meta for h in out.hits}
+    ids = [h.id for h in out.hits]
+    if body.deduplicate:
+        ids = _deduplicate(searcher.index, ids)
+    ids = ids[: body.num_result_ids or body.num_images]
+    results: list[dict[str, Any]] = []
+    for rank, image_id in enumerate(ids):
+        item: dict[str, Any] = {"id": image_id, "similarity": similarity[image_id]}
+        if rank < body.num_images:
+            item.update(_metadata(name, image_id, rows[image_id]))
+        results.append(item)
+    return results
+
+
+@router.post("/metadata")
+async def metadata(request: Request, engine: EngineDep) -> list[dict[str, Any]]:
+    """Metadata of ids (unknown ids are left out), for the web front's lazy paging."""
+    body: MetadataRequest = _parse(MetadataRequest, await _json_body(request))
+    return await run_in_threadpool(_metadata_rows, engine, body)
+
+
+def _metadata_rows(engine: Engine, body: MetadataRequest) -> list[dict[str, Any]]:
+    name = body.indice_name or engine.default_index
+    index = engine.index(name)
+    out = []
+    for image_id in body.ids:
+        try:
+            row = index.metadata([image_id])[0]
+        except UnknownImage:
+            continue
+        out.append({"id": image_id, "metadata": _metadata(name, image_id, row)})
+    return out
