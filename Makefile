@@ -4,10 +4,12 @@ PY := $(VENV)/bin/python
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= data/demo
-DEMO_N ?= 1500
+DEMO_N ?= 2000
+HOST ?= 127.0.0.1
+PORT ?= 8000
 REDIS_PORT ?= 6379
 
-.PHONY: install demo test lint redis clean
+.PHONY: install demo eval test lint redis browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -18,11 +20,16 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)
 
+# a few thousand captioned scenes (with their hard twins), indexed, then served with the web page
 demo: install
-	$(BIN)/imsearch scenes $(DEMO_DIR)/images --n $(DEMO_N) --twins
+	test -f $(DEMO_DIR)/images/captions.jsonl || $(BIN)/imsearch scenes $(DEMO_DIR)/images --n $(DEMO_N) --twins
 	$(BIN)/imsearch index build $(DEMO_DIR)/images/captions.jsonl --out $(DEMO_DIR)/index
+	$(BIN)/imsearch serve --index demo=$(DEMO_DIR)/index --host $(HOST) --port $(PORT)
+
+# the quality figures of the committed checkpoints (encoder recall, the speed/depth table)
+eval: install
 	$(BIN)/imsearch eval encoder
-	$(BIN)/imsearch eval tradeoff --n 400 --ks 16 --tiers mid
+	$(BIN)/imsearch eval tradeoff --errors
 
 redis:
 	@$(PY) -c "import redis; redis.Redis(host='127.0.0.1', port=$(REDIS_PORT)).ping()" 2>/dev/null \
@@ -35,7 +42,12 @@ lint: install
 	$(BIN)/ruff check indexer reranker service tests bench
 	$(BIN)/mypy
 
-test: install redis lint
+# Debian's Chromium and ChromeDriver for the web page's browser test
+browser:
+	@command -v chromium >/dev/null && command -v chromedriver >/dev/null \
+	  || (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium chromium-driver >/dev/null)
+
+test: install redis browser lint
 	$(BIN)/pytest
 
 clean:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import io
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
@@ -61,6 +63,10 @@ def test_images_route_serves_indexed_files_only(client: TestClient) -> None:
     assert image.content == Path(hit["path"]).read_bytes()
     again = client.get(hit["url"], headers={"If-None-Match": image.headers["etag"]})
     assert again.status_code == 304
+    thumb = client.get(hit["url"] + "&thumb=32")
+    assert thumb.status_code == 200 and thumb.headers["content-type"] == "image/jpeg"
+    assert max(Image.open(io.BytesIO(thumb.content)).size) <= 32 and thumb.headers["etag"] != image.headers["etag"]
+    assert client.get(hit["url"] + "&thumb=5000").status_code == 422
     assert client.get("/v1/images/999999").status_code == 404
     assert client.get("/v1/images/..%2F..%2Fetc%2Fpasswd").status_code in (404, 422)
 
@@ -110,3 +116,25 @@ def test_service_refuses_an_index_of_another_model(index_dir: Path, tmp_path: Pa
         load_engine(Settings(indexes=[str(index_dir)], pretrained=str(weights)))
     with pytest.raises(StartupError, match="no index configured"):
         load_engine(Settings())
+
+
+def test_metrics_count_stages_per_rerank_tier_and_http_routes(client: TestClient) -> None:
+    client.post("/v1/search", json={"text": "a small green cross", "k": 3, "rerank": "mid"})
+    client.post("/v1/search", json={"text": "a small green cross", "k": 3})
+    response = client.get("/metrics")
+    assert response.status_code == 200 and response.headers["content-type"].startswith("text/plain")
+    text = response.text
+    for series in ('imsearch_stage_seconds_count{rerank="mid",stage="rerank"}',
+                   'imsearch_stage_seconds_count{rerank="none",stage="encode"}',
+                   'imsearch_http_request_seconds_count{method="POST",route="/v1/search",status="200"}',
+                   'imsearch_batch_size_count{batcher="text"}'):
+        line = next((row for row in text.splitlines() if row.startswith(series)), None)
+        assert line is not None and float(line.split()[-1]) >= 1, series
+
+
+def test_web_page_and_its_static_files(client: TestClient) -> None:
+    page = client.get("/")
+    assert page.status_code == 200 and 'id="search-form"' in page.text and "/static/app.js" in page.text
+    script = client.get("/static/app.js")
+    assert script.status_code == 200 and "/v1/search" in script.text
+    assert client.get("/static/../config.py").status_code == 404
