@@ -28,6 +28,7 @@ from indexer.store import (
     STAGING,
     Index,
     link_shard,
+    mutation_lock,
     publish,
     save_npy,
 )
@@ -208,6 +209,12 @@ def build_or_add(src: Path, out: Path, encoder: DualEncoder, opts: BuildOptions,
     start = time.perf_counter()
     items = list_source(src)
     check_writable(out)
+    with mutation_lock(out):
+        return _ingest_locked(src, out, encoder, opts, mode, progress, items, start)
+
+
+def _ingest_locked(src: Path, out: Path, encoder: DualEncoder, opts: BuildOptions, mode: str,
+                   progress: Progress | None, items: list[SourceItem], start: float) -> BuildReport:
     parent = Index.open(out) if mode == "add" else None
     if parent is not None:
         check_model(parent, encoder)
@@ -273,8 +280,13 @@ def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptio
 def remove(index_dir: Path, paths: list[str] | None = None, ids: list[int] | None = None,
            opts: BuildOptions | None = None) -> BuildReport:
     """Publish a version without the given images (by path or id); unknown ones are an error."""
+    with mutation_lock(index_dir):
+        return _remove_locked(index_dir, paths, ids, opts or BuildOptions())
+
+
+def _remove_locked(index_dir: Path, paths: list[str] | None, ids: list[int] | None,
+                   opts: BuildOptions) -> BuildReport:
     start = time.perf_counter()
-    opts = opts or BuildOptions()
     parent = Index.open(index_dir)
     live = parent.ids()
     rows = parent.live_rows

@@ -78,15 +78,27 @@ def save_npy(path: Path, array: np.ndarray) -> None:
 
 
 @contextlib.contextmanager
-def publish_lock(root: Path) -> Iterator[None]:
-    """One publisher at a time per index directory (across processes)."""
+def _flock(root: Path, name: str) -> Iterator[None]:
+    """An exclusive lock on root/name, across processes; the kernel drops it when its holder dies."""
     root.mkdir(parents=True, exist_ok=True)
-    with (root / ".lock").open("a") as fh:
+    with (root / name).open("a") as fh:
         fcntl.flock(fh, fcntl.LOCK_EX)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
+
+
+def publish_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    """One publisher at a time per index directory (held only while a version is being published)."""
+    return _flock(root, ".lock")
+
+
+def mutation_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    """One build, add or remove at a time per index directory, held from reading the current version
+    to publishing the next: two runs of the same job (a retried job whose first worker still lives)
+    then run one after the other, and the second finds the first's images already indexed."""
+    return _flock(root, ".mutation.lock")
 
 
 # --- versions -------------------------------------------------------------------------------------
