@@ -13,20 +13,22 @@ from fastapi.staticfiles import StaticFiles
 
 from service.config import Settings
 from service.errors import install_handlers
-from service.routes import clip_back, health, images, page, search
+from service.routes import clip_back, health, images, jobs, page, search
 from service.routes.page import STATIC_DIR
 from service.state import Engine, load_engine
 
 
-def create_app(settings: Settings | None = None, engine: Engine | None = None) -> FastAPI:
-    """Build the app; the engine is loaded in the lifespan unless one is given (shared by tests)."""
+def create_app(settings: Settings | None = None, engine: Engine | None = None, own_engine: bool = False) -> FastAPI:
+    """Build the app; the engine is loaded in the lifespan unless one is given (and then the caller
+    closes it, unless `own_engine`)."""
     settings = settings or Settings()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = engine or load_engine(settings)
+        app.state.engine.start()
         yield
-        if engine is None:  # an engine handed in belongs to the caller
+        if engine is None or own_engine:
             app.state.engine.close()
 
     app = FastAPI(title="imsearch", version="0.1.0", lifespan=lifespan)
@@ -37,7 +39,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None) -
     app.middleware("http")(_timed)
     app.middleware("http")(_body_limit(settings.max_body_bytes))
     install_handlers(app)
-    for router in (search.router, images.router, health.router, clip_back.router, page.router):
+    for router in (search.router, images.router, jobs.router, health.router, clip_back.router, page.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     return app

@@ -42,12 +42,18 @@ class MicroBatcher(Generic[In, Out]):
         self.stats = BatchStats()
         self._queue: queue.Queue[tuple[In, Future[Out]] | None] = queue.Queue()
         self._busy = False  # the previous batch held more than one item
+        self._closed = False
+        self._lock = threading.Lock()  # orders submits against close: nothing is queued after the sentinel
         self._thread = threading.Thread(target=self._run, name=f"microbatch-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, item: In) -> Future[Out]:
         future: Future[Out] = Future()
-        self._queue.put((item, future))
+        with self._lock:
+            if not self._closed:
+                self._queue.put((item, future))
+                return future
+        self._execute([(item, future)])  # closed (an index version being retired): run it here
         return future
 
     def __call__(self, item: In) -> Out:
@@ -55,8 +61,13 @@ class MicroBatcher(Generic[In, Out]):
         return self.submit(item).result()
 
     def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join(timeout=5)
+        """Stop the worker after the queued items; later submits run in the caller's thread."""
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._queue.put(None)
+        self._thread.join(timeout=30)
 
     def _collect(self, first: tuple[In, Future[Out]]) -> tuple[list[tuple[In, Future[Out]]], bool]:
         batch, stop = [first], False
@@ -82,7 +93,14 @@ class MicroBatcher(Generic[In, Out]):
             self._busy = len(batch) > 1
             self._execute(batch)
             if stop:
+                break
+        while True:  # items queued between the batch and the sentinel
+            try:
+                item = self._queue.get_nowait()
+            except queue.Empty:
                 return
+            if item is not None:
+                self._execute([item])
 
     def _execute(self, batch: list[tuple[In, Future[Out]]]) -> None:
         live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]

@@ -35,7 +35,26 @@ def serve(
     except (StartupError, ValidationError) as exc:
         fail(str(exc))
     err.print(f"serving {', '.join(engine.indexes)} on http://{host}:{port}")
-    uvicorn.run(create_app(settings, engine), host=host, port=port, log_level="info")
+    uvicorn.run(create_app(settings, engine, own_engine=True), host=host, port=port, log_level="info")
+
+
+@app.command()
+def worker(
+    redis_url: Annotated[str | None, typer.Option(help="Redis URL (default: IMSEARCH_REDIS_URL)")] = None,
+    burst: Annotated[bool, typer.Option(help="exit when the queue is empty")] = False,
+) -> None:
+    """Run an indexing-job worker on the Redis queue (start as many as you like)."""
+    import logging
+
+    from service.config import Settings
+    from service.jobs import run_worker
+
+    url = redis_url or Settings().redis_url
+    if not url:
+        fail("a worker needs Redis: pass --redis-url or set IMSEARCH_REDIS_URL")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    err.print(f"worker on {url}, queue imsearch-index")
+    run_worker(str(url), burst=burst)
 
 
 def main() -> None:

@@ -32,6 +32,9 @@ class Settings(BaseSettings):
     max_pixels: int = Field(40_000_000, ge=1)
     cache_ttl_s: int = Field(3600, ge=1)
     max_batch: int = Field(32, ge=1, description="most queries per micro-batch (encoder forward, FAISS search)")
+    job_roots: list[str] = Field(default_factory=list, description="folders indexing jobs may read")
+    job_timeout_s: int = Field(6 * 3600, ge=10)
+    version_poll_s: float = Field(5.0, gt=0, description="fallback check for new index versions")
     max_wait_ms: float = Field(1.0, ge=0.0, le=50.0, description="wait for stragglers, only under load")
 
     @field_validator("indexes")

@@ -9,6 +9,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from indexer.store import UnknownImage
+from service.jobs import JobNotFound, JobRejected
 from service.search import BadQuery
 
 log = logging.getLogger(__name__)
@@ -40,6 +41,14 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(UnknownImage)
     async def unknown_image(_: Request, exc: UnknownImage) -> JSONResponse:
         return _detail(404, f"no image with id {exc.args[0]} in this index")
+
+    @app.exception_handler(JobRejected)
+    async def job_rejected(_: Request, exc: JobRejected) -> JSONResponse:
+        return _detail(exc.status, str(exc))
+
+    @app.exception_handler(JobNotFound)
+    async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
+        return _detail(404, f"no job with id {exc.args[0]}")
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

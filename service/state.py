@@ -1,9 +1,10 @@
-"""Service state: the encoder, indexes and rerankers, loaded once in the lifespan and shared."""
+"""Service state: the encoder, indexes, rerankers, caches and job queue, loaded once and shared."""
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 
 from indexer.encoder import DualEncoder, EncoderSpec, EncoderUnavailable, load_encoder
 from indexer.store import Index, IndexNotFound
@@ -12,41 +13,66 @@ from service.cache import QueryCache
 from service.config import Settings
 from service.encoding import QueryEncoder
 from service.errors import StartupError, UnknownIndex
+from service.jobs import JobQueue, LocalJobs, RQJobs
 from service.metrics import Metrics
 from service.search import Searcher
+from service.swap import IndexSwapper, VersionWatcher
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Engine:
-    """Everything a request needs, loaded once."""
+    """Everything a request needs, loaded once; indexes follow new versions through the swapper."""
 
     settings: Settings
     encoder: DualEncoder
-    indexes: dict[str, Index]
     rerankers: dict[str, Reranker]
     cache: QueryCache
     metrics: Metrics
     queries: QueryEncoder
-    searchers: dict[str, Searcher]
+    swapper: IndexSwapper
+    jobs: JobQueue
+    watcher: VersionWatcher | None = None
+
+    @property
+    def indexes(self) -> dict[str, Index]:
+        """Name → the version served now (the default first)."""
+        return {name: searcher.index for name, searcher in self.swapper.searchers.items()}
 
     @property
     def default_index(self) -> str:
-        return next(iter(self.indexes))
+        return next(iter(self.swapper.searchers))
 
     def index(self, name: str | None) -> Index:
         return self.searcher(name).index
 
     def searcher(self, name: str | None) -> Searcher:
+        """Taken once per request: the request finishes on this version even if a swap happens."""
         key = name or self.default_index
-        if key not in self.searchers:
-            raise UnknownIndex(f"unknown index {key!r}; served: {', '.join(self.indexes)}")
-        return self.searchers[key]
+        searcher = self.swapper.searchers.get(key)
+        if searcher is None:
+            raise UnknownIndex(f"unknown index {key!r}; served: {', '.join(self.swapper.searchers)}")
+        return searcher
+
+    def index_dir(self, name: str | None) -> tuple[str, Path]:
+        """(name, folder) of a served index; UnknownIndex for any other name."""
+        key = name or self.default_index
+        self.searcher(key)
+        return key, self.swapper.dirs[key]
+
+    def start(self) -> None:
+        """Follow new index versions (pub/sub + polling)."""
+        if self.watcher is None:
+            self.watcher = VersionWatcher(self.swapper.refresh, self.settings.redis_url, self.settings.version_poll_s)
+            self.watcher.start()
 
     def close(self) -> None:
+        if self.watcher is not None:
+            self.watcher.stop()
+        self.jobs.close()
         self.queries.close()
-        for searcher in self.searchers.values():
+        for searcher in self.swapper.searchers.values():
             searcher.close()
 
 
@@ -79,6 +105,12 @@ def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index]
     cache = QueryCache(settings.redis_url, settings.cache_ttl_s)
     metrics = Metrics()
     queries = QueryEncoder(encoder, cache, metrics, settings.max_batch, settings.max_wait_ms)
-    searchers = {name: Searcher(index, metrics, settings.max_batch, settings.max_wait_ms)
-                 for name, index in indexes.items()}
-    return Engine(settings, encoder, indexes, rerankers, cache, metrics, queries, searchers)
+
+    def make_searcher(index: Index) -> Searcher:
+        return Searcher(index, metrics, settings.max_batch, settings.max_wait_ms)
+
+    swapper = IndexSwapper({name: index.root for name, index in indexes.items()},
+                           {name: make_searcher(index) for name, index in indexes.items()}, make_searcher)
+    jobs: JobQueue = (RQJobs(settings.redis_url, settings.job_timeout_s) if settings.redis_url
+                      else LocalJobs(lambda _dir, _version: swapper.refresh()))
+    return Engine(settings, encoder, rerankers, cache, metrics, queries, swapper, jobs)

@@ -69,3 +69,17 @@ def test_concurrent_text_queries_match_single_encodes(encoder: DualEncoder) -> N
     batched = queries.metrics.registry.get_sample_value("imsearch_batch_size_sum", {"batcher": "text"})
     assert batched == len(texts)  # every text went through a batch
     queries.close()
+
+
+def test_after_close_calls_still_complete_in_the_callers_thread() -> None:
+    threads: list[str] = []
+
+    def record(items: list[int]) -> list[int]:
+        threads.append(threading.current_thread().name)
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(record, name="retiring")
+    assert batcher(1) == 1
+    batcher.close()
+    assert batcher(2) == 2  # an in-flight request on a retired index version still gets its answer
+    assert threads[0] == "microbatch-retiring" and threads[1] == threading.current_thread().name

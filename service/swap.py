@@ -1,0 +1,104 @@
+"""Service stage, live swap: follow new index versions (Redis pub/sub, plus polling) without dropping requests."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from pathlib import Path
+
+import redis
+
+from indexer.store import Index, current_version
+from service.jobs import VERSIONS_CHANNEL
+from service.search import Searcher
+
+log = logging.getLogger(__name__)
+RETIRE_AFTER_S = 30.0  # an old version's batcher stops this long after the swap (later calls run inline)
+
+
+class IndexSwapper:
+    """Holds the served searchers by name and replaces one when its folder publishes a new version.
+
+    A request takes its searcher once, at its start, so it finishes on the version it began with;
+    the swap is a single dict assignment. The result cache is keyed by version, so it needs no flush.
+    """
+
+    def __init__(self, dirs: dict[str, Path], searchers: dict[str, Searcher],
+                 make_searcher: Callable[[Index], Searcher]):
+        self.dirs = dirs
+        self.searchers = searchers
+        self.make_searcher = make_searcher
+        self.lock = threading.Lock()
+        self.swaps = 0
+
+    def refresh(self) -> list[str]:
+        """Open the CURRENT version of every served folder that moved on; returns the names swapped."""
+        swapped = []
+        with self.lock:  # pub/sub and polling may both notice the same version
+            for name, folder in self.dirs.items():
+                old = self.searchers[name]
+                if current_version(folder) in (None, old.index.version):
+                    continue
+                try:
+                    new = self.make_searcher(Index.open(folder))
+                except (OSError, ValueError) as exc:  # keep serving the old version
+                    log.warning("could not open the new version of index %s: %s", name, exc)
+                    continue
+                self.searchers[name] = new
+                self.swaps += 1
+                swapped.append(name)
+                log.info("index %s: now serving version %s (was %s)", name, new.index.version, old.index.version)
+                timer = threading.Timer(RETIRE_AFTER_S, old.close)
+                timer.daemon = True
+                timer.start()
+        return swapped
+
+
+class VersionWatcher:
+    """Calls `refresh` on every announcement on Redis and every `poll_s` seconds (the fallback)."""
+
+    def __init__(self, refresh: Callable[[], object], redis_url: str | None, poll_s: float):
+        self.refresh = refresh
+        self.redis_url = redis_url
+        self.poll_s = poll_s
+        self.stop_event = threading.Event()
+        self.threads = [threading.Thread(target=self._poll, name="imsearch-version-poll", daemon=True)]
+        if redis_url:
+            self.threads.append(threading.Thread(target=self._listen, name="imsearch-version-sub", daemon=True))
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        self.stop_event.set()
+        for thread in self.threads:
+            thread.join(timeout=5)
+
+    def _safe_refresh(self) -> None:
+        try:
+            self.refresh()
+        except Exception:  # noqa: BLE001 (a watcher never dies; the next tick tries again)
+            log.exception("index refresh failed")
+
+    def _poll(self) -> None:
+        while not self.stop_event.wait(self.poll_s):
+            self._safe_refresh()
+
+    def _listen(self) -> None:
+        while not self.stop_event.is_set():
+            try:
+                client = redis.Redis.from_url(str(self.redis_url), socket_timeout=None, socket_connect_timeout=1)
+                pubsub = client.pubsub(ignore_subscribe_messages=True)
+                pubsub.subscribe(VERSIONS_CHANNEL)
+                while not self.stop_event.is_set():
+                    message = pubsub.get_message(timeout=0.5)
+                    if message and message.get("type") == "message":
+                        log.info("version announced: %s", json.loads(message["data"]))
+                        self._safe_refresh()
+                pubsub.close()
+                client.close()
+            except redis.RedisError:
+                self.stop_event.wait(1.0)  # Redis down: polling covers us; retry the subscription

@@ -1,0 +1,246 @@
+"""Indexing jobs: the in-process fallback, RQ workers on the real Redis, crash recovery and the live swap."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import redis
+from fastapi.testclient import TestClient
+
+from indexer.build import BuildOptions, build_or_add
+from indexer.encoder import DualEncoder
+from indexer.scenes import write_scenes
+from indexer.store import Index
+from service.app import create_app
+from service.config import Settings
+
+REDIS_URL = "redis://127.0.0.1:6379/2"  # a database of its own: the tests flush it
+KEY = {"X-API-Key": "k3y"}
+CLI = str(Path(sys.executable).parent / "imsearch")
+
+
+def wait_for(check: Callable[[], Any], timeout: float = 120, every: float = 0.2) -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(every)
+    raise AssertionError(f"timed out after {timeout} s")
+
+
+@pytest.fixture()
+def corpus(encoder: DualEncoder, tmp_path: Path) -> tuple[Path, Path]:
+    """(allowed root holding new scenes, an index of other scenes)."""
+    root = tmp_path / "incoming"
+    write_scenes(root / "batch", 20, seed=101, twins=True)
+    write_scenes(tmp_path / "base", 10, seed=102, twins=True)
+    build_or_add(tmp_path / "base" / "captions.jsonl", tmp_path / "idx", encoder, BuildOptions(workers=0), "build")
+    return root, tmp_path / "idx"
+
+
+@pytest.fixture()
+def flushed() -> Iterator[redis.Redis]:
+    client = redis.Redis.from_url(REDIS_URL)
+    client.flushdb()
+    yield client
+    client.flushdb()
+
+
+def _settings(index_dir: Path, root: Path, **extra: Any) -> Settings:
+    return Settings(indexes=[f"scenes={index_dir}"], rerankers=[], api_key="k3y", job_roots=[str(root)], **extra)
+
+
+def _job(client: TestClient | httpx.Client, job_id: str) -> dict[str, Any]:
+    return client.get(f"/v1/jobs/{job_id}", headers=KEY).json()
+
+
+def test_in_process_jobs_add_images_and_the_service_switches(corpus: tuple[Path, Path]) -> None:
+    root, index_dir = corpus
+    with TestClient(create_app(_settings(index_dir, root))) as client:
+        before = client.get("/v1/index").json()
+        start = client.post("/v1/jobs/index", headers=KEY,
+                            json={"source": str(root / "batch" / "captions.jsonl"), "mode": "add", "job_id": "j1"})
+        assert start.status_code == 202 and start.json()["job_id"] == "j1"
+        again = client.post("/v1/jobs/index", headers=KEY, json={"source": str(root / "batch"), "job_id": "j1"})
+        assert again.status_code == 200 and again.json()["job_id"] == "j1"  # idempotent by id
+        done = wait_for(lambda: (j := _job(client, "j1"))["status"] in ("succeeded", "failed") and j)
+        assert done["status"] == "succeeded", done
+        assert done["result"]["indexed"] == 40 and done["progress"]["done"] == done["progress"]["total"] == 40
+        after = client.get("/v1/index").json()
+        assert after["version"] != before["version"] and after["count"] == before["count"] + 40
+        assert [j["job_id"] for j in client.get("/v1/jobs", headers=KEY).json()] == ["j1"]
+
+
+@pytest.mark.parametrize(
+    ("body", "headers", "status", "needle"),
+    [
+        ({"source": "/etc"}, KEY, 403, "outside the allowed roots"),
+        ({"source": "ROOT/" + "../" * 16 + "etc/passwd"}, KEY, 403, "outside"),
+        ({"source": "ROOT/missing"}, KEY, 422, "does not exist"),
+        ({"source": "ROOT", "index": "nope"}, KEY, 404, "nope"),
+        ({"source": "ROOT", "mode": "destroy"}, KEY, 422, "mode"),
+        ({"source": "ROOT"}, {}, 401, "API key"),
+        ({"source": "ROOT"}, {"X-API-Key": "wrong"}, 403, "wrong API key"),
+    ],
+)
+def test_bad_job_requests_are_refused(corpus: tuple[Path, Path], body: dict[str, str], headers: dict[str, str],
+                                      status: int, needle: str) -> None:
+    root, index_dir = corpus
+    body = {k: v.replace("ROOT", str(root)) for k, v in body.items()}
+    with TestClient(create_app(_settings(index_dir, root))) as client:
+        response = client.post("/v1/jobs/index", headers=headers, json=body)
+        assert response.status_code == status and needle in response.json()["detail"]
+        assert client.get("/v1/jobs/unknown", headers=KEY).status_code == 404
+
+
+def test_jobs_are_disabled_without_allowed_roots(corpus: tuple[Path, Path]) -> None:
+    root, index_dir = corpus
+    settings = Settings(indexes=[str(index_dir)], rerankers=[], api_key="k3y")
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/jobs/index", headers=KEY, json={"source": str(root)})
+    assert response.status_code == 403 and "IMSEARCH_JOB_ROOTS" in response.json()["detail"]
+
+
+def test_cancel_an_in_process_job(corpus: tuple[Path, Path], encoder: DualEncoder) -> None:
+    root, index_dir = corpus
+    write_scenes(root / "big", 150, seed=103, twins=True)
+    with TestClient(create_app(_settings(index_dir, root))) as client:
+        version = client.get("/v1/index").json()["version"]
+        client.post("/v1/jobs/index", headers=KEY, json={"source": str(root / "big"), "job_id": "long",
+                                                         "options": {"shard_size": 16, "batch_size": 8}})
+        wait_for(lambda: _job(client, "long").get("progress", {}).get("done", 0) > 0)
+        cancelled = client.delete("/v1/jobs/long", headers=KEY).json()
+        assert cancelled["status"] == "cancelled"
+        assert client.get("/v1/index").json()["version"] == version  # nothing was published
+
+
+# --- RQ workers on the real Redis ------------------------------------------------------------------
+
+
+def _worker() -> subprocess.Popen[bytes]:
+    return subprocess.Popen([CLI, "worker", "--redis-url", REDIS_URL], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+
+def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
+    if proc.poll() is None:
+        os.killpg(proc.pid, sig)
+    proc.wait(timeout=30)
+
+
+def _serve(index_dir: Path, root: Path, port: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "IMSEARCH_REDIS_URL": REDIS_URL, "IMSEARCH_API_KEY": "k3y",
+           "IMSEARCH_JOB_ROOTS": f'["{root}"]', "IMSEARCH_RERANKERS": "[]", "IMSEARCH_VERSION_POLL_S": "600"}
+    proc = subprocess.Popen([CLI, "serve", "--index", f"scenes={index_dir}", "--port", str(port)],
+                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    url = f"http://127.0.0.1:{port}"
+
+    def up() -> bool:
+        try:
+            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
+        except httpx.HTTPError:
+            return False
+
+    wait_for(up, timeout=120)
+    return proc
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_worker_job_swaps_both_api_processes_with_zero_failed_searches(corpus: tuple[Path, Path],
+                                                                       flushed: redis.Redis) -> None:
+    root, index_dir = corpus
+    ports = [_free_port(), _free_port()]
+    servers = [_serve(index_dir, root, port) for port in ports]
+    worker = _worker()
+    clients = [httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) for port in ports]
+    statuses: list[int] = []
+    stop = threading.Event()
+
+    def load() -> None:  # searches keep running across the swap
+        i = 0
+        while not stop.is_set():
+            statuses.append(clients[i % 2].post("/v1/search", json={"text": "a red circle", "k": 5}).status_code)
+            i += 1
+
+    loader = threading.Thread(target=load)
+    try:
+        before = clients[0].get("/v1/index").json()
+        loader.start()
+        start = clients[0].post("/v1/jobs/index", headers=KEY, json={"source": str(root / "batch"), "job_id": "rq1"})
+        assert start.status_code == 202
+        done = wait_for(lambda: (j := _job(clients[1], "rq1"))["status"] in ("succeeded", "failed") and j)
+        assert done["status"] == "succeeded" and done["result"]["indexed"] == 40, done
+        # pub/sub, not polling (set to 10 minutes), brings both processes to the new version
+        for client in clients:
+            wait_for(lambda c=client: c.get("/v1/index").json()["version"] != before["version"], timeout=20)
+            assert client.get("/v1/index").json()["count"] == before["count"] + 40
+        time.sleep(0.5)
+    finally:
+        stop.set()
+        if loader.is_alive():
+            loader.join(timeout=30)
+        for client in clients:
+            client.close()
+        _stop(worker)
+        for server in servers:
+            _stop(server)
+    assert len(statuses) > 10 and set(statuses) == {200}
+
+
+def test_a_killed_worker_s_job_completes_after_restart_exactly_once(corpus: tuple[Path, Path],
+                                                                     flushed: redis.Redis) -> None:
+    root, index_dir = corpus
+    write_scenes(root / "big", 300, seed=104, twins=True)
+    settings = _settings(index_dir, root, redis_url=REDIS_URL)
+    worker = _worker()
+    with TestClient(create_app(settings)) as client:
+        client.post("/v1/jobs/index", headers=KEY, json={"source": str(root / "big"), "job_id": "crash",
+                                                         "options": {"shard_size": 32, "batch_size": 16}})
+        wait_for(lambda: _job(client, "crash").get("progress", {}).get("done", 0) >= 96)
+        _stop(worker, signal.SIGKILL)  # the worker and the job's process, mid-job
+        assert _job(client, "crash")["status"] == "running"  # what Redis still believes
+        worker = _worker()
+        try:
+            done = wait_for(lambda: (j := _job(client, "crash"))["status"] in ("succeeded", "failed") and j, 180)
+        finally:
+            _stop(worker)
+    assert done["status"] == "succeeded", done
+    index = Index.open(index_dir)
+    paths = [row["path"] for row in index.live_rows]
+    assert len(paths) == len(set(paths)) == 20 + 600  # each image exactly once
+
+
+def test_cancel_a_running_worker_job(corpus: tuple[Path, Path], flushed: redis.Redis) -> None:
+    root, index_dir = corpus
+    write_scenes(root / "big", 300, seed=105, twins=True)
+    version = Index.open(index_dir).version
+    worker = _worker()
+    try:
+        with TestClient(create_app(_settings(index_dir, root, redis_url=REDIS_URL))) as client:
+            client.post("/v1/jobs/index", headers=KEY, json={"source": str(root / "big"), "job_id": "stopme",
+                                                             "options": {"shard_size": 16, "batch_size": 8}})
+            wait_for(lambda: _job(client, "stopme").get("progress", {}).get("done", 0) > 0)
+            assert client.delete("/v1/jobs/stopme", headers=KEY).json()["status"] == "cancelled"
+            time.sleep(1.0)
+            assert _job(client, "stopme")["status"] == "cancelled"
+    finally:
+        _stop(worker)
+    assert Index.open(index_dir).version == version
