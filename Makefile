@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch and torchvision resolve from this machine's local wheels (see README)
 	$(PY) -m pip install --quiet --editable '.[dev]'
+	# the Compose Specification's JSON schema (shipped inside docker-compose 1.29's wheel) for the deploy test
+	$(PY) -m pip download --quiet --no-deps --dest $(VENV)/share/compose 'docker-compose==1.29.2'
 	touch $@
 
 install: $(STAMP)

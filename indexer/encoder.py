@@ -22,7 +22,8 @@ log = logging.getLogger(__name__)
 
 EMBEDDED = "tiny"
 CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
-MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
+# the committed checkpoints; an installed package (a container) points here with IMSEARCH_MODELS_DIR
+MODELS_DIR = Path(os.environ.get("IMSEARCH_MODELS_DIR") or Path(__file__).resolve().parent.parent / "models")
 EMBEDDED_DIR = MODELS_DIR / "tiny-clip"  # open_clip `local-dir:` layout: config JSON + safetensors
 WEIGHTS_NAME = "open_clip_model.safetensors"
 CONFIG_NAME = "open_clip_config.json"

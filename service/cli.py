@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -14,11 +14,12 @@ register(train_app, eval_app)
 
 @app.command()
 def serve(
-    index: Annotated[list[str], typer.Option(help="DIR or NAME=DIR; repeat to serve several (first = default)")],
+    index: Annotated[list[str] | None, typer.Option(
+        help="DIR or NAME=DIR; repeat to serve several (first = default); default: IMSEARCH_INDEXES")] = None,
     host: Annotated[str, typer.Option()] = "127.0.0.1",
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
-    model: Annotated[str, typer.Option(help="the model the indexes were built with")] = "tiny",
-    pretrained: Annotated[str | None, typer.Option()] = None,
+    model: Annotated[str | None, typer.Option(help="the model the indexes were built with (IMSEARCH_MODEL)")] = None,
+    pretrained: Annotated[str | None, typer.Option(help="its pretrained tag (IMSEARCH_PRETRAINED)")] = None,
 ) -> None:
     """Serve the search API and web page with uvicorn."""
     import uvicorn
@@ -30,7 +31,8 @@ def serve(
     from service.state import load_engine
 
     try:
-        settings = Settings(indexes=index, model=model, pretrained=pretrained)
+        given: dict[str, Any] = {"indexes": index, "model": model, "pretrained": pretrained}
+        settings = Settings(**{k: v for k, v in given.items() if v})  # the rest from IMSEARCH_* and .env
         engine = load_engine(settings)
     except (StartupError, ValidationError) as exc:
         fail(str(exc))

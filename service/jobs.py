@@ -85,7 +85,7 @@ class JobSpec:
     options: dict[str, Any]
     model: str
     pretrained: str | None
-    device: str
+    device: str  # "" lets the worker choose (its IMSEARCH_DEVICE)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -125,9 +125,12 @@ _ENCODERS: dict[tuple[str, str | None, str], DualEncoder] = {}
 
 
 def _encoder(spec: JobSpec) -> DualEncoder:
-    key = (spec.model, spec.pretrained, spec.device)
+    from service.config import Settings
+
+    device = spec.device or Settings().device  # "" = the worker's own IMSEARCH_DEVICE (a GPU worker: cuda)
+    key = (spec.model, spec.pretrained, device)
     if key not in _ENCODERS:  # once per worker process, shared by its jobs
-        _ENCODERS[key] = load_encoder(EncoderSpec(spec.model, spec.pretrained, spec.device))
+        _ENCODERS[key] = load_encoder(EncoderSpec(spec.model, spec.pretrained, device))
     return _ENCODERS[key]
 
 
@@ -197,6 +200,8 @@ def rq_job(payload: dict[str, Any]) -> dict[str, Any]:
 
 
 class JobQueue(Protocol):
+    in_process: bool  # jobs run in the API process (its device) rather than on workers
+
     def submit(self, spec: JobSpec) -> tuple[JobInfo, bool]: ...  # (info, created)
 
     def get(self, job_id: str) -> JobInfo: ...
@@ -215,6 +220,7 @@ def new_job_id() -> str:
 class RQJobs:
     """Jobs on an RQ queue; `imsearch worker` processes run them (as many as you like)."""
 
+    in_process = False
     STATUS: dict[str, JobStatus] = {
         "queued": "queued", "deferred": "queued", "scheduled": "queued", "started": "running",
         "finished": "succeeded", "failed": "failed", "stopped": "cancelled", "canceled": "cancelled",
@@ -306,6 +312,8 @@ class RQJobs:
 
 class LocalJobs:
     """Without Redis: one background thread in the API process runs jobs, with the same API."""
+
+    in_process = True
 
     def __init__(self, on_published: Callable[[str, str], object]):
         self.jobs: dict[str, JobInfo] = {}

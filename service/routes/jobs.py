@@ -25,7 +25,8 @@ async def start_index_job(body: JobRequest, engine: EngineDep) -> JSONResponse:
     source = check_source(body.source, engine.settings.job_roots)
     settings = engine.settings
     spec = JobSpec(body.job_id or new_job_id(), str(source), body.mode, name, str(folder),
-                   body.options.model_dump(), settings.model, settings.pretrained, settings.device)
+                   body.options.model_dump(), settings.model, settings.pretrained,
+                   settings.device if engine.jobs.in_process else "")
     info, created = await run_in_threadpool(engine.jobs.submit, spec)
     return JSONResponse(status_code=202 if created else 200, content=asdict(info))
 
