@@ -7,7 +7,7 @@ import json
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from indexer.ann import PQ_MIN_TRAIN, AnnPlan, build_index, plan_index
+from indexer.distributed import EncodedBatch, RayOptions
 from indexer.encoder import DualEncoder
 from indexer.reader import DEFAULT_MAX_PIXELS, Decoded, ImageDataset, SourceItem, list_source, make_loader
 from indexer.store import (
@@ -58,6 +59,7 @@ class BuildOptions:
     memory_budget: int | None = None  # bytes for the ANN index; None = no limit
     max_pixels: int = DEFAULT_MAX_PIXELS
     keep_versions: int = 3
+    ray: RayOptions | None = None  # encode on a Ray cluster instead of this process
 
 
 @dataclass
@@ -125,15 +127,30 @@ def _split(batch: list[Decoded], items: list[SourceItem], known: set[str]) -> tu
     return good, failures, dups
 
 
+def _batches(items: list[SourceItem], encoder: DualEncoder,
+             opts: BuildOptions) -> Iterator[tuple[list[Decoded], EncodedBatch | None]]:
+    """Decoded batches in source order: DataLoader workers here, or already encoded on Ray."""
+    if opts.ray is None:
+        loader = make_loader(ImageDataset(items, encoder.preprocess, opts.max_pixels), opts.batch_size, opts.workers)
+        for batch in loader:
+            yield batch, None
+        return
+    from indexer.distributed import ray_batches
+
+    shape = (3, *encoder.model.visual.image_size)
+    for encoded in ray_batches(items, encoder.spec, encoder.preprocess, shape, opts.batch_size, opts.max_pixels,
+                               opts.ray):
+        yield encoded.decoded, encoded
+
+
 def ingest(items: list[SourceItem], writer: ShardWriter, encoder: DualEncoder, known: set[str],
            opts: BuildOptions, progress: Progress | None = None) -> int:
-    """Decode in workers, encode in batches, write shards; returns the number of duplicates."""
-    loader = make_loader(ImageDataset(items, encoder.preprocess, opts.max_pixels), opts.batch_size, opts.workers)
+    """Decode, encode in batches, write shards; returns the number of duplicates."""
     done = dups = indexed = 0
-    for batch in loader:
+    for batch, encoded in _batches(items, encoder, opts):
         good, failures, batch_dups = _split(batch, items, known)
         dups += batch_dups
-        emb, tok = _encode(encoder, good)
+        emb, tok = _encode(encoder, good) if encoded is None else encoded.take(good)
         rows = [_row(items[d.position], d) for d in good]
         writer.add(rows, emb, tok, [items[d.position].path for d in batch], failures)
         done, indexed = done + len(batch), indexed + len(good)

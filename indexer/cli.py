@@ -165,12 +165,14 @@ def _print_report(report: Any, as_json: bool) -> None:
 
 
 def _options(batch_size: int, workers: int | None, index: str, shard_size: int, max_pixels: int,
-             memory_budget_mb: int | None, keep: int) -> Any:
+             memory_budget_mb: int | None, keep: int, ray: str | None = None) -> Any:
     from indexer.build import BuildOptions, default_workers
+    from indexer.distributed import RayOptions
 
     budget = memory_budget_mb * 1024 * 1024 if memory_budget_mb else None
+    cluster = None if ray is None else RayOptions(address=None if ray == "local" else ray)
     return BuildOptions(batch_size, default_workers() if workers is None else workers, shard_size, index, budget,
-                        max_pixels, keep)
+                        max_pixels, keep, cluster)
 
 
 BatchOpt = Annotated[int, typer.Option(min=1, max=4096, help="images per encoder batch")]
@@ -182,6 +184,8 @@ ShardOpt = Annotated[int, typer.Option(min=1, help="images per shard (the resume
 PixelsOpt = Annotated[int, typer.Option(min=1, help="larger images are refused as decompression bombs")]
 BudgetOpt = Annotated[int | None, typer.Option(help="memory for the ANN index in MiB (tight: IVF-PQ)")]
 KeepOpt = Annotated[int, typer.Option(min=1, help="index versions to keep")]
+RayOpt = Annotated[str | None, typer.Option(
+    "--ray", help="encode on Ray: 'local' starts one here, else a cluster address ('auto', 'ray://host:10001')")]
 
 
 @index_app.command("build")
@@ -191,10 +195,10 @@ def index_build(
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
     batch_size: BatchOpt = 64, workers: WorkersOpt = None, index: KindOpt = "auto", shard_size: ShardOpt = 2048,
     max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None, keep: KeepOpt = 3,
-    as_json: JsonOpt = False,
+    ray: RayOpt = None, as_json: JsonOpt = False,
 ) -> None:
-    """Encode every image of SRC into a new index version at OUT (resumable)."""
-    opts = _options(batch_size, workers, index, shard_size, max_pixels, memory_budget_mb, keep)
+    """Encode every image of SRC into a new index version at OUT (resumable; on Ray with --ray)."""
+    opts = _options(batch_size, workers, index, shard_size, max_pixels, memory_budget_mb, keep, ray)
     _run_ingest(src, out, "build", model, pretrained, device, opts, as_json)
 
 
@@ -205,10 +209,10 @@ def index_add(
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
     batch_size: BatchOpt = 64, workers: WorkersOpt = None, index_kind: KindOpt = "auto", shard_size: ShardOpt = 2048,
     max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None, keep: KeepOpt = 3,
-    as_json: JsonOpt = False,
+    ray: RayOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Add new images (content-hash dedupe) and publish a new version."""
-    opts = _options(batch_size, workers, index_kind, shard_size, max_pixels, memory_budget_mb, keep)
+    opts = _options(batch_size, workers, index_kind, shard_size, max_pixels, memory_budget_mb, keep, ray)
     _run_ingest(src, index_dir, "add", model, pretrained, device, opts, as_json)
 
 

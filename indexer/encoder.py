@@ -143,8 +143,9 @@ class DualEncoder:
     """A CLIP-style dual encoder: images and texts into one L2-normalised space, plus patch tokens."""
 
     def __init__(self, model: open_clip.CLIP, preprocess: Any, tokenizer: Any, model_id: str, device: torch.device,
-                 model_name: str = EMBEDDED):
+                 model_name: str = EMBEDDED, spec: EncoderSpec | None = None):
         self.model = model.eval()
+        self.spec = spec or EncoderSpec()  # how to load this model again (in another process: a Ray actor)
         self.model_name = model_name
         config = open_clip.get_model_config(model_name) or {}
         self.config_hash = hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
@@ -236,7 +237,7 @@ def load_encoder(spec: EncoderSpec | None = None) -> DualEncoder:
         name, pretrained=weights, device=device, weights_only=True, **kwargs
     )
     tokenizer = open_clip.get_tokenizer(name)
-    return DualEncoder(model, preprocess, tokenizer, model_id, device, name)
+    return DualEncoder(model, preprocess, tokenizer, model_id, device, name, spec)
 
 
 def create_embedded(seed: int = 0) -> DualEncoder:
