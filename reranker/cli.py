@@ -22,6 +22,7 @@ def train_reranker_cmd(
     batch: Annotated[int, typer.Option(min=2, help="positives per step (each with 4 negatives)")] = 32,
     lr: Annotated[float, typer.Option(min=0.0)] = 3e-4,
     layers: Annotated[int, typer.Option(min=1, max=12)] = 3,
+    ground_weight: Annotated[float, typer.Option(min=0.0, help="auxiliary grounding loss (0: off)")] = 1.0,
     val_n: Annotated[int, typer.Option(min=2, help="validation gallery for the fusion weight")] = 1000,
     out: Annotated[Path | None, typer.Option(help="checkpoint (default models/reranker-KIND.safetensors)")] = None,
 ) -> None:
@@ -35,7 +36,8 @@ def train_reranker_cmd(
     if kind not in ("mid", "early"):
         fail(f"unknown reranker kind {kind!r}: use mid or early")
     encoder = guarded(load_encoder)
-    cfg = RerankTrainConfig(kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out)
+    cfg = RerankTrainConfig(kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out,
+                            ground_weight=ground_weight)
     with _progress() as bar:
         task = bar.add_task(f"train {kind} reranker", total=steps, loss=float("nan"))
         model, log = train_reranker(encoder, cfg, lambda step, loss: bar.update(task, advance=1, loss=loss))

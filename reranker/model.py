@@ -24,11 +24,24 @@ class RerankerConfig:
     image_width: int = 192  # the dual encoder's patch token width
     image_tokens: int = 65  # [CLS] + patches
     max_text: int = 32
+    coords: bool = False  # explicit linear (x, y) of each patch, see Matcher.image_xy (new checkpoints: True)
+    ground: bool = False  # a head that reads an object's (x, y) off its word's state, trained as an auxiliary
+    ground_layer: int = 0  # the block whose output the grounding head reads (later blocks compare places)
     fusion_weight: float = 10.0  # final = log p(match) + fusion_weight * cosine, fitted on validation
     encoder_id: str = ""  # the dual encoder whose tokens this reranker reads
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
+
+
+def grid_coordinates(tokens: int) -> torch.Tensor:
+    """(tokens, 2) patch centre (x, y) in [-1, 1], row-major after [CLS] (which sits at 0, 0)."""
+    side = int(round((tokens - 1) ** 0.5))
+    if side * side != tokens - 1:
+        return torch.zeros(tokens, 2)
+    axis = (torch.arange(side).float() + 0.5) / side * 2 - 1
+    rows, cols = torch.meshgrid(axis, axis, indexing="ij")
+    return torch.cat([torch.zeros(1, 2), torch.stack([cols.flatten(), rows.flatten()], dim=1)])
 
 
 def grid_position_embedding(tokens: int, width: int) -> torch.Tensor:
@@ -68,6 +81,8 @@ class CrossBlock(nn.Module):
 class Matcher(nn.Module):
     """Scores (image tokens, text tokens) pairs: a logit per pair, log p(match) = logsigmoid-like 2-way."""
 
+    xy: torch.Tensor  # (tokens, 2) patch coordinates, a buffer when cfg.coords
+
     def __init__(self, cfg: RerankerConfig):
         super().__init__()
         self.cfg = cfg
@@ -77,10 +92,18 @@ class Matcher(nn.Module):
         # learned, but starting from explicit 2-D (x, y) features: relations ("left of", "above")
         # compare positions, which the last ViT block's tokens carry only weakly
         self.image_pos = nn.Parameter(grid_position_embedding(cfg.image_tokens, w))
+        if cfg.coords:
+            # plus coordinates as a linear direction: an attention-weighted average of patch values then
+            # holds the attended object's centroid, and "left of" becomes a difference of two numbers
+            self.register_buffer("xy", grid_coordinates(cfg.image_tokens), persistent=False)
+            self.image_xy = nn.Linear(2, w, bias=False)
         self.enc = nn.Parameter(torch.zeros(1, 1, w))  # the [ENC] token whose output feeds the head
         nn.init.normal_(self.enc, std=0.02)
         self.ln_out = nn.LayerNorm(w)
         self.head = nn.Linear(w, 2)  # (no match, match)
+        if cfg.ground:
+            self.locate = nn.Linear(w, 2)  # a named object's (x, y), from its shape word's state
+            self.relate = nn.Linear(w, 2)  # from [ENC]: first-named object's (x, y) minus the second's
         if cfg.kind == "mid":
             self.blocks = nn.ModuleList([CrossBlock(w, cfg.heads) for _ in range(cfg.layers)])
         elif cfg.kind == "early":
@@ -99,19 +122,39 @@ class Matcher(nn.Module):
             text: (n, L, text_width) text tokens.
             mask: (n, L) bool, True for real text tokens (padding is never attended).
         """
+        return self.encode(image, text, mask)[0]
+
+    def encode(self, image: torch.Tensor, text: torch.Tensor,
+               mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(n, 2) logits, (n, 1 + L', w) states of [ENC] + text after block `ground_layer`, (n, w) final [ENC].
+
+        The middle states feed the grounding head in training: a word that names an object should
+        know where that object is early, so that the later blocks can compare two such places; the
+        final [ENC] state feeds the relation head, which asks it to hold that comparison.
+        """
         n = image.shape[0]
+        # trailing padding is never attended, so dropping it changes nothing but the cost
+        length = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1
+        text, mask = text[:, :length], mask[:, :length]
         img = self.image_in(image) + self.image_pos[:, : image.shape[1]]
+        if self.cfg.coords:
+            img = img + self.image_xy(self.xy[: image.shape[1]])
         txt = torch.cat([self.enc.expand(n, -1, -1), self.text_in(text)], dim=1)
         pad = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=mask.device), ~mask], dim=1)
+        hidden = txt
         if self.cfg.kind == "mid":
-            for block in self.blocks:
+            for i, block in enumerate(self.blocks):
                 txt = block(txt, pad, img)
+                hidden = txt if i == self.cfg.ground_layer else hidden
             out = txt[:, 0]
         else:
             seq = torch.cat([txt + self.type_emb[1], img + self.type_emb[0]], dim=1)
-            img_pad = torch.zeros(n, img.shape[1], dtype=torch.bool, device=mask.device)
-            out = self.stream(seq, src_key_padding_mask=torch.cat([pad, img_pad], dim=1))[:, 0]
-        return self.head(self.ln_out(out))
+            full_pad = torch.cat([pad, torch.zeros(n, img.shape[1], dtype=torch.bool, device=mask.device)], dim=1)
+            for i, layer in enumerate(self.stream.layers):
+                seq = layer(seq, src_key_padding_mask=full_pad)
+                hidden = seq[:, : txt.shape[1]] if i == self.cfg.ground_layer else hidden
+            out = seq[:, 0]
+        return self.head(self.ln_out(out)), hidden, out
 
     @staticmethod
     def log_match(logits: torch.Tensor) -> torch.Tensor:

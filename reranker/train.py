@@ -13,7 +13,18 @@ import torch
 import torch.nn.functional as F
 
 from indexer.encoder import MODELS_DIR, DualEncoder
-from indexer.scenes import TRAIN_SEED, Scene, caption, perturb, render, scene_pair, twin
+from indexer.scenes import (
+    CELL_CENTRES,
+    SHAPES,
+    TRAIN_SEED,
+    Scene,
+    SceneObject,
+    caption,
+    perturb,
+    render,
+    scene_pair,
+    twin,
+)
 from reranker.model import Matcher, RerankerConfig
 
 
@@ -32,6 +43,7 @@ class RerankTrainConfig:
     width: int = 192
     out: Path | None = None  # default models/reranker-<kind>.safetensors
     mined_temperature: float = 0.05  # ITC-mined negatives are sampled by softmax(similarity / T)
+    ground_weight: float = 1.0  # auxiliary loss: each named object's (x, y) read off its shape word
 
     def path(self) -> Path:
         return self.out or MODELS_DIR / f"reranker-{self.kind}.safetensors"
@@ -46,6 +58,8 @@ class PairBatch:
     mask: torch.Tensor  # (p, L) bool
     labels: torch.Tensor  # (p,) 1 = match
     kinds: list[str] = field(default_factory=list)
+    ground: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None  # (pair row, token position, (x, y))
+    relate: tuple[torch.Tensor, torch.Tensor] | None = None  # (pair row, first-named minus second-named (x, y))
 
 
 @dataclass
@@ -89,6 +103,38 @@ def _mine(sim: np.ndarray, rng: np.random.Generator, temperature: float) -> np.n
     return np.array([rng.choice(len(p), p=p) for p in probs])
 
 
+def object_xy(obj: SceneObject) -> tuple[float, float]:
+    """An object's centre in [-1, 1] image coordinates (the reranker's patch coordinates)."""
+    return (CELL_CENTRES[obj.col] + obj.dx) * 2 - 1, (CELL_CENTRES[obj.row] + obj.dy) * 2 - 1
+
+
+def grounding_targets(encoder: DualEncoder, scenes: list[Scene], texts: list[str]
+                      ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
+    """Auxiliary targets from the generator's ground truth, for captions that match their scenes.
+
+    Grounding: for every object a caption names, (caption row, its shape word's token position, its
+    (x, y)); object phrases are "a <size> <colour> <shape>" and shape words occur nowhere else, so
+    the i-th shape token belongs to the i-th object phrase. Relation: per caption, the first-named
+    object's (x, y) minus the second-named one's (a single object: its own (x, y)).
+    """
+    shape_ids = {int(t) for t in encoder.tokenize(list(SHAPES))[:, 1]}
+    ids = encoder.tokenize(texts).cpu().numpy()
+    rows, positions, xy, rel_rows, rel = [], [], [], [], []
+    for row, (scene, text, tokens) in enumerate(zip(scenes, texts, ids, strict=True)):
+        named = sorted(scene.objects, key=lambda o: text.index(o.phrase()))
+        where = [i for i, t in enumerate(tokens) if int(t) in shape_ids]
+        if len(where) != len(named):
+            continue  # a tokenisation we do not expect: no target rather than a wrong one
+        places = [object_xy(obj) for obj in named]
+        rows += [row] * len(named)
+        positions += where
+        xy += places
+        rel_rows.append(row)
+        rel.append(places[0] if len(places) == 1 else (places[0][0] - places[1][0], places[0][1] - places[1][1]))
+    return ((torch.tensor(rows), torch.tensor(positions), torch.tensor(xy, dtype=torch.float32)),
+            (torch.tensor(rel_rows), torch.tensor(rel, dtype=torch.float32)))
+
+
 def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairBatch:
     """Per positive: its twin image, an order-swapped and a perturbed caption, and an ITC-mined image."""
     neg, rng = sample_negatives(cfg.seed, step, cfg.batch)
@@ -106,7 +152,21 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     return PairBatch(
         torch.from_numpy(img_tok[image_rows]), torch.from_numpy(txt_tok[text_rows]),
         torch.from_numpy(txt_mask[text_rows]), torch.from_numpy(labels).long(), kinds,
+        *grounding_targets(encoder, neg.positives, texts[:b]),  # pair rows 0..b-1 are the positives
     )
+
+
+def pair_loss(model: Matcher, batch: PairBatch, class_weight: torch.Tensor, ground_weight: float) -> torch.Tensor:
+    """ITM cross-entropy, plus the grounding loss (MSE of named objects' positions) when enabled."""
+    logits, hidden, enc = model.encode(batch.image, batch.text, batch.mask)
+    loss = F.cross_entropy(logits, batch.labels, weight=class_weight)
+    if ground_weight > 0 and model.cfg.ground and batch.ground is not None and len(batch.ground[0]):
+        rows, positions, xy = batch.ground
+        loss = loss + ground_weight * F.mse_loss(model.locate(hidden[rows, 1 + positions]), xy)  # 1: [ENC]
+    if ground_weight > 0 and model.cfg.ground and batch.relate is not None and len(batch.relate[0]):
+        rows, delta = batch.relate
+        loss = loss + ground_weight * F.mse_loss(model.relate(enc[rows]), delta)
+    return loss
 
 
 def lr_at(step: int, cfg: RerankTrainConfig) -> float:
@@ -120,7 +180,7 @@ def new_matcher(encoder: DualEncoder, cfg: RerankTrainConfig) -> Matcher:
     text_width = int(encoder.model.transformer.width)
     return Matcher(RerankerConfig(kind=cfg.kind, width=cfg.width, layers=cfg.layers, text_width=text_width,
                                   image_width=encoder.token_shape[1], image_tokens=encoder.token_shape[0],
-                                  encoder_id=encoder.model_id))
+                                  encoder_id=encoder.model_id, coords=True, ground=cfg.ground_weight > 0))
 
 
 def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
@@ -135,7 +195,7 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
         batch = make_pairs(encoder, cfg, step)
-        loss = F.cross_entropy(model(batch.image, batch.text, batch.mask), batch.labels, weight=class_weight)
+        loss = pair_loss(model, batch, class_weight, cfg.ground_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)

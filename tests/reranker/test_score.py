@@ -10,11 +10,11 @@ import torch
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
+from indexer.scenes import Scene, SceneObject, write_scenes
 from indexer.store import Index
 from reranker.evaluate import evaluate_tradeoff
 from reranker.score import TokenReranker, fuse, load_tier
-from reranker.train import RerankTrainConfig, make_pairs, new_matcher, train_reranker
+from reranker.train import RerankTrainConfig, grounding_targets, make_pairs, new_matcher, object_xy, train_reranker
 
 
 @pytest.fixture(scope="module")
@@ -89,3 +89,16 @@ def test_committed_mid_reranker_keeps_recall_and_rejects_substitutions(encoder: 
     late, mid_row = evaluate_tradeoff(encoder, {"mid": mid}, n=400, seed=7, ks=(16,))
     assert late["tier"] == "late" and mid_row["tier"] == "mid" and mid_row["k"] == 16
     assert mid_row["r5"] >= late["r5"] - 0.01 and mid_row["r1"] >= late["r1"] - 0.02
+
+
+def test_grounding_targets_point_shape_words_at_their_objects(encoder: DualEncoder) -> None:
+    red = SceneObject("red", "circle", "small", col=0, row=1)
+    blue = SceneObject("blue", "square", "large", col=2, row=1)
+    scene = Scene((red, blue), "horizontal")
+    texts = ["a small red circle left of a large blue square", "a large blue square right of a small red circle"]
+    (rows, positions, xy), (rel_rows, delta) = grounding_targets(encoder, [scene, scene], texts)
+    assert rows.tolist() == [0, 0, 1, 1] and positions.tolist() == [4, 10, 4, 10]  # [SOT] a small red circle ...
+    torch.testing.assert_close(xy[0], torch.tensor(object_xy(red)))
+    torch.testing.assert_close(xy[2], torch.tensor(object_xy(blue)))  # the second caption names blue first
+    assert rel_rows.tolist() == [0, 1] and delta[0, 0] < -0.5 and delta[1, 0] > 0.5  # left of / right of
+    assert torch.allclose(delta[0], -delta[1])
