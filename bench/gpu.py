@@ -84,9 +84,11 @@ def pipeline_rate(device: str, n: int, model: str) -> float:
 def faiss_rates(n: int, dim: int, queries: int, gpu: bool) -> dict[str, Any]:
     import faiss
 
+    sys.path.insert(0, str(ROOT / "bench"))
+    from ann import clustered  # the same clustered, L2-normalised vectors as bench/ann.py
+
     rng = np.random.default_rng(0)
-    base = rng.standard_normal((n, dim), dtype=np.float32)
-    base /= np.linalg.norm(base, axis=1, keepdims=True)
+    base = clustered(n, dim, seed=0)
     q = base[rng.choice(n, queries, replace=False)] + 0.1 * rng.standard_normal((queries, dim), dtype=np.float32)
     q /= np.linalg.norm(q, axis=1, keepdims=True)
     flat: Any = faiss.IndexFlatIP(dim)
