@@ -12,7 +12,7 @@ from fastapi import APIRouter, File, Form, UploadFile
 from service.cache import result_key
 from service.deps import ApiKeyDep, EngineDep
 from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
-from service.search import BadQuery, QueryInput, SearchOutput, search
+from service.search import BadQuery, QueryInput, Searcher, SearchOutput, search
 from service.state import Engine
 
 router = APIRouter(prefix="/v1", tags=["search"])
@@ -25,8 +25,9 @@ def _decode_base64(data: str) -> bytes:
         raise BadQuery("image must be base64 of the image file's bytes") from None
 
 
-def _respond(engine: Engine, name: str | None, query: QueryInput) -> SearchResponse:
-    out: SearchOutput = search(engine.queries, engine.searcher(name), engine.rerankers, query,
+def _respond(engine: Engine, name: str | None, query: QueryInput, searcher: Searcher | None = None) -> SearchResponse:
+    """Run the query on `searcher` (taken once per request, so one index version serves all of it)."""
+    out: SearchOutput = search(engine.queries, searcher or engine.searcher(name), engine.rerankers, query,
                                engine.settings.max_pixels)
     engine.metrics.observe_search(out.timings_ms, query.rerank)
     hits = [HitOut(id=h.id, score=h.score, similarity=h.similarity, rerank_score=h.rerank_score,
@@ -54,7 +55,8 @@ def search_json(body: SearchRequest, engine: EngineDep) -> SearchResponse:
     start = time.perf_counter()
     settings = engine.settings
     request = {**body.model_dump(), "defaults": [settings.default_rerank, settings.default_rerank_k]}
-    key = result_key(engine.encoder.model_id, engine.index(body.index).version, request)
+    searcher = engine.searcher(body.index)  # the version in the cache key is the version that answers
+    key = result_key(engine.encoder.model_id, searcher.index.version, request)
     hit = engine.cache.get(key)
     if engine.cache.enabled:
         engine.metrics.cache_lookup("result", hit is not None)
@@ -63,7 +65,7 @@ def search_json(body: SearchRequest, engine: EngineDep) -> SearchResponse:
         hit.update(cached=True, timings_ms={"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup})
         return SearchResponse(**hit)
     image = _decode_base64(body.image) if body.image is not None else None
-    response = _respond(engine, body.index, _query(engine, body, image))
+    response = _respond(engine, body.index, _query(engine, body, image), searcher)
     engine.cache.put(key, response.model_dump())
     return response
 
