@@ -132,6 +132,13 @@ def start_server(app, port: int):  # noqa: ANN001, ANN201
     return server, thread
 
 
+def mean_batch(engine, name: str) -> float:  # noqa: ANN001
+    """Mean items per micro-batch of one batcher, from the engine's Prometheus histogram."""
+    get = engine.metrics.registry.get_sample_value
+    count = get("imsearch_batch_size_count", {"batcher": name}) or 0.0
+    return round((get("imsearch_batch_size_sum", {"batcher": name}) or 0.0) / max(1.0, count), 2)
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -180,10 +187,7 @@ def bench(args: argparse.Namespace) -> dict:
         "overhead_ratio": round(single["p50_ms"] / baseline, 3),
         "qps_64_over_1": {r: round(qps[(r, 64)] / qps[(r, 1)], 2) for r in ("none", "mid")},
         "errors": sum(r["errors"] for r in rows),
-        "batches": {name: engine.metrics.registry.get_sample_value("imsearch_batch_size_sum", {"batcher": name})
-                    / max(1.0, engine.metrics.registry.get_sample_value("imsearch_batch_size_count",
-                                                                        {"batcher": name}) or 1.0)
-                    for name in ("text", "search")},
+        "batches": {name: mean_batch(engine, name) for name in ("text", "search")},
         "rows": rows,
     }
 

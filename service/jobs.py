@@ -213,6 +213,16 @@ class JobQueue(Protocol):
     def close(self) -> None: ...
 
 
+def wait_settled(read: Callable[[], JobInfo], timeout_s: float = 5.0) -> JobInfo:
+    """Poll a cancelled job until it is no longer running (or the timeout passes); its last state."""
+    deadline = time.monotonic() + timeout_s
+    info = read()
+    while info.status == "running" and time.monotonic() < deadline:
+        time.sleep(0.05)
+        info = read()
+    return info
+
+
 def new_job_id() -> str:
     return uuid.uuid4().hex
 
@@ -262,7 +272,8 @@ class RQJobs:
         status = self.STATUS.get(str(job.get_status(refresh=True).value), "queued")
         error = None
         if status == "failed":
-            text = job.latest_result().exc_string if job.latest_result() else ""
+            latest = job.latest_result()  # one Redis read
+            text = latest.exc_string if latest else ""
             error = (text or "failed").strip().splitlines()[-1][:500]  # the exception line, never a traceback
         result = job.return_value() if status == "succeeded" else None
         return JobInfo(job.id, status, spec.get("mode", ""), spec.get("source", ""), spec.get("index_name", ""),
@@ -296,15 +307,7 @@ class RQJobs:
                 send_stop_job_command(self.connection, job_id, serializer=JSONSerializer)  # kills the job's process
             except InvalidJobOperation:
                 job.cancel()
-        return self._wait_settled(job_id)
-
-    def _wait_settled(self, job_id: str, timeout_s: float = 5.0) -> JobInfo:
-        deadline = time.monotonic() + timeout_s
-        info = self.get(job_id)
-        while info.status == "running" and time.monotonic() < deadline:
-            time.sleep(0.05)
-            info = self.get(job_id)
-        return info
+        return wait_settled(lambda: self.get(job_id))
 
     def close(self) -> None:
         self.connection.close()
@@ -366,10 +369,7 @@ class LocalJobs:
             self.cancelled.add(job_id)
             if info.status == "queued":
                 info.status = "cancelled"
-        deadline = time.monotonic() + 5
-        while info.status == "running" and time.monotonic() < deadline:
-            time.sleep(0.05)
-        return info
+        return wait_settled(lambda: info)
 
     def close(self) -> None:
         self.cancelled.update(self.jobs)
