@@ -96,6 +96,30 @@ def gpu_count() -> int:
     return int(faiss.get_num_gpus()) if hasattr(faiss, "get_num_gpus") else 0
 
 
+GPU_MAX_K = 2048  # faiss-gpu's k-selection limit: deeper searches stay on the CPU copy
+GPU_KINDS = ("flat", "ivf", "ivfpq")  # HNSW has no faiss-gpu implementation
+_gpu_resources: list[object] = []  # one StandardGpuResources per process, alive as long as its indexes
+
+
+def place_for_search(index: faiss.Index, plan: AnnPlan, device: str) -> tuple[faiss.Index | None, str]:
+    """A GPU copy of the index for serving, or None with the reason it stays on the CPU.
+
+    device: cpu | cuda | auto. `cuda` without a usable GPU is not an error at serve time: the CPU
+    index answers the same queries (more slowly), and the returned reason says why.
+    """
+    if device == "cpu":
+        return None, "cpu"
+    if gpu_count() == 0:
+        return None, "cpu (no GPU visible to FAISS: install the gpu extra on a CUDA machine)"
+    if plan.kind not in GPU_KINDS:
+        return None, f"cpu ({plan.kind} has no FAISS GPU implementation)"
+    if not _gpu_resources:
+        _gpu_resources.append(faiss.StandardGpuResources())  # type: ignore[attr-defined]
+    options = faiss.GpuClonerOptions()  # type: ignore[attr-defined]
+    options.useFloat16 = plan.kind == "ivfpq"  # PQ codes above 48 bytes need fp16 lookup tables on the GPU
+    return faiss.index_cpu_to_gpu(_gpu_resources[0], 0, index, options), "cuda"  # type: ignore[attr-defined]
+
+
 def _train(index: faiss.Index, sample: np.ndarray) -> faiss.Index:
     """Train IVF quantizers on the GPU when faiss-gpu sees one (k-means is the slow part), else on CPU."""
     if gpu_count() == 0:

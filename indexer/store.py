@@ -18,7 +18,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexer.ann import AnnPlan, ann_search, rescore
+from indexer.ann import GPU_MAX_K, AnnPlan, ann_search, place_for_search, rescore
 
 CURRENT = "CURRENT"
 VERSIONS = "versions"
@@ -197,6 +197,13 @@ class Index:
         self.shards = [_open_shard(folder / SHARDS / s["name"]) for s in self.manifest["shards"]]
         self._build_lookup()
         self.faiss = faiss.read_index(str(folder / INDEX_FILE))
+        self._on_gpu: faiss.Index | None = None
+        self.search_device = "cpu"
+
+    def use_device(self, device: str) -> str:
+        """Serve searches from a GPU copy when `device` (cpu | cuda | auto) and FAISS allow; says where."""
+        self._on_gpu, self.search_device = place_for_search(self.faiss, self.plan, device)
+        return self.search_device
 
     @classmethod
     def open(cls, root: Path | str, version: str | None = None) -> Index:
@@ -279,7 +286,8 @@ class Index:
         if queries.shape[1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
         fetch = k * self.plan.refine_factor if self.plan.refine_factor else k
-        scores, ids = ann_search(self.faiss, self.plan, queries, fetch, nprobe, ef_search)
+        index = self._on_gpu if self._on_gpu is not None and fetch <= GPU_MAX_K else self.faiss
+        scores, ids = ann_search(index, self.plan, queries, fetch, nprobe, ef_search)
         if self.plan.refine_factor:
             scores, ids = rescore(queries, ids, self.vectors, k)
         return scores, ids

@@ -25,6 +25,8 @@ def train_reranker_cmd(
     ground_weight: Annotated[float, typer.Option(min=0.0, help="auxiliary grounding loss (0: off)")] = 1.0,
     val_n: Annotated[int, typer.Option(min=2, help="validation gallery for the fusion weight")] = 1000,
     out: Annotated[Path | None, typer.Option(help="checkpoint (default models/reranker-KIND.safetensors)")] = None,
+    init: Annotated[Path | None, typer.Option(help="continue training this checkpoint (warm start)")] = None,
+    first_step: Annotated[int, typer.Option(min=0, help="skip this many steps of the scene stream")] = 0,
 ) -> None:
     """Train a reranker on the frozen embedded encoder, then fit its score fusion on validation scenes."""
     from indexer.encoder import load_encoder
@@ -37,14 +39,18 @@ def train_reranker_cmd(
         fail(f"unknown reranker kind {kind!r}: use mid or early")
     encoder = guarded(load_encoder)
     cfg = RerankTrainConfig(kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out,
-                            ground_weight=ground_weight)
+                            ground_weight=ground_weight, init=init, first_step=first_step)
     with _progress() as bar:
         task = bar.add_task(f"train {kind} reranker", total=steps, loss=float("nan"))
-        model, log = train_reranker(encoder, cfg, lambda step, loss: bar.update(task, advance=1, loss=loss))
+        def advance(_: int, loss: float) -> None:
+            bar.update(task, advance=1, loss=loss)
+
+        model, log = guarded(lambda: train_reranker(encoder, cfg, advance))
     weight, val_r1 = fit_fusion_weight(encoder, TokenReranker(model, encoder), val_n, VAL_SEED)
     model.cfg.fusion_weight = weight
     path = save_reranker(model, cfg.path())
-    summary = {"kind": kind, "steps": steps, "seconds": log["seconds"], "fusion_weight": weight,
+    summary = {"kind": kind, "steps": steps, "init": str(init) if init else None, "first_step": first_step,
+               "seconds": log["seconds"], "fusion_weight": weight,
                "val_r1_at_16": val_r1, "parameters": sum(p.numel() for p in model.parameters()),
                "bytes": path.stat().st_size}
     path.with_suffix(".json").write_text(json.dumps({**summary, "losses": log["losses"]}) + "\n")

@@ -25,7 +25,7 @@ from indexer.scenes import (
     scene_pair,
     twin,
 )
-from reranker.model import Matcher, RerankerConfig
+from reranker.model import Matcher, RerankerConfig, load_reranker
 
 
 @dataclass
@@ -44,6 +44,8 @@ class RerankTrainConfig:
     out: Path | None = None  # default models/reranker-<kind>.safetensors
     mined_temperature: float = 0.05  # ITC-mined negatives are sampled by softmax(similarity / T)
     ground_weight: float = 1.0  # auxiliary loss: each named object's (x, y) read off its shape word
+    init: Path | None = None  # warm start: continue from this checkpoint instead of random weights
+    first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
 
     def path(self) -> Path:
         return self.out or MODELS_DIR / f"reranker-{self.kind}.safetensors"
@@ -177,6 +179,12 @@ def lr_at(step: int, cfg: RerankTrainConfig) -> float:
 
 def new_matcher(encoder: DualEncoder, cfg: RerankTrainConfig) -> Matcher:
     torch.manual_seed(cfg.seed)
+    if cfg.init is not None:
+        model = load_reranker(cfg.init)
+        if model.cfg.kind != cfg.kind or model.cfg.encoder_id != encoder.model_id:
+            raise ValueError(f"{cfg.init} is a {model.cfg.kind} reranker for {model.cfg.encoder_id!r}; "
+                             f"cannot continue it as {cfg.kind} for {encoder.model_id!r}")
+        return model
     text_width = int(encoder.model.transformer.width)
     return Matcher(RerankerConfig(kind=cfg.kind, width=cfg.width, layers=cfg.layers, text_width=text_width,
                                   image_width=encoder.token_shape[1], image_tokens=encoder.token_shape[0],
@@ -194,7 +202,7 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
     for step in range(cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg)
-        batch = make_pairs(encoder, cfg, step)
+        batch = make_pairs(encoder, cfg, cfg.first_step + step)
         loss = pair_loss(model, batch, class_weight, cfg.ground_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()

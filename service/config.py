@@ -20,6 +20,8 @@ class Settings(BaseSettings):
     model: str = "tiny"
     pretrained: str | None = None
     device: str = "cpu"
+    search_device: str = Field("auto", pattern="^(cpu|cuda|auto)$",
+                               description="FAISS search on a GPU copy of each index (auto: when faiss-gpu sees one)")
     rerankers: list[str] = Field(default_factory=lambda: ["mid", "early"])
     default_rerank: RerankTier = "none"
     max_k: int = Field(1000, ge=1)

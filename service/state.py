@@ -107,6 +107,8 @@ def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index]
     queries = QueryEncoder(encoder, cache, metrics, settings.max_batch, settings.max_wait_ms)
 
     def make_searcher(index: Index) -> Searcher:
+        where = index.use_device(settings.search_device)
+        log.info("index %s version %s: FAISS search on %s", index.root.name, index.version, where)
         return Searcher(index, metrics, settings.max_batch, settings.max_wait_ms)
 
     swapper = IndexSwapper({name: index.root for name, index in indexes.items()},

@@ -31,7 +31,7 @@ def index_info(engine: EngineDep, index: str | None = None) -> dict[str, Any]:
     """Manifest and counts of an index (the default one unless named)."""
     served = engine.index(index)
     return {"name": index or engine.default_index, "version": served.version, "count": len(served),
-            "manifest": served.manifest}
+            "search_device": served.search_device, "manifest": served.manifest}
 
 
 @router.get("/metrics", response_class=Response)

@@ -82,3 +82,32 @@ def test_fewer_vectors_than_k_pad_with_minus_one() -> None:
     index = build_index(AnnPlan("flat"), base, np.arange(5, dtype=np.int64))
     _, found = ann_search(index, AnnPlan("flat"), base[:1], 8)
     assert list(found[0][5:]) == [-1, -1, -1]
+
+
+def test_gpu_placement_falls_back_to_cpu_with_a_reason(data, monkeypatch: pytest.MonkeyPatch) -> None:
+    import indexer.ann as ann
+
+    base, ids, _ = data
+    flat = build_index(AnnPlan("flat"), base[:500], ids[:500])
+    assert ann.place_for_search(flat, AnnPlan("flat"), "cpu") == (None, "cpu")
+    if ann.gpu_count() == 0:  # faiss-cpu: cuda and auto both answer from the CPU, and say why
+        for device in ("cuda", "auto"):
+            copy, where = ann.place_for_search(flat, AnnPlan("flat"), device)
+            assert copy is None and where.startswith("cpu (no GPU")
+    monkeypatch.setattr(ann, "gpu_count", lambda: 1)  # even with a GPU, HNSW stays on the CPU
+    copy, where = ann.place_for_search(flat, AnnPlan("hnsw"), "cuda")
+    assert copy is None and "hnsw has no FAISS GPU" in where
+
+
+@pytest.mark.skipif(not hasattr(faiss, "StandardGpuResources") or faiss.get_num_gpus() == 0,
+                    reason="needs faiss-gpu and a GPU")
+def test_gpu_copy_answers_like_the_cpu_index(data) -> None:
+    from indexer.ann import place_for_search
+
+    base, ids, queries = data
+    for plan in (AnnPlan("flat"), plan_index(len(base), base.shape[1], "ivf")):
+        index = build_index(plan, base, ids)
+        copy, where = place_for_search(index, plan, "cuda")
+        assert where == "cuda" and copy is not None
+        cpu_ids = ann_search(index, plan, queries, 10)[1]
+        assert recall_at_10(ann_search(copy, plan, queries, 10)[1], cpu_ids) >= 0.99

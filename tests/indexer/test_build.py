@@ -69,6 +69,28 @@ def test_search_agrees_with_exact_search_and_stored_vectors(corpus: Path, tmp_pa
     assert index.search(image, 1)[1][0, 0] == rows[5]["id"]  # an indexed image finds itself
 
 
+def test_search_device_routes_deep_searches_to_the_cpu_copy(corpus: Path, tmp_path: Path,
+                                                           encoder: DualEncoder) -> None:
+    import faiss
+
+    from indexer.ann import GPU_MAX_K
+
+    build_or_add(corpus, tmp_path / "idx", encoder, OPTS, "build")
+    index = Index.open(tmp_path / "idx")
+    assert index.use_device("cpu") == "cpu" and index.search_device == "cpu"
+    query = encoder.encode_texts(["a red circle"])
+    expected = index.search(query, 5)[1]
+    # stand-in for a GPU copy (a real one needs faiss-gpu): an index that knows one image only
+    only = index.ids()[-1:]
+    index._on_gpu = faiss.IndexIDMap2(faiss.IndexFlatIP(index.dim))
+    index._on_gpu.add_with_ids(index.vectors(only), only)
+    assert list(index.search(query, 5)[1][0]) == [only[0], -1, -1, -1, -1]  # shallow: the copy answers
+    deep = index.search(query, GPU_MAX_K + 1)[1][0]  # beyond faiss-gpu's k limit: the CPU index answers
+    assert list(deep[:5]) == list(expected[0])
+    if not index.use_device("auto").startswith("cuda"):
+        assert index._on_gpu is None and list(index.search(query, 5)[1][0]) == list(expected[0])
+
+
 def test_broken_and_awkward_files_never_stop_a_build(tmp_path: Path, encoder: DualEncoder) -> None:
     broken = broken_files(tmp_path / "src")
     awkward = awkward_files(tmp_path / "src")
