@@ -98,7 +98,7 @@ def gpu_count() -> int:
 
 GPU_MAX_K = 2048  # faiss-gpu's k-selection limit: deeper searches stay on the CPU copy
 GPU_KINDS = ("flat", "ivf", "ivfpq")  # HNSW has no faiss-gpu implementation
-_gpu_resources: list[object] = []  # one StandardGpuResources per process, alive as long as its indexes
+_gpu_resources: list[faiss.StandardGpuResources] = []  # one StandardGpuResources per process, alive as long as its indexes
 
 
 def place_for_search(index: faiss.Index, plan: AnnPlan, device: str) -> tuple[faiss.Index | None, str]:
@@ -114,10 +114,10 @@ def place_for_search(index: faiss.Index, plan: AnnPlan, device: str) -> tuple[fa
     if plan.kind not in GPU_KINDS:
         return None, f"cpu ({plan.kind} has no FAISS GPU implementation)"
     if not _gpu_resources:
-        _gpu_resources.append(faiss.StandardGpuResources())  # type: ignore[attr-defined]
-    options = faiss.GpuClonerOptions()  # type: ignore[attr-defined]
+        _gpu_resources.append(faiss.StandardGpuResources())
+    options = faiss.GpuClonerOptions()
     options.useFloat16 = plan.kind == "ivfpq"  # PQ codes above 48 bytes need fp16 lookup tables on the GPU
-    return faiss.index_cpu_to_gpu(_gpu_resources[0], 0, index, options), "cuda"  # type: ignore[attr-defined]
+    return faiss.index_cpu_to_gpu(_gpu_resources[0], 0, index, options), "cuda"
 
 
 def _train(index: faiss.Index, sample: np.ndarray) -> faiss.Index:
