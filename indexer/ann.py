@@ -98,7 +98,7 @@ def gpu_count() -> int:
 
 GPU_MAX_K = 2048  # faiss-gpu's k-selection limit: deeper searches stay on the CPU copy
 GPU_KINDS = ("flat", "ivf", "ivfpq")  # HNSW has no faiss-gpu implementation
-_gpu_resources: list[faiss.StandardGpuResources] = []  # one StandardGpuResources per process, alive as long as its indexes
+_gpu_resources: list[faiss.StandardGpuResources] = []  # one per process, alive as long as its indexes
 
 
 def place_for_search(index: faiss.Index, plan: AnnPlan, device: str) -> tuple[faiss.Index | None, str]:
