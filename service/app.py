@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI, Request, Response
+from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.config import Settings
 from service.errors import install_handlers
@@ -36,8 +37,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, o
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Content-Type", "X-API-Key"])
-    app.middleware("http")(_timed)
-    app.middleware("http")(_body_limit(settings.max_body_bytes))
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(TimedRoutes)  # added last = outermost: times the 413s too
     install_handlers(app)
     for router in (search.router, images.router, jobs.router, health.router, clip_back.router, page.router):
         app.include_router(router)
@@ -45,23 +46,78 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, o
     return app
 
 
-async def _timed(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """HTTP latency per route template (not per raw path: ids would explode the label set)."""
-    start = time.perf_counter()
-    response = await call_next(request)
-    engine = getattr(request.app.state, "engine", None)
-    route = request.scope.get("route")
-    if engine is not None and route is not None:
-        engine.metrics.http.labels(request.method, getattr(route, "path", "?"), str(response.status_code)).observe(
-            time.perf_counter() - start)
-    return response
+class TimedRoutes:
+    """HTTP latency per route template (not per raw path: ids would explode the label set).
+
+    Plain ASGI rather than `@app.middleware("http")`: that wrapper runs every request through an
+    extra task and memory stream, which cost more than the search itself on small queries.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start, status = time.perf_counter(), 500
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            engine = getattr(scope["app"].state, "engine", None) if "app" in scope else None
+            route = scope.get("route")  # set by the router on this same scope
+            if engine is not None and route is not None:
+                engine.metrics.http.labels(scope["method"], getattr(route, "path", "?"), str(status)).observe(
+                    time.perf_counter() - start)
 
 
-def _body_limit(limit: int) -> Callable[[Request, Callable[[Request], Awaitable[Response]]], Awaitable[Response]]:
-    async def check(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > limit:
-            return JSONResponse(status_code=413, content={"detail": f"request body over {limit} bytes"})
-        return await call_next(request)
+class BodyLimit:
+    """413 for a body over `limit` bytes, whether it declares its length or streams in chunks."""
 
-    return check
+    def __init__(self, app: ASGIApp, limit: int):
+        self.app, self.limit = app, limit
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        length = dict(scope["headers"]).get(b"content-length", b"")
+        if length.isdigit() and int(length) > self.limit:
+            await self._refuse(scope, receive, send)
+            return
+        seen, started = 0, False
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > self.limit:
+                raise _TooLarge(413, f"request body over {self.limit} bytes")
+            return message
+
+        async def track(message: Message) -> None:
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, counted, track)
+        except _TooLarge:
+            if not started:
+                await self._refuse(scope, receive, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = JSONResponse(status_code=413, content={"detail": f"request body over {self.limit} bytes"})
+        await response(scope, receive, send)
+
+
+class _TooLarge(HTTPException):
+    """Raised inside the app's receive when a streamed body passes the limit (an HTTPException, so
+    FastAPI's body parsing passes it on as a 413 instead of calling it a parse error)."""

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
@@ -26,10 +26,11 @@ class BatchStats:
 class MicroBatcher(Generic[In, Out]):
     """Groups items submitted from many threads into calls of `fn` on lists, then splits the results.
 
-    One worker thread takes the first waiting item and everything queued behind it (up to
-    `max_batch`). While a batch runs, new requests queue up and form the next batch, so an idle
-    service adds no latency. Under load (the last batch held more than one item) the worker also
-    waits up to `max_wait_ms` for stragglers, which trades a millisecond for a fuller forward.
+    One batch runs at a time. A blocking call that finds the batcher idle runs its item at once in
+    its own thread: a hand-off to the worker costs more than a small forward when nobody else is
+    waiting. Items that arrive while a batch runs queue up, and the worker thread runs them as the
+    next batch (up to `max_batch`). Under load (the last batch held more than one item) the worker
+    also waits up to `max_wait_ms` for stragglers, which trades a millisecond for a fuller forward.
     """
 
     def __init__(self, fn: Callable[[list[In]], Sequence[Out]], max_batch: int = 32, max_wait_ms: float = 2.0,
@@ -40,67 +41,73 @@ class MicroBatcher(Generic[In, Out]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.stats = BatchStats()
-        self._queue: queue.Queue[tuple[In, Future[Out]] | None] = queue.Queue()
+        self._pending: deque[tuple[In, Future[Out]]] = deque()
+        self._cond = threading.Condition()  # guards _pending, _running, _closed; wakes the worker
+        self._running = False  # a batch is executing (in the worker or inline in a caller)
         self._busy = False  # the previous batch held more than one item
         self._closed = False
-        self._lock = threading.Lock()  # orders submits against close: nothing is queued after the sentinel
         self._thread = threading.Thread(target=self._run, name=f"microbatch-{name}", daemon=True)
         self._thread.start()
 
     def submit(self, item: In) -> Future[Out]:
+        """Queue the item for the worker; closed (an index version being retired): run it here."""
         future: Future[Out] = Future()
-        with self._lock:
+        with self._cond:
             if not self._closed:
-                self._queue.put((item, future))
+                self._pending.append((item, future))
+                self._cond.notify()
                 return future
-        self._execute([(item, future)])  # closed (an index version being retired): run it here
+        self._execute([(item, future)])
         return future
 
     def __call__(self, item: In) -> Out:
-        """Submit and wait; exceptions raised by `fn` are raised here, in the caller's thread."""
-        return self.submit(item).result()
+        """Run and wait; exceptions raised by `fn` are raised here, in the caller's thread."""
+        with self._cond:
+            idle = not (self._closed or self._running or self._pending)
+            self._running = self._running or idle
+        if not idle:
+            return self.submit(item).result()
+        future: Future[Out] = Future()
+        try:
+            self._execute([(item, future)])
+        finally:
+            with self._cond:
+                self._running = False
+                self._cond.notify()  # items that queued behind this call
+        return future.result()
 
     def close(self) -> None:
-        """Stop the worker after the queued items; later submits run in the caller's thread."""
-        with self._lock:
+        """Stop the worker after the queued items; later calls run in the caller's thread."""
+        with self._cond:
             if self._closed:
                 return
             self._closed = True
-            self._queue.put(None)
+            self._cond.notify()
         self._thread.join(timeout=30)
 
-    def _collect(self, first: tuple[In, Future[Out]]) -> tuple[list[tuple[In, Future[Out]]], bool]:
-        batch, stop = [first], False
-        deadline = time.monotonic() + (self.max_wait_s if self._busy else 0.0)
-        while len(batch) < self.max_batch:
-            remaining = deadline - time.monotonic()
-            try:
-                got = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
-            except queue.Empty:
-                break
-            if got is None:
-                stop = True
-                break
-            batch.append(got)
-        return batch, stop
+    def _next_batch(self) -> list[tuple[In, Future[Out]]] | None:
+        """Wait for work and the end of any running batch; None once closed and drained."""
+        with self._cond:
+            while self._running or not (self._pending or self._closed):
+                self._cond.wait()
+            if not self._pending:
+                return None
+            self._running = True
+            deadline = time.monotonic() + (self.max_wait_s if self._busy and not self._closed else 0.0)
+            while len(self._pending) < self.max_batch and not self._closed:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self._cond.wait(remaining):
+                    break
+            return [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
 
     def _run(self) -> None:
-        while True:
-            first = self._queue.get()
-            if first is None:
-                return
-            batch, stop = self._collect(first)
+        while (batch := self._next_batch()) is not None:
             self._busy = len(batch) > 1
-            self._execute(batch)
-            if stop:
-                break
-        while True:  # items queued between the batch and the sentinel
             try:
-                item = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if item is not None:
-                self._execute([item])
+                self._execute(batch)
+            finally:
+                with self._cond:
+                    self._running = False
 
     def _execute(self, batch: list[tuple[In, Future[Out]]]) -> None:
         live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]

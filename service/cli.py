@@ -28,11 +28,12 @@ def serve(
     from service.app import create_app
     from service.config import Settings
     from service.errors import StartupError
-    from service.state import load_engine
+    from service.state import configure_process, load_engine
 
     try:
         given: dict[str, Any] = {"indexes": index, "model": model, "pretrained": pretrained}
         settings = Settings(**{k: v for k, v in given.items() if v})  # the rest from IMSEARCH_* and .env
+        configure_process(settings)
         engine = load_engine(settings)
     except (StartupError, ValidationError) as exc:
         fail(str(exc))

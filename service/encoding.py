@@ -46,7 +46,8 @@ class QueryEncoder:
         if raw is not None:
             return TextEncoding(*unpack_text(raw, self.encoder.embed_dim, self.width))
         encoded = self._texts(text)
-        self.cache.put_raw(key, pack_text(encoded.pooled, encoded.tokens, encoded.mask))
+        if self.cache.enabled:
+            self.cache.put_raw(key, pack_text(encoded.pooled, encoded.tokens, encoded.mask))
         return encoded
 
     def image(self, image: Image.Image) -> np.ndarray:

@@ -6,6 +6,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
+import faiss
 import numpy as np
 
 from indexer.reader import decode_image
@@ -52,9 +53,11 @@ class SearchOutput:
 class Searcher:
     """One index version behind a micro-batcher: concurrent queries share one FAISS search call."""
 
-    def __init__(self, index: Index, metrics: Metrics | None = None, max_batch: int = 64, max_wait_ms: float = 1.0):
+    def __init__(self, index: Index, metrics: Metrics | None = None, max_batch: int = 64, max_wait_ms: float = 1.0,
+                 threads: int = 0):
         self.index = index
         self.metrics = metrics or Metrics()
+        self.threads = threads  # FAISS OpenMP threads (0: its default); see service.state.configure_process
         self._batcher = MicroBatcher(self._search, max_batch, max_wait_ms, f"search-{index.version}")
 
     def __call__(self, vector: np.ndarray, depth: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,6 +69,8 @@ class Searcher:
 
     def _search(self, items: list[tuple[np.ndarray, int]]) -> list[tuple[np.ndarray, np.ndarray]]:
         self.metrics.batch.labels("search").observe(len(items))
+        if self.threads:  # OpenMP thread counts are per calling thread: set it in the batcher's own
+            faiss.omp_set_num_threads(self.threads)
         depth = max(d for _, d in items)
         scores, ids = self.index.search(np.stack([v for v, _ in items]).astype(np.float32), depth)
         out = []

@@ -95,7 +95,23 @@ def test_bad_requests_are_clear_4xx(client: TestClient, body: dict, status: int)
 
 def test_oversized_body_is_413(client: TestClient) -> None:
     response = client.post("/v1/search", content=b"x" * 300_000, headers={"Content-Type": "application/json"})
-    assert response.status_code == 413
+    assert response.status_code == 413 and "200000 bytes" in response.json()["detail"]
+
+    def chunks():  # no Content-Length: the limit is enforced while the body streams in
+        yield b'{"text": "' + b"a" * 150_000
+        yield b"b" * 150_000 + b'"}'
+
+    streamed = client.post("/v1/search", content=chunks(), headers={"Content-Type": "application/json"})
+    assert streamed.status_code == 413 and "200000 bytes" in streamed.json()["detail"]
+
+    def multipart():  # a streamed upload, as browsers send large files
+        yield b'--b\r\nContent-Disposition: form-data; name="file"; filename="big.png"\r\n\r\n'
+        yield from chunks()
+        yield b"\r\n--b--\r\n"
+
+    upload = client.post("/v1/search/image", content=multipart(),
+                         headers={"Content-Type": "multipart/form-data; boundary=b"})
+    assert upload.status_code == 413, upload.text
 
 
 def test_health_ready_and_index_info(client: TestClient) -> None:

@@ -79,7 +79,33 @@ def test_after_close_calls_still_complete_in_the_callers_thread() -> None:
         return items
 
     batcher: MicroBatcher[int, int] = MicroBatcher(record, name="retiring")
-    assert batcher(1) == 1
+    assert batcher.submit(1).result(5) == 1
     batcher.close()
     assert batcher(2) == 2  # an in-flight request on a retired index version still gets its answer
     assert threads[0] == "microbatch-retiring" and threads[1] == threading.current_thread().name
+
+
+def test_an_idle_call_runs_inline_and_calls_behind_a_batch_join_the_next_one() -> None:
+    release = threading.Event()
+    calls: list[tuple[str, list[int]]] = []
+
+    def record(items: list[int]) -> list[int]:
+        calls.append((threading.current_thread().name, sorted(items)))
+        if items == [0]:
+            release.wait(5)
+        return [i + 100 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(record, max_batch=8, max_wait_ms=0, name="w")
+    assert batcher(5) == 105  # idle: no hand-off to the worker
+    assert calls == [(threading.current_thread().name, [5])]
+    first = batcher.submit(0)
+    while len(calls) < 2:
+        threading.Event().wait(0.001)
+    with ThreadPoolExecutor(3) as pool:
+        waiting = [pool.submit(batcher, i) for i in (1, 2, 3)]
+        while len(batcher._pending) < 3:  # all three queued behind the running batch
+            threading.Event().wait(0.001)
+        release.set()
+        assert [f.result(5) for f in waiting] == [101, 102, 103] and first.result(5) == 100
+    assert calls[1:] == [("microbatch-w", [0]), ("microbatch-w", [1, 2, 3])]
+    batcher.close()
