@@ -16,6 +16,7 @@ log = logging.getLogger(__name__)
 
 PREFIX = "imsearch:"
 WARN_EVERY_S = 30.0  # one warning per interval while Redis is down, not one per request
+RETRY_AFTER_S = 1.0  # after a failure, requests skip Redis this long (a hung Redis must not cost each one a timeout)
 
 
 def result_key(model_id: str, index_version: str, request: dict[str, Any]) -> str:
@@ -58,19 +59,24 @@ class QueryCache:
         self.client = redis.Redis.from_url(url, socket_timeout=0.2, socket_connect_timeout=0.2) if url else None
         self.degraded = False
         self._warned_at = 0.0
+        self._retry_at = 0.0
 
     @property
     def enabled(self) -> bool:
         return self.client is not None
 
+    def _skip(self) -> bool:
+        return self.client is None or time.monotonic() < self._retry_at
+
     def _failed(self, exc: Exception) -> None:
         self.degraded = True
+        self._retry_at = time.monotonic() + RETRY_AFTER_S
         if time.monotonic() - self._warned_at > WARN_EVERY_S:
             self._warned_at = time.monotonic()
             log.warning("Redis cache unavailable, bypassing it: %s", exc)
 
     def get_raw(self, key: str) -> bytes | None:
-        if self.client is None:
+        if self._skip() or self.client is None:
             return None
         try:
             raw = self.client.get(key)
@@ -81,7 +87,7 @@ class QueryCache:
         return raw if isinstance(raw, bytes) else None
 
     def put_raw(self, key: str, value: bytes | str) -> None:
-        if self.client is None:
+        if self._skip() or self.client is None:
             return
         try:
             self.client.set(key, value, ex=self.ttl_s)
@@ -123,4 +129,5 @@ class QueryCache:
             self._failed(exc)
             return False
         self.degraded = False
+        self._retry_at = 0.0
         return True

@@ -9,7 +9,6 @@ from typing import Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from fastapi.concurrency import run_in_threadpool
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from indexer.store import Index, UnknownImage
@@ -143,7 +142,7 @@ def indices_list(engine: EngineDep) -> list[str]:
 async def knn_service(request: Request, engine: EngineDep) -> list[dict[str, Any]]:
     """clip-retrieval's query endpoint: a flat list, metadata on the first `num_images` items."""
     body: KnnRequest = _parse(KnnRequest, await _json_body(request))
-    return await run_in_threadpool(_knn, engine, body)  # blocking work off the event loop (batching needs threads)
+    return await engine.run(_knn, engine, body)  # blocking work off the event loop
 
 
 def _knn(engine: Engine, body: KnnRequest) -> list[dict[str, Any]]:
@@ -171,7 +170,7 @@ def _knn(engine: Engine, body: KnnRequest) -> list[dict[str, Any]]:
 async def metadata(request: Request, engine: EngineDep) -> list[dict[str, Any]]:
     """Metadata of ids (unknown ids are left out), for the web front's lazy paging."""
     body: MetadataRequest = _parse(MetadataRequest, await _json_body(request))
-    return await run_in_threadpool(_metadata_rows, engine, body)
+    return await engine.run(_metadata_rows, engine, body)
 
 
 def _metadata_rows(engine: Engine, body: MetadataRequest) -> list[dict[str, Any]]:

@@ -60,7 +60,7 @@ FAST = {"response_model": None, "response_class": ModelJSON,
 
 
 @router.post("/search", **FAST)  # type: ignore[arg-type]
-def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
+async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
     """Search by text, base64 image or embedding; `rerank` picks none, mid or early fusion.
 
     Results are cached in Redis (when configured) under the index version, so a new version
@@ -79,24 +79,25 @@ def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
         hit.update(cached=True, timings_ms={"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup})
         return ModelJSON(SearchResponse(**hit))
     image = _decode_base64(body.image) if body.image is not None else None
-    response = _respond(engine, body.index, _query(engine, body, image), searcher)
+    response = await engine.run(_respond, engine, body.index, _query(engine, body, image), searcher)
     engine.cache.put(key, response.model_dump())
     return ModelJSON(response)
 
 
 @router.post("/search/image", **FAST)  # type: ignore[arg-type]
-def search_upload(
+async def search_upload(
     engine: EngineDep,
     file: Annotated[UploadFile, File(description="an image file")],
     k: Annotated[int, Form(ge=1, le=1000)] = 10,
     index: Annotated[str | None, Form(min_length=1, max_length=200)] = None,
 ) -> ModelJSON:
     """Search by an uploaded image (multipart)."""
-    data = file.file.read(engine.settings.max_body_bytes + 1)
+    data = await file.read(engine.settings.max_body_bytes + 1)
     if not data:
         raise BadQuery("the uploaded file is empty")
     # image queries rank by the dual encoder: the rerankers match text against images
-    return ModelJSON(_respond(engine, index, QueryInput(image=data, k=min(k, engine.settings.max_k))))
+    query = QueryInput(image=data, k=min(k, engine.settings.max_k))
+    return ModelJSON(await engine.run(_respond, engine, index, query))
 
 
 @router.delete("/cache", dependencies=[ApiKeyDep])
