@@ -244,7 +244,10 @@ class Index:
         return self.metadata(self.ids())
 
     def _locate(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        ids = np.asarray(ids, dtype=np.int64)
+        try:
+            ids = np.asarray(ids, dtype=np.int64)
+        except OverflowError:  # ids are int64: a larger number names no image
+            raise UnknownImage(next(i for i in ids if not -(2**63) <= int(i) < 2**63)) from None
         pos = np.searchsorted(self._ids, ids)
         pos = np.clip(pos, 0, max(0, len(self._ids) - 1))
         for i, found in zip(ids, pos, strict=True):

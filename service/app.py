@@ -5,9 +5,12 @@ from __future__ import annotations
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
+from typing import Any
 
 from fastapi import FastAPI, HTTPException
 from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -16,6 +19,7 @@ from service.config import Settings
 from service.errors import install_handlers
 from service.routes import clip_back, health, images, jobs, page, search
 from service.routes.page import STATIC_DIR
+from service.schemas import ErrorResponse
 from service.state import Engine, load_engine
 
 
@@ -43,7 +47,27 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, o
     for router in (search.router, images.router, jobs.router, health.router, clip_back.router, page.router):
         app.include_router(router)
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
+    app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """FastAPI's schema, with the errors this service really sends: every 4xx is `{"detail": "..."}`
+    (FastAPI would document its 422 as a list of validation errors, which service.errors flattens)."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, routes=app.routes)
+        schemas = schema.setdefault("components", {}).setdefault("schemas", {})
+        schemas["ErrorResponse"] = ErrorResponse.model_json_schema()
+        error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/ErrorResponse"}}}}
+        for operations in schema["paths"].values():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                responses.pop("422", None)
+                responses["4XX"] = {"description": "a client error, explained in `detail`", **error}
+        for name in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(name, None)
+        app.openapi_schema = schema
+    return app.openapi_schema
 
 
 class TimedRoutes:

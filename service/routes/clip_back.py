@@ -5,7 +5,7 @@ from __future__ import annotations
 import base64
 import json
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Request
@@ -54,7 +54,7 @@ class KnnRequest(BaseModel):
 class MetadataRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ids: list[int] = Field(..., max_length=10_000)
+    ids: list[Annotated[int, Field(ge=0, lt=2**63)]] = Field(..., max_length=10_000)  # ids are int64
     indice_name: str | None = None
 
 
@@ -138,7 +138,12 @@ def indices_list(engine: EngineDep) -> list[str]:
     return list(engine.indexes)
 
 
-@router.post("/knn-service")
+def _documented(model: type[BaseModel]) -> dict[str, Any]:
+    """The body schema for the OpenAPI document (the route reads the raw body itself, see _json_body)."""
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": model.model_json_schema()}}}}
+
+
+@router.post("/knn-service", openapi_extra=_documented(KnnRequest))
 async def knn_service(request: Request, engine: EngineDep) -> list[dict[str, Any]]:
     """clip-retrieval's query endpoint: a flat list, metadata on the first `num_images` items."""
     body: KnnRequest = _parse(KnnRequest, await _json_body(request))
@@ -166,7 +171,7 @@ def _knn(engine: Engine, body: KnnRequest) -> list[dict[str, Any]]:
     return results
 
 
-@router.post("/metadata")
+@router.post("/metadata", openapi_extra=_documented(MetadataRequest))
 async def metadata(request: Request, engine: EngineDep) -> list[dict[str, Any]]:
     """Metadata of ids (unknown ids are left out), for the web front's lazy paging."""
     body: MetadataRequest = _parse(MetadataRequest, await _json_body(request))

@@ -34,7 +34,8 @@ def index_info(engine: EngineDep, index: str | None = None) -> dict[str, Any]:
             "search_device": served.search_device, "manifest": served.manifest}
 
 
-@router.get("/metrics", response_class=Response)
+@router.get("/metrics", response_class=Response,
+            responses={200: {"content": {"text/plain": {}}, "description": "Prometheus exposition format"}})
 def metrics(engine: EngineDep) -> Response:
     """Prometheus text format: latency per stage and rerank tier, HTTP latency, cache hits, batch sizes."""
     return Response(engine.metrics.render(), media_type=CONTENT_TYPE_LATEST)

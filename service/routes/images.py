@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
 from fastapi.responses import FileResponse
 from PIL import Image
 
@@ -27,8 +28,11 @@ def thumbnail_jpeg(path: Path, side: int) -> bytes:
     return buf.getvalue()
 
 
-@router.get("/images/{image_id}")
-def image(image_id: int, request: Request, engine: EngineDep, index: str | None = None,
+@router.get("/images/{image_id}", response_class=Response, responses={
+    200: {"content": {"image/*": {}}, "description": "the indexed file, or a JPEG thumbnail (?thumb=N)"},
+    304: {"description": "not modified (If-None-Match matched the ETag)"}})
+def image(image_id: Annotated[int, PathParam(ge=0, lt=2**63, description="an id from a search")], request: Request,
+          engine: EngineDep, index: str | None = None,
           thumb: Annotated[int | None, Query(ge=16, le=1024, description="longest side of a JPEG thumbnail")] = None,
           ) -> Response:
     """The indexed file of an id (or its thumbnail), with an ETag; 404 for ids the index does not hold."""

@@ -227,3 +227,5 @@ def test_unknown_ids_are_refused(corpus: Path, tmp_path: Path, encoder: DualEnco
         index.tokens([12345])
     with pytest.raises(UnknownImage):
         index.metadata([-1])
+    with pytest.raises(UnknownImage):  # beyond int64: no such id, not an OverflowError
+        index.vectors([int(index.ids()[0]), 2**70])
