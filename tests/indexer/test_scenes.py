@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from indexer.scenes import (
     COLOURS,
@@ -16,6 +19,7 @@ from indexer.scenes import (
     caption,
     captions,
     object_centre,
+    perturb,
     render,
     scene_pair,
     twin_gallery,
@@ -175,3 +179,44 @@ def test_perturbations_cover_every_error_kind_and_always_change_the_description(
         render(other)
     assert kinds >= {"colour_change", "shape_change", "size_change", "position_change", "drop_object",
                      "colour_swap", "shape_swap", "lr_swap", "tb_swap"}
+
+
+# --- properties of the grammar, over any stream and index -----------------------------------------
+
+SEEDS = st.integers(min_value=0, max_value=2**32 - 1)
+INDEXES = st.integers(min_value=0, max_value=10**9)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=SEEDS, index=INDEXES)
+def test_a_twin_is_never_described_like_its_scene(seed: int, index: int) -> None:
+    scene, other = scene_pair(seed, index)
+    a, b = scene.scene, other.scene
+    assert a.key() != b.key() and set(captions(a)).isdisjoint(captions(b))
+    assert len(a.objects) == len(b.objects) and a.layout == b.layout
+    if other.twin_kind in ("colour_swap", "shape_swap", "size_swap", "lr_swap", "tb_swap") and len(a.objects) > 1:
+        for field in ("size", "colour", "shape"):  # a swap moves values between objects, never adds one
+            assert Counter(getattr(o, field) for o in a.objects) == Counter(getattr(o, field) for o in b.objects)
+
+
+@settings(max_examples=300, deadline=None)
+@given(seed=SEEDS, index=INDEXES)
+def test_every_phrasing_names_every_object_once_and_nothing_else(seed: int, index: int) -> None:
+    scene = scene_pair(seed, index)[0].scene
+    phrases = [o.phrase() for o in scene.objects]
+    assert len(set(o.attrs() for o in scene.objects)) == len(phrases)  # objects are distinguishable
+    assert len({(o.col, o.row) for o in scene.objects}) == len(phrases)  # distinct cells: no overlap
+    for text in captions(scene):
+        assert all(text.count(p) == 1 for p in phrases), text
+        words = set(text.replace(",", "").split())
+        assert sum(w in SHAPES for w in text.replace(",", "").split()) == len(phrases)
+        assert words & set(SIZES) and words & set(COLOURS)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=SEEDS, index=INDEXES, draw_seed=SEEDS)
+def test_a_perturbation_always_changes_the_description(seed: int, index: int, draw_seed: int) -> None:
+    scene = scene_pair(seed, index)[0].scene
+    out, kind = perturb(scene, np.random.default_rng(draw_seed))
+    assert out.key() != scene.key() and set(captions(out)).isdisjoint(captions(scene)), kind
+    assert len({o.attrs() for o in out.objects}) == len(out.objects)
