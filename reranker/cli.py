@@ -19,7 +19,7 @@ KindOpt = Annotated[str, typer.Option(help="mid (cross-attention ITM) or early (
 def train_reranker_cmd(
     kind: KindOpt = "mid",
     steps: Annotated[int, typer.Option(min=1)] = 1500,
-    batch: Annotated[int, typer.Option(min=2, help="positives per step (each with 4 negatives)")] = 32,
+    batch: Annotated[int, typer.Option(min=2, help="positives per step (each with 5 negatives)")] = 32,
     lr: Annotated[float, typer.Option(min=0.0)] = 3e-4,
     layers: Annotated[int, typer.Option(min=1, max=12)] = 3,
     ground_weight: Annotated[float, typer.Option(min=0.0, help="auxiliary grounding loss (0: off)")] = 1.0,

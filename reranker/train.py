@@ -34,7 +34,7 @@ class RerankTrainConfig:
 
     kind: str = "mid"
     steps: int = 1500
-    batch: int = 32  # positives per step; each brings 4 negatives
+    batch: int = 32  # positives per step; each brings NEGATIVES_PER_POSITIVE negatives
     lr: float = 3e-4
     warmup: int = 100
     weight_decay: float = 0.05
@@ -49,6 +49,9 @@ class RerankTrainConfig:
 
     def path(self) -> Path:
         return self.out or MODELS_DIR / f"reranker-{self.kind}.safetensors"
+
+
+NEGATIVES_PER_POSITIVE = 5
 
 
 @dataclass
@@ -66,13 +69,15 @@ class PairBatch:
 
 @dataclass
 class Negatives:
-    """One step's scenes: positives, their hard twins (image side) and two text-side negatives each."""
+    """One step's scenes: positives, two image-side negatives (hard twin, perturbed image) and two
+    text-side negatives (order swap, perturbed caption) each."""
 
     positives: list[Scene]
     twins: list[Scene]
     order_swaps: list[Scene]  # relation negatives: places swapped (or a single object mirrored)
     perturbed: list[Scene]  # any kind of mistake: substitutions, swaps, a dropped object
-    kinds: list[str]  # twin kind, then perturbation kind, per positive
+    perturbed_images: list[Scene]  # the same kinds on the image side: the gallery's distractors
+    kinds: list[str]  # twin kind, caption perturbation kind, image perturbation kind, per positive
 
 
 def _order_swap(scene: Scene, rng: np.random.Generator) -> Scene:
@@ -93,7 +98,9 @@ def sample_negatives(seed: int, step: int, batch: int) -> tuple[Negatives, np.ra
     twins, kinds = zip(*(twin(s, rng) for s in positives), strict=True)
     perturbed, p_kinds = zip(*(perturb(s, rng) for s in positives), strict=True)
     swaps = [_order_swap(s, rng) for s in positives]
-    return Negatives(positives, list(twins), swaps, list(perturbed), list(kinds) + list(p_kinds)), rng
+    images, i_kinds = zip(*(perturb(s, rng) for s in positives), strict=True)
+    return Negatives(positives, list(twins), swaps, list(perturbed), list(images),
+                     list(kinds) + list(p_kinds) + list(i_kinds)), rng
 
 
 def _mine(sim: np.ndarray, rng: np.random.Generator, temperature: float) -> np.ndarray:
@@ -138,19 +145,25 @@ def grounding_targets(encoder: DualEncoder, scenes: list[Scene], texts: list[str
 
 
 def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairBatch:
-    """Per positive: its twin image, an order-swapped and a perturbed caption, and an ITC-mined image."""
+    """Per positive: its twin and a perturbed image, an order-swapped and a perturbed caption, an ITC-mined image.
+
+    The perturbed image (a shape, colour or size changed, an object dropped...) is what a gallery
+    holds next to the right image; the caption-side negatives alone left shape errors unlearnt.
+    """
     neg, rng = sample_negatives(cfg.seed, step, cfg.batch)
     size = int(encoder.model.visual.image_size[0])
     texts = [caption(s, rng) for s in neg.positives + neg.order_swaps + neg.perturbed]
-    img_emb, img_tok = encoder.encode_images_and_tokens([render(s, size) for s in neg.positives + neg.twins])
+    img_emb, img_tok = encoder.encode_images_and_tokens(
+        [render(s, size) for s in neg.positives + neg.twins + neg.perturbed_images])
     txt_emb, txt_tok, txt_mask = encoder.encode_texts_and_tokens(texts)
     b = cfg.batch
     pos = np.arange(b)
     mined = _mine(txt_emb[:b] @ img_emb[:b].T, rng, cfg.mined_temperature)
-    image_rows = np.concatenate([pos, pos + b, pos, pos, mined])
-    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos])
-    labels = np.concatenate([np.ones(b), np.zeros(4 * b)])
-    kinds = ["positive"] * b + neg.kinds[:b] + ["order_swap"] * b + neg.kinds[b:] + ["mined"] * b
+    image_rows = np.concatenate([pos, pos + b, pos, pos, mined, pos + 2 * b])
+    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos, pos])
+    labels = np.concatenate([np.ones(b), np.zeros(NEGATIVES_PER_POSITIVE * b)])
+    kinds = (["positive"] * b + neg.kinds[:b] + ["order_swap"] * b + neg.kinds[b : 2 * b] + ["mined"] * b
+             + [f"image_{k}" for k in neg.kinds[2 * b :]])
     return PairBatch(
         torch.from_numpy(img_tok[image_rows]), torch.from_numpy(txt_tok[text_rows]),
         torch.from_numpy(txt_mask[text_rows]), torch.from_numpy(labels).long(), kinds,
@@ -193,10 +206,10 @@ def new_matcher(encoder: DualEncoder, cfg: RerankTrainConfig) -> Matcher:
 
 def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
                    on_step: Callable[[int, float], None] | None = None) -> tuple[Matcher, dict[str, object]]:
-    """Train a mid or early fusion matcher; 4 negatives per positive, so positives weigh 4x in the loss."""
+    """Train a mid or early fusion matcher; positives weigh as much as their negatives in the loss."""
     model = new_matcher(encoder, cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    class_weight = torch.tensor([1.0, 4.0])
+    class_weight = torch.tensor([1.0, float(NEGATIVES_PER_POSITIVE)])
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(cfg.steps):
