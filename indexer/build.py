@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import hashlib
 import json
 import os
@@ -36,6 +38,9 @@ from indexer.store import (
 from indexer.writer import Failure, Row, ShardWriter, StagedShard, read_staged
 
 Progress = Callable[[int, int, int], None]  # (items done, items total, images indexed)
+
+
+FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 class BuildError(ValueError):
@@ -94,6 +99,23 @@ def check_writable(out: Path) -> None:
         probe.unlink()
     except OSError as exc:
         raise BuildError(f"cannot write the index to {out}: {exc.strerror or exc}") from None
+
+
+@contextlib.contextmanager
+def disk_errors(out: Path) -> Iterator[None]:
+    """A full disk while writing a version is the operator's to fix: say so, in one line.
+
+    Nothing is lost: a version is published by one rename after all its files are written, so the
+    served version stays as it was, and the completed shards of this run resume the next one.
+    """
+    try:
+        yield
+    except (OSError, RuntimeError) as exc:  # faiss reports failed writes as RuntimeError
+        if getattr(exc, "errno", None) not in FULL_DISK and "No space left" not in str(exc):
+            raise
+        free = shutil.disk_usage(out if out.exists() else out.parent).free
+        raise BuildError(f"No space left on device while writing a new version of {out} ({free} bytes free); "
+                         "the served version is unchanged: free some space and run it again") from None
 
 
 def check_model(parent: Index, encoder: DualEncoder) -> None:
@@ -226,7 +248,7 @@ def build_or_add(src: Path, out: Path, encoder: DualEncoder, opts: BuildOptions,
     start = time.perf_counter()
     items = list_source(src)
     check_writable(out)
-    with mutation_lock(out):
+    with mutation_lock(out), disk_errors(out):
         return _ingest_locked(src, out, encoder, opts, mode, progress, items, start)
 
 
@@ -297,7 +319,7 @@ def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptio
 def remove(index_dir: Path, paths: list[str] | None = None, ids: list[int] | None = None,
            opts: BuildOptions | None = None) -> BuildReport:
     """Publish a version without the given images (by path or id); unknown ones are an error."""
-    with mutation_lock(index_dir):
+    with mutation_lock(index_dir), disk_errors(index_dir):
         return _remove_locked(index_dir, paths, ids, opts or BuildOptions())
 
 

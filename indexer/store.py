@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import io
 import json
 import os
 import shutil
@@ -73,8 +74,11 @@ def write_atomic(path: Path, data: bytes) -> None:
 
 
 def save_npy(path: Path, array: np.ndarray) -> None:
+    # through Python's write, not numpy's fwrite: a full disk then raises ENOSPC, not a byte count
+    buffer = io.BytesIO()
+    np.save(buffer, array)
     with path.open("wb") as fh:
-        np.save(fh, array)
+        fh.write(buffer.getbuffer())
 
 
 @contextlib.contextmanager

@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
-import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,20 +21,10 @@ from indexer.scenes import write_scenes
 from indexer.store import Index
 from service.app import create_app
 from service.config import Settings
+from tests.service.procs import CLI, free_port, serve, terminate, wait_for
 
 REDIS_URL = "redis://127.0.0.1:6379/2"  # a database of its own: the tests flush it
 KEY = {"X-API-Key": "k3y"}
-CLI = str(Path(sys.executable).parent / "imsearch")
-
-
-def wait_for(check: Callable[[], Any], timeout: float = 120, every: float = 0.2) -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(every)
-    raise AssertionError(f"timed out after {timeout} s")
 
 
 @pytest.fixture()
@@ -133,41 +121,16 @@ def _worker() -> subprocess.Popen[bytes]:
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
-def _stop(proc: subprocess.Popen[bytes], sig: int = signal.SIGTERM) -> None:
-    if proc.poll() is None:
-        os.killpg(proc.pid, sig)
-    proc.wait(timeout=30)
-
-
 def _serve(index_dir: Path, root: Path, port: int) -> subprocess.Popen[bytes]:
-    env = {**os.environ, "IMSEARCH_REDIS_URL": REDIS_URL, "IMSEARCH_API_KEY": "k3y",
-           "IMSEARCH_JOB_ROOTS": f'["{root}"]', "IMSEARCH_RERANKERS": "[]", "IMSEARCH_VERSION_POLL_S": "600"}
-    proc = subprocess.Popen([CLI, "serve", "--index", f"scenes={index_dir}", "--port", str(port)],
-                            env=env, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url = f"http://127.0.0.1:{port}"
-
-    def up() -> bool:
-        try:
-            return httpx.get(f"{url}/readyz", timeout=1).status_code == 200
-        except httpx.HTTPError:
-            return False
-
-    wait_for(up, timeout=120)
-    return proc
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+    return serve(f"scenes={index_dir}", port, {
+        "IMSEARCH_REDIS_URL": REDIS_URL, "IMSEARCH_API_KEY": "k3y", "IMSEARCH_JOB_ROOTS": f'["{root}"]',
+        "IMSEARCH_RERANKERS": "[]", "IMSEARCH_VERSION_POLL_S": "600"})
 
 
 def test_worker_job_swaps_both_api_processes_with_zero_failed_searches(corpus: tuple[Path, Path],
                                                                        flushed: redis.Redis) -> None:
     root, index_dir = corpus
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     servers = [_serve(index_dir, root, port) for port in ports]
     worker = _worker()
     clients = [httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=30) for port in ports]
@@ -199,9 +162,9 @@ def test_worker_job_swaps_both_api_processes_with_zero_failed_searches(corpus: t
             loader.join(timeout=30)
         for client in clients:
             client.close()
-        _stop(worker)
+        terminate(worker)
         for server in servers:
-            _stop(server)
+            terminate(server)
     assert len(statuses) > 10 and set(statuses) == {200}
 
 
@@ -215,13 +178,13 @@ def test_a_killed_worker_s_job_completes_after_restart_exactly_once(corpus: tupl
         client.post("/v1/jobs/index", headers=KEY, json={"source": str(root / "big"), "job_id": "crash",
                                                          "options": {"shard_size": 32, "batch_size": 16}})
         wait_for(lambda: _job(client, "crash").get("progress", {}).get("done", 0) >= 96)
-        _stop(worker, signal.SIGKILL)  # the worker and the job's process, mid-job
+        terminate(worker, signal.SIGKILL)  # the worker and the job's process, mid-job
         assert _job(client, "crash")["status"] == "running"  # what Redis still believes
         worker = _worker()
         try:
             done = wait_for(lambda: (j := _job(client, "crash"))["status"] in ("succeeded", "failed") and j, 180)
         finally:
-            _stop(worker)
+            terminate(worker)
     assert done["status"] == "succeeded", done
     index = Index.open(index_dir)
     paths = [row["path"] for row in index.live_rows]
@@ -242,5 +205,5 @@ def test_cancel_a_running_worker_job(corpus: tuple[Path, Path], flushed: redis.R
             time.sleep(1.0)
             assert _job(client, "stopme")["status"] == "cancelled"
     finally:
-        _stop(worker)
+        terminate(worker)
     assert Index.open(index_dir).version == version

@@ -1,0 +1,185 @@
+"""Faults: Redis killed and restarted under load, the disk filling up during a publish, SIGTERM with
+requests in flight. Each against real processes and files; searches must keep answering."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+from fastapi.testclient import TestClient
+
+from indexer.build import BuildOptions, build_or_add
+from indexer.encoder import DualEncoder
+from indexer.scenes import write_scenes
+from indexer.store import current_version
+from service.app import create_app
+from service.config import Settings
+from tests.service.procs import free_port, serve, terminate, wait_for
+
+KEY = {"X-API-Key": "k3y"}
+TEXTS = ["a small red circle on the left", "a large blue square left of a small green cross",
+         "a small yellow diamond above a large white triangle", "a large purple cross at the top"]
+
+
+@pytest.fixture(scope="module")
+def scenes(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(a built index, a folder of new scenes to add)."""
+    root = tmp_path_factory.mktemp("faults")
+    write_scenes(root / "base", 20, seed=121, twins=True)
+    write_scenes(root / "incoming" / "more", 40, seed=122, twins=True)
+    build_or_add(root / "base" / "captions.jsonl", root / "idx", encoder, BuildOptions(workers=0), "build")
+    return root / "idx", root / "incoming"
+
+
+def _redis_server(port: int) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    import redis
+
+    wait_for(lambda: _pings(redis.Redis(port=port)), timeout=20, every=0.05)
+    return proc
+
+
+def _pings(client: object) -> bool:
+    import redis
+
+    try:
+        return bool(client.ping())  # type: ignore[attr-defined]
+    except redis.RedisError:
+        return False
+
+
+class Load:
+    """Threads sending text searches in a loop; records (start, end, status or exception name)."""
+
+    def __init__(self, url: str, threads: int, body: dict[str, object] | None = None):
+        self.url, self.body = url, body or {}
+        self.results: list[tuple[float, float, object, bool]] = []
+        self._stop = threading.Event()
+        self._threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(threads)]
+
+    def __enter__(self) -> Load:
+        for thread in self._threads:
+            thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        for thread in self._threads:
+            thread.join(timeout=60)
+
+    def _run(self, offset: int) -> None:
+        with httpx.Client(base_url=self.url, timeout=60) as client:
+            i = offset
+            while not self._stop.is_set():
+                start = time.monotonic()
+                try:
+                    response = client.post("/v1/search", json={"text": TEXTS[i % len(TEXTS)], "k": 5, **self.body})
+                    outcome: object = response.status_code
+                    cached = response.status_code == 200 and response.json()["cached"]
+                except httpx.HTTPError as exc:
+                    outcome, cached = type(exc).__name__, False
+                self.results.append((start, time.monotonic(), outcome, cached))
+                i += 1
+
+
+def test_redis_killed_and_restarted_under_load(scenes: tuple[Path, Path]) -> None:
+    index_dir, _ = scenes
+    redis_port, port = free_port(), free_port()
+    redis_proc = _redis_server(redis_port)
+    server = serve(f"scenes={index_dir}", port, {"IMSEARCH_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0",
+                                                 "IMSEARCH_RERANKERS": "[]"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with Load(url, threads=4) as load:
+            wait_for(lambda: sum(r[3] for r in load.results) >= 20, timeout=60)  # the cache answers
+            redis_proc.kill()
+            redis_proc.wait(timeout=10)
+            killed_at = time.monotonic()
+            time.sleep(2.0)
+            assert httpx.get(f"{url}/readyz").json()["cache"] == "degraded"
+            redis_proc = _redis_server(redis_port)  # empty: it keeps nothing on disk
+            restarted_at = time.monotonic()
+            wait_for(lambda: any(r[3] and r[0] > restarted_at for r in load.results), timeout=30)
+        assert any(r[0] > killed_at and r[1] < restarted_at for r in load.results)  # served while Redis was gone
+        assert {r[2] for r in load.results} == {200}, {r[2] for r in load.results}
+        assert httpx.get(f"{url}/readyz").json()["cache"] == "ok"
+    finally:
+        terminate(server)
+        redis_proc.kill()
+        redis_proc.wait(timeout=10)
+
+
+@pytest.fixture()
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """An 8 MB tmpfs (the machine's disk cannot be filled safely)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path, leave: int) -> Path:
+    """A file taking all but `leave` bytes of the disk's free space."""
+    free = shutil.disk_usage(disk).free
+    filler = disk / "filler"
+    with filler.open("wb") as fh:
+        fh.truncate(0)
+        fh.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def test_a_full_disk_during_publish_fails_the_job_and_keeps_the_old_version(scenes: tuple[Path, Path],
+                                                                              small_disk: Path) -> None:
+    index_dir, incoming = scenes
+    served = small_disk / "idx"
+    shutil.copytree(index_dir, served, symlinks=True)
+    before = current_version(served)
+    filler = _fill(small_disk, leave=256 * 1024)  # the new version needs about 1.5 MB
+    settings = Settings(indexes=[f"scenes={served}"], rerankers=[], api_key="k3y", job_roots=[str(incoming)])
+    with TestClient(create_app(settings)) as client:
+        start = client.post("/v1/jobs/index", headers=KEY, json={"source": str(incoming / "more"), "mode": "add"})
+        job_id = start.json()["job_id"]
+        job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}", headers=KEY).json())["status"]
+                       in ("succeeded", "failed") and j)
+        assert job["status"] == "failed" and "No space left on device" in job["error"], job
+        assert "Traceback" not in job["error"]
+        assert current_version(served) == before
+        search = client.post("/v1/search", json={"text": TEXTS[0], "k": 5})
+        assert search.status_code == 200 and search.json()["index_version"] == before
+        assert len(search.json()["hits"]) == 5
+        filler.unlink()  # space again: the same job, retried, publishes (nothing half-written was left behind)
+        retry = client.post("/v1/jobs/index", headers=KEY, json={"source": str(incoming / "more"), "mode": "add"})
+        job_id = retry.json()["job_id"]
+        job = wait_for(lambda: (j := client.get(f"/v1/jobs/{job_id}", headers=KEY).json())["status"]
+                       in ("succeeded", "failed") and j)
+        assert job["status"] == "succeeded", job
+        assert client.get("/v1/index").json()["count"] == 40 + 80
+
+
+def test_sigterm_lets_in_flight_requests_finish_then_exits(scenes: tuple[Path, Path]) -> None:
+    index_dir, _ = scenes
+    port = free_port()
+    server = serve(f"scenes={index_dir}", port, {"IMSEARCH_RERANKERS": '["early"]'})
+    with Load(f"http://127.0.0.1:{port}", threads=12, body={"rerank": "early", "rerank_k": 40}) as load:
+        wait_for(lambda: len(load.results) >= 12, timeout=60)
+        os.killpg(server.pid, signal.SIGTERM)
+        sent = time.monotonic()
+        # uvicorn shuts down gracefully, then re-raises the signal so the exit status tells why it ended
+        assert server.wait(timeout=60) in (0, -signal.SIGTERM)
+    in_flight = [r for r in load.results if r[0] < sent - 0.2]  # sent well before the signal: being served
+    finished_late = [r for r in in_flight if r[1] > sent]
+    assert finished_late and all(r[2] == 200 for r in in_flight), in_flight[-12:]
