@@ -9,7 +9,7 @@ HOST ?= 127.0.0.1
 PORT ?= 8000
 REDIS_PORT ?= 6379
 
-.PHONY: install demo eval test lint redis browser clean
+.PHONY: install demo eval bench test lint redis browser clean
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || python3 -m venv $(VENV)
@@ -32,6 +32,11 @@ demo: install
 eval: install
 	$(BIN)/imsearch eval encoder
 	$(BIN)/imsearch eval tradeoff --errors
+
+# every benchmark at bounded sizes (about 18 min on 2 cores), then BENCHMARKS.md and bench/tradeoff.png
+bench: install
+	$(PY) -m pip install --quiet --editable '.[bench]'
+	$(PY) bench/report.py --run
 
 redis:
 	@$(PY) -c "import redis; redis.Redis(host='127.0.0.1', port=$(REDIS_PORT)).ping()" 2>/dev/null \
