@@ -39,10 +39,9 @@ def percentile(values: list[float], q: float) -> float:
 # --- client process --------------------------------------------------------------------------------
 
 
-async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes) -> int:
-    """One keep-alive HTTP/1.1 POST; returns the status (the body is read and dropped)."""
-    writer.write(b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-                 % (path.encode(), len(body)) + body)
+async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
+    """Send one raw HTTP/1.1 request on a keep-alive connection; returns the status (the body is dropped)."""
+    writer.write(request)
     status = int((await reader.readline()).split()[1])
     length = 0
     while (line := await reader.readline()) not in (b"\r\n", b""):
@@ -50,6 +49,20 @@ async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path
         length = int(value) if name.lower() == b"content-length" else length
     await reader.readexactly(length)
     return status
+
+
+async def _post(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, path: str, body: bytes) -> int:
+    head = b"POST %s HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    return await exchange(reader, writer, head % (path.encode(), len(body)) + body)
+
+
+def write_result(result: dict, out: Path | None) -> None:
+    """Print the JSON result, and write it to `out` when given."""
+    text = json.dumps(result, indent=2)
+    if out:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(text + "\n")
+    print(text)
 
 
 async def _client_loop(url: str, texts: list[str], concurrency: int, duration: float, rerank: str) -> dict:
@@ -229,12 +242,7 @@ def main() -> None:
     if args.client:
         client_main(args)
         return
-    result = bench(args)
-    text = json.dumps(result, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    write_result(bench(args), args.out)
 
 
 if __name__ == "__main__":

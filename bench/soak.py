@@ -28,7 +28,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.service import free_port, percentile  # noqa: E402
+from bench.service import exchange, free_port, percentile, write_result  # noqa: E402
 
 KINDS = ("text", "text_mid", "text_early", "image_b64", "image_upload")
 
@@ -60,17 +60,6 @@ def request_bytes(kind: str, text: str, image: bytes) -> bytes:
     return head + b"Content-Length: %d\r\n\r\n" % len(body) + body
 
 
-async def _exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, raw: bytes) -> int:
-    writer.write(raw)
-    status = int((await reader.readline()).split()[1])
-    length = 0
-    while (line := await reader.readline()) not in (b"\r\n", b""):
-        name, _, value = line.partition(b":")
-        length = int(value) if name.lower() == b"content-length" else length
-    await reader.readexactly(length)
-    return status
-
-
 async def load(port: int, texts: list[str], images: list[bytes], clients: int, duration: float,
                seed: int) -> dict[str, list]:
     """Closed-loop clients; per kind: latencies (ms) and error statuses."""
@@ -88,7 +77,7 @@ async def load(port: int, texts: list[str], images: list[bytes], clients: int, d
             kind, t, m = plan[i % len(plan)]
             start = time.perf_counter()
             try:
-                status = await _exchange(reader, writer, request_bytes(kind, texts[t], images[m]))
+                status = await exchange(reader, writer, request_bytes(kind, texts[t], images[m]))
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError) as exc:
                 status = type(exc).__name__  # type: ignore[assignment]
                 writer.close()
@@ -168,11 +157,7 @@ def main() -> None:
               "duration_s": args.duration, "warmup_s": args.warmup, **summary(results, seconds),
               "rss_mib_after_warmup": round(rss_start, 1), "rss_mib_end": round(rss_end, 1),
               "rss_growth": round(rss_end / rss_start - 1, 4)}
-    text = json.dumps(report, indent=2)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
-    print(text)
+    write_result(report, args.out)
 
 
 if __name__ == "__main__":
