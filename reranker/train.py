@@ -34,7 +34,7 @@ class RerankTrainConfig:
 
     kind: str = "mid"
     steps: int = 1500
-    batch: int = 32  # positives per step; each brings NEGATIVES_PER_POSITIVE negatives
+    batch: int = 32  # positives per step; each brings `negatives` negatives
     lr: float = 3e-4
     warmup: int = 100
     weight_decay: float = 0.05
@@ -44,14 +44,16 @@ class RerankTrainConfig:
     out: Path | None = None  # default models/reranker-<kind>.safetensors
     mined_temperature: float = 0.05  # ITC-mined negatives are sampled by softmax(similarity / T)
     ground_weight: float = 1.0  # auxiliary loss: each named object's (x, y) read off its shape word
+    image_negatives: bool = True  # each positive's caption against a perturbed image (off: 4 negatives each)
     init: Path | None = None  # warm start: continue from this checkpoint instead of random weights
     first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
 
     def path(self) -> Path:
         return self.out or MODELS_DIR / f"reranker-{self.kind}.safetensors"
 
-
-NEGATIVES_PER_POSITIVE = 5
+    @property
+    def negatives(self) -> int:
+        return 5 if self.image_negatives else 4
 
 
 @dataclass
@@ -161,12 +163,13 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     mined = _mine(txt_emb[:b] @ img_emb[:b].T, rng, cfg.mined_temperature)
     image_rows = np.concatenate([pos, pos + b, pos, pos, mined, pos + 2 * b])
     text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos, pos])
-    labels = np.concatenate([np.ones(b), np.zeros(NEGATIVES_PER_POSITIVE * b)])
+    labels = np.concatenate([np.ones(b), np.zeros(5 * b)])
     kinds = (["positive"] * b + neg.kinds[:b] + ["order_swap"] * b + neg.kinds[b : 2 * b] + ["mined"] * b
              + [f"image_{k}" for k in neg.kinds[2 * b :]])
+    rows = slice(0, (1 + cfg.negatives) * b)  # the perturbed images come last
     return PairBatch(
-        torch.from_numpy(img_tok[image_rows]), torch.from_numpy(txt_tok[text_rows]),
-        torch.from_numpy(txt_mask[text_rows]), torch.from_numpy(labels).long(), kinds,
+        torch.from_numpy(img_tok[image_rows[rows]]), torch.from_numpy(txt_tok[text_rows[rows]]),
+        torch.from_numpy(txt_mask[text_rows[rows]]), torch.from_numpy(labels[rows]).long(), kinds[rows],
         *grounding_targets(encoder, neg.positives, texts[:b]),  # pair rows 0..b-1 are the positives
     )
 
@@ -209,7 +212,7 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
     """Train a mid or early fusion matcher; positives weigh as much as their negatives in the loss."""
     model = new_matcher(encoder, cfg).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    class_weight = torch.tensor([1.0, float(NEGATIVES_PER_POSITIVE)])
+    class_weight = torch.tensor([1.0, float(cfg.negatives)])
     losses: list[float] = []
     start = time.perf_counter()
     for step in range(cfg.steps):

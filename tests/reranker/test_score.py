@@ -72,7 +72,9 @@ def _pairwise_accuracy(reranker: TokenReranker, encoder: DualEncoder, seed: int)
 
 @pytest.mark.slow
 def test_short_training_beats_chance_on_compositional_negatives(encoder: DualEncoder) -> None:
-    cfg = RerankTrainConfig(kind="mid", steps=150, batch=32, lr=5e-4, warmup=10, layers=2, width=128)
+    # the lighter recipe (no perturbed images) keeps this run short; the full batch is checked below
+    cfg = RerankTrainConfig(kind="mid", steps=150, batch=32, lr=5e-4, warmup=10, layers=2, width=128,
+                            image_negatives=False)
     before = _pairwise_accuracy(TokenReranker(new_matcher(encoder, cfg), encoder), encoder, seed=5)
     model, log = train_reranker(encoder, cfg)
     after = _pairwise_accuracy(TokenReranker(model, encoder), encoder, seed=5)
@@ -89,6 +91,18 @@ def test_committed_mid_reranker_keeps_recall_and_rejects_substitutions(encoder: 
     late, mid_row = evaluate_tradeoff(encoder, {"mid": mid}, n=400, seed=7, ks=(16,))
     assert late["tier"] == "late" and mid_row["tier"] == "mid" and mid_row["k"] == 16
     assert mid_row["r5"] >= late["r5"] - 0.01 and mid_row["r1"] >= late["r1"] - 0.02
+
+
+def test_a_batch_pairs_each_caption_with_its_image_and_five_negatives(encoder: DualEncoder) -> None:
+    cfg = RerankTrainConfig(batch=4)
+    batch = make_pairs(encoder, cfg, step=3)
+    b = cfg.batch
+    assert batch.labels.tolist() == [1] * b + [0] * 5 * b and len(batch.kinds) == 6 * b
+    assert batch.kinds[:b] == ["positive"] * b and all(k.startswith("image_") for k in batch.kinds[5 * b :])
+    # a perturbed image is paired with the positive's own caption, and differs from the positive image
+    assert torch.equal(batch.text[5 * b :], batch.text[:b]) and not torch.equal(batch.image[5 * b :], batch.image[:b])
+    lighter = make_pairs(encoder, RerankTrainConfig(batch=4, image_negatives=False), step=3)
+    assert len(lighter.labels) == 5 * b and torch.equal(lighter.image, batch.image[: 5 * b])
 
 
 def test_grounding_targets_point_shape_words_at_their_objects(encoder: DualEncoder) -> None:
