@@ -169,7 +169,9 @@ def section_rerankers() -> str:
     trained = []
     for kind in ("mid", "early"):
         info = json.loads((ROOT / "models" / f"reranker-{kind}.json").read_text())
-        trained.append([kind, info["command"], info["steps"], f"{info['seconds']:,.0f}", f"{info['parameters']:,}",
+        runs = [info["command"]] if isinstance(info["command"], str) else info["command"]
+        how = f"`{runs[0]}`" + (f" + {len(runs) - 1} warm-started continuations" if len(runs) > 1 else "")
+        trained.append([kind, how, info["steps"], f"{info['seconds']:,.0f}", f"{info['parameters']:,}",
                         f"{info['bytes'] / 2**20:.1f}", info["fusion_weight"], info["val_r1_at_16"]])
     late = next(r for r in rows if r["tier"] == "late")
     mid16 = next((r for r in rows if r["tier"] == "mid" and r["k"] == 16), None)
