@@ -93,16 +93,21 @@ def _order_swap(scene: Scene, rng: np.random.Generator) -> Scene:
     return replace(scene, objects=tuple(objs))
 
 
-def sample_negatives(seed: int, step: int, batch: int) -> tuple[Negatives, np.random.Generator]:
-    """Relations are what the dual encoder misses most, so every positive gets an order swap."""
+def sample_negatives(seed: int, step: int, batch: int,
+                     image_negatives: bool = True) -> tuple[Negatives, np.random.Generator]:
+    """Relations are what the dual encoder misses most, so every positive gets an order swap.
+
+    Without image negatives the random stream is exactly that of the 4-negative recipe.
+    """
     rng = np.random.default_rng([seed, 77, step])  # a stream disjoint from the encoder's
     positives = [scene_pair(seed + 1000, step * batch + i)[0].scene for i in range(batch)]
     twins, kinds = zip(*(twin(s, rng) for s in positives), strict=True)
     perturbed, p_kinds = zip(*(perturb(s, rng) for s in positives), strict=True)
     swaps = [_order_swap(s, rng) for s in positives]
-    images, i_kinds = zip(*(perturb(s, rng) for s in positives), strict=True)
-    return Negatives(positives, list(twins), swaps, list(perturbed), list(images),
-                     list(kinds) + list(p_kinds) + list(i_kinds)), rng
+    drawn = [perturb(s, rng) for s in positives] if image_negatives else []
+    images, i_kinds = [s for s, _ in drawn], [k for _, k in drawn]
+    return Negatives(positives, list(twins), swaps, list(perturbed), images,
+                     list(kinds) + list(p_kinds) + i_kinds), rng
 
 
 def _mine(sim: np.ndarray, rng: np.random.Generator, temperature: float) -> np.ndarray:
@@ -152,7 +157,7 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     The perturbed image (a shape, colour or size changed, an object dropped...) is what a gallery
     holds next to the right image; the caption-side negatives alone left shape errors unlearnt.
     """
-    neg, rng = sample_negatives(cfg.seed, step, cfg.batch)
+    neg, rng = sample_negatives(cfg.seed, step, cfg.batch, cfg.image_negatives)
     size = int(encoder.model.visual.image_size[0])
     texts = [caption(s, rng) for s in neg.positives + neg.order_swaps + neg.perturbed]
     img_emb, img_tok = encoder.encode_images_and_tokens(
@@ -161,15 +166,14 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     b = cfg.batch
     pos = np.arange(b)
     mined = _mine(txt_emb[:b] @ img_emb[:b].T, rng, cfg.mined_temperature)
-    image_rows = np.concatenate([pos, pos + b, pos, pos, mined, pos + 2 * b])
-    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos, pos])
-    labels = np.concatenate([np.ones(b), np.zeros(5 * b)])
+    image_rows = np.concatenate([pos, pos + b, pos, pos, mined] + ([pos + 2 * b] if cfg.image_negatives else []))
+    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos] + ([pos] if cfg.image_negatives else []))
+    labels = np.concatenate([np.ones(b), np.zeros(cfg.negatives * b)])
     kinds = (["positive"] * b + neg.kinds[:b] + ["order_swap"] * b + neg.kinds[b : 2 * b] + ["mined"] * b
              + [f"image_{k}" for k in neg.kinds[2 * b :]])
-    rows = slice(0, (1 + cfg.negatives) * b)  # the perturbed images come last
     return PairBatch(
-        torch.from_numpy(img_tok[image_rows[rows]]), torch.from_numpy(txt_tok[text_rows[rows]]),
-        torch.from_numpy(txt_mask[text_rows[rows]]), torch.from_numpy(labels[rows]).long(), kinds[rows],
+        torch.from_numpy(img_tok[image_rows]), torch.from_numpy(txt_tok[text_rows]),
+        torch.from_numpy(txt_mask[text_rows]), torch.from_numpy(labels).long(), kinds,
         *grounding_targets(encoder, neg.positives, texts[:b]),  # pair rows 0..b-1 are the positives
     )
 

@@ -91,13 +91,14 @@ def encode_query(encoder: QueryEncoder, q: QueryInput, dim: int, max_pixels: int
         except ValueError as exc:
             raise BadQuery(f"image: {exc}") from None
         return encoder.image(image), None
-    vector = np.asarray(q.embedding, dtype=np.float32)
+    vector = np.asarray(q.embedding, dtype=np.float64)  # float64 first: a huge value must not overflow the cast
     if vector.shape[0] != dim:
         raise BadQuery(f"embedding has {vector.shape[0]} dimensions; this index expects {dim}")
-    norm = float(np.linalg.norm(vector))
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing norm is inf, refused below
+        norm = float(np.linalg.norm(vector)) if np.isfinite(vector).all() else float("nan")
     if not np.isfinite(norm) or norm == 0.0:
         raise BadQuery("embedding must be a finite, non-zero vector")
-    return vector / norm, None
+    return (vector / norm).astype(np.float32), None
 
 
 def search(encoder: QueryEncoder, searcher: Searcher, rerankers: dict[str, Reranker], q: QueryInput,

@@ -74,6 +74,8 @@ def test_image_and_embedding_queries(queries, searcher, index, rerankers) -> Non
     vector = index.vectors([row["id"]])[0] * 3.0  # any scale: normalised on the way in
     out = search(queries, searcher, rerankers, QueryInput(embedding=vector.tolist(), k=1))
     assert out.hits[0].id == row["id"] and out.hits[0].similarity == pytest.approx(1.0, abs=1e-5)
+    huge = (index.vectors([row["id"]])[0].astype(np.float64) * 1e38).tolist()  # beyond float32: no overflow
+    assert search(queries, searcher, rerankers, QueryInput(embedding=huge, k=1)).hits[0].id == row["id"]
 
 
 def test_min_similarity_filters(queries, searcher, index, rerankers) -> None:
@@ -86,6 +88,8 @@ def test_min_similarity_filters(queries, searcher, index, rerankers) -> None:
     [
         (QueryInput(embedding=[0.1, 0.2]), "dimensions"),
         (QueryInput(embedding=[0.0] * 128), "non-zero"),
+        (QueryInput(embedding=[float("inf")] + [0.0] * 127), "finite"),
+        (QueryInput(embedding=[1e308] * 128), "finite"),  # its norm overflows
         (QueryInput(image=b"not an image"), "image:"),
         (QueryInput(text="a red circle", rerank="deepest"), "not loaded"),
         (QueryInput(embedding=[1.0] * 128, rerank="mid"), "needs a text query"),
