@@ -108,6 +108,8 @@ def check_source(source: str, roots: list[str]) -> Path:
     """The source, resolved (symlinks too), when it lies under an allowed root; else JobRejected."""
     if not roots:
         raise JobRejected("indexing jobs are disabled: set IMSEARCH_JOB_ROOTS to the folders jobs may read", 403)
+    if "\0" in source:
+        raise JobRejected("source must be a path (it holds a NUL character)")
     path = Path(source).expanduser()
     try:
         resolved = path.resolve(strict=True)
