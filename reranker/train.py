@@ -166,8 +166,9 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     b = cfg.batch
     pos = np.arange(b)
     mined = _mine(txt_emb[:b] @ img_emb[:b].T, rng, cfg.mined_temperature)
-    image_rows = np.concatenate([pos, pos + b, pos, pos, mined] + ([pos + 2 * b] if cfg.image_negatives else []))
-    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos] + ([pos] if cfg.image_negatives else []))
+    pairs = (1 + cfg.negatives) * b  # the perturbed images come last, so the lighter recipe is a prefix
+    image_rows = np.concatenate([pos, pos + b, pos, pos, mined, pos + 2 * b])[:pairs]
+    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos, pos])[:pairs]
     labels = np.concatenate([np.ones(b), np.zeros(cfg.negatives * b)])
     kinds = (["positive"] * b + neg.kinds[:b] + ["order_swap"] * b + neg.kinds[b : 2 * b] + ["mined"] * b
              + [f"image_{k}" for k in neg.kinds[2 * b :]])

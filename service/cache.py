@@ -65,8 +65,9 @@ class QueryCache:
     def enabled(self) -> bool:
         return self.client is not None
 
-    def _skip(self) -> bool:
-        return self.client is None or time.monotonic() < self._retry_at
+    def _live(self) -> redis.Redis | None:
+        """The client, unless none is configured or Redis failed less than RETRY_AFTER_S ago."""
+        return None if time.monotonic() < self._retry_at else self.client
 
     def _failed(self, exc: Exception) -> None:
         self.degraded = True
@@ -76,10 +77,10 @@ class QueryCache:
             log.warning("Redis cache unavailable, bypassing it: %s", exc)
 
     def get_raw(self, key: str) -> bytes | None:
-        if self._skip() or self.client is None:
+        if (client := self._live()) is None:
             return None
         try:
-            raw = self.client.get(key)
+            raw = client.get(key)
         except redis.RedisError as exc:
             self._failed(exc)
             return None
@@ -87,10 +88,10 @@ class QueryCache:
         return raw if isinstance(raw, bytes) else None
 
     def put_raw(self, key: str, value: bytes | str) -> None:
-        if self._skip() or self.client is None:
+        if (client := self._live()) is None:
             return
         try:
-            self.client.set(key, value, ex=self.ttl_s)
+            client.set(key, value, ex=self.ttl_s)
         except redis.RedisError as exc:
             self._failed(exc)
 
