@@ -27,6 +27,7 @@ def train_reranker_cmd(
     out: Annotated[Path | None, typer.Option(help="checkpoint (default models/reranker-KIND.safetensors)")] = None,
     init: Annotated[Path | None, typer.Option(help="continue training this checkpoint (warm start)")] = None,
     first_step: Annotated[int, typer.Option(min=0, help="skip this many steps of the scene stream")] = 0,
+    image_mix: Annotated[int, typer.Option(min=0, help="image-side neighbourhood block width (0: none)")] = 0,
 ) -> None:
     """Train a reranker on the frozen embedded encoder, then fit its score fusion on validation scenes."""
     from indexer.encoder import load_encoder
@@ -39,7 +40,8 @@ def train_reranker_cmd(
         fail(f"unknown reranker kind {kind!r}: use mid or early")
     encoder = guarded(load_encoder)
     cfg = RerankTrainConfig(kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out,
-                            ground_weight=ground_weight, init=init, first_step=first_step)
+                            ground_weight=ground_weight, init=init, first_step=first_step,
+                            image_mix=image_mix)
     with _progress() as bar:
         task = bar.add_task(f"train {kind} reranker", total=steps, loss=float("nan"))
         def advance(_: int, loss: float) -> None:
@@ -50,6 +52,7 @@ def train_reranker_cmd(
     model.cfg.fusion_weight = weight
     path = save_reranker(model, cfg.path())
     summary = {"kind": kind, "steps": steps, "init": str(init) if init else None, "first_step": first_step,
+               "image_mix": model.cfg.image_mix,
                "seconds": log["seconds"], "fusion_weight": weight,
                "val_r1_at_16": val_r1, "parameters": sum(p.numel() for p in model.parameters()),
                "bytes": path.stat().st_size}

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import cast
 
 import torch
 from safetensors import safe_open
@@ -27,6 +28,7 @@ class RerankerConfig:
     coords: bool = False  # explicit linear (x, y) of each patch, see Matcher.image_xy (new checkpoints: True)
     ground: bool = False  # a head that reads an object's (x, y) off its word's state, trained as an auxiliary
     ground_layer: int = 0  # the block whose output the grounding head reads (later blocks compare places)
+    image_mix: int = 0  # hidden width of the image-side block (3x3 patch neighbourhood + MLP); 0: none
     fusion_weight: float = 10.0  # final = log p(match) + fusion_weight * cosine, fitted on validation
     encoder_id: str = ""  # the dual encoder whose tokens this reranker reads
 
@@ -60,6 +62,35 @@ def grid_position_embedding(tokens: int, width: int) -> torch.Tensor:
     return torch.cat([torch.zeros(1, width), grid])[None]
 
 
+class ImageMix(nn.Module):
+    """A residual block over image tokens: each patch mixes its 3x3 neighbourhood, then a per-token MLP.
+
+    A shape at 64 px spans two to four patches, and cross-attention alone only takes weighted
+    averages of linear projections of single tokens: a linear probe reads an object's shape off the
+    last ViT block's tokens at 0.45 accuracy, an MLP over its 3x3 neighbourhood at 0.81. The output
+    projection starts at zero, so a checkpoint trained without this block continues unchanged.
+    """
+
+    def __init__(self, width: int, hidden: int, tokens: int):
+        super().__init__()
+        self.side = int(round((tokens - 1) ** 0.5))
+        if self.side * self.side != tokens - 1:
+            raise ValueError(f"image_mix needs a square patch grid after [CLS]; got {tokens} tokens")
+        self.ln = nn.LayerNorm(width)
+        self.conv = nn.Conv2d(width, width, 3, padding=1, groups=width)  # per channel: cheap
+        self.up, self.act, self.down = nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width)
+        nn.init.zeros_(self.down.weight)
+        nn.init.zeros_(self.down.bias)
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        n, t, w = image.shape
+        h = self.ln(image)
+        grid = h[:, 1:].transpose(1, 2).reshape(n, w, self.side, self.side)
+        mixed = self.conv(grid).reshape(n, w, t - 1).transpose(1, 2)
+        h = torch.cat([h[:, :1], h[:, 1:] + mixed], dim=1)  # [CLS] has no neighbourhood
+        return image + self.down(self.act(self.up(h)))
+
+
 class CrossBlock(nn.Module):
     """Text self-attention, cross-attention to image tokens, feed-forward; pre-norm residuals."""
 
@@ -71,8 +102,16 @@ class CrossBlock(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
 
     def forward(self, text: torch.Tensor, pad: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        return self.attend(self.self_part(text, pad), image)
+
+    def self_part(self, text: torch.Tensor, pad: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+        """Text self-attention; with `rows`, only the first `rows` positions are computed as queries."""
         h = self.ln1(text)
-        text = text + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        q = h if rows is None else h[:, :rows]
+        return text[:, : q.shape[1]] + self.self_attn(q, h, h, key_padding_mask=pad, need_weights=False)[0]
+
+    def attend(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """Cross-attention to the image tokens, then the feed-forward."""
         h = self.ln2(text)
         text = text + self.cross_attn(h, image, image, need_weights=False)[0]
         return text + self.mlp(self.ln3(text))
@@ -92,6 +131,7 @@ class Matcher(nn.Module):
         # learned, but starting from explicit 2-D (x, y) features: relations ("left of", "above")
         # compare positions, which the last ViT block's tokens carry only weakly
         self.image_pos = nn.Parameter(grid_position_embedding(cfg.image_tokens, w))
+        self.image_mix = ImageMix(w, cfg.image_mix, cfg.image_tokens) if cfg.image_mix else None
         if cfg.coords:
             # plus coordinates as a linear direction: an attention-weighted average of patch values then
             # holds the attended object's centroid, and "left of" becomes a difference of two numbers
@@ -133,14 +173,8 @@ class Matcher(nn.Module):
         final [ENC] state feeds the relation head, which asks it to hold that comparison.
         """
         n = image.shape[0]
-        # trailing padding is never attended, so dropping it changes nothing but the cost
-        length = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1
-        text, mask = text[:, :length], mask[:, :length]
-        img = self.image_in(image) + self.image_pos[:, : image.shape[1]]
-        if self.cfg.coords:
-            img = img + self.image_xy(self.xy[: image.shape[1]])
-        txt = torch.cat([self.enc.expand(n, -1, -1), self.text_in(text)], dim=1)
-        pad = torch.cat([torch.zeros(n, 1, dtype=torch.bool, device=mask.device), ~mask], dim=1)
+        img = self.embed_image(image)
+        txt, pad = self.embed_text(text, mask)
         hidden = txt
         if self.cfg.kind == "mid":
             for i, block in enumerate(self.blocks):
@@ -155,6 +189,46 @@ class Matcher(nn.Module):
                 hidden = seq[:, : txt.shape[1]] if i == self.cfg.ground_layer else hidden
             out = seq[:, 0]
         return self.head(self.ln_out(out)), hidden, out
+
+    def embed_image(self, image: torch.Tensor) -> torch.Tensor:
+        img = self.image_in(image) + self.image_pos[:, : image.shape[1]]
+        if self.cfg.coords:
+            img = img + self.image_xy(self.xy[: image.shape[1]])
+        return img if self.image_mix is None else self.image_mix(img)
+
+    def embed_text(self, text: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """[ENC] + projected text tokens, and the padding mask (True = never attended)."""
+        # trailing padding is never attended, so dropping it changes nothing but the cost
+        length = int(mask.any(dim=0).nonzero().max()) + 1 if mask.any() else 1
+        text, mask = text[:, :length], mask[:, :length]
+        txt = torch.cat([self.enc.expand(text.shape[0], -1, -1), self.text_in(text)], dim=1)
+        pad = torch.cat([torch.zeros(text.shape[0], 1, dtype=torch.bool, device=mask.device), ~mask], dim=1)
+        return txt, pad
+
+    def score_one_text(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(k, 2) logits of one text against k images: forward's result, computed without repeats.
+
+        Mid fusion only (early falls back to forward). The first block's text self-attention sees
+        no image, so it runs once instead of k times; the last block's outputs matter only at [ENC],
+        so only that row is computed there (its keys and values still come from every token).
+
+        Args:
+            image: (k, t, image_width); text: (1, L, text_width); mask: (1, L).
+        """
+        k = image.shape[0]
+        if self.cfg.kind != "mid":
+            return self.forward(image, text.expand(k, -1, -1), mask.expand(k, -1))
+        img = self.embed_image(image)
+        txt, pad = self.embed_text(text, mask)
+        blocks = cast(list[CrossBlock], list(self.blocks))
+        last = len(blocks) - 1
+        txt = blocks[0].self_part(txt, pad, rows=1 if last == 0 else None).expand(k, -1, -1)
+        pad = pad.expand(k, -1)
+        for i, block in enumerate(blocks):
+            if i > 0:
+                txt = block.self_part(txt, pad, rows=1 if i == last else None)
+            txt = block.attend(txt, img)
+        return self.head(self.ln_out(txt[:, 0]))
 
     @staticmethod
     def log_match(logits: torch.Tensor) -> torch.Tensor:

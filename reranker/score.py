@@ -63,9 +63,9 @@ class TokenReranker:
         if k == 0:
             return np.zeros(0, np.float32)
         image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
-        text = torch.from_numpy(query.tokens).float()[None].expand(k, -1, -1)
-        mask = torch.from_numpy(query.mask)[None].expand(k, -1)
-        return Matcher.log_match(self.matcher(image, text, mask)).numpy()
+        text = torch.from_numpy(query.tokens).float()[None]
+        mask = torch.from_numpy(query.mask)[None]
+        return Matcher.log_match(self.matcher.score_one_text(image, text, mask)).numpy()
 
 
 def fuse(log_match: np.ndarray, cosine: np.ndarray, weight: float) -> np.ndarray:

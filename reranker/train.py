@@ -47,6 +47,7 @@ class RerankTrainConfig:
     image_negatives: bool = True  # each positive's caption against a perturbed image (off: 4 negatives each)
     init: Path | None = None  # warm start: continue from this checkpoint instead of random weights
     first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
+    image_mix: int = 0  # hidden width of the image-side neighbourhood block (0: none); may be added on a warm start
 
     def path(self) -> Path:
         return self.out or MODELS_DIR / f"reranker-{self.kind}.safetensors"
@@ -205,11 +206,25 @@ def new_matcher(encoder: DualEncoder, cfg: RerankTrainConfig) -> Matcher:
         if model.cfg.kind != cfg.kind or model.cfg.encoder_id != encoder.model_id:
             raise ValueError(f"{cfg.init} is a {model.cfg.kind} reranker for {model.cfg.encoder_id!r}; "
                              f"cannot continue it as {cfg.kind} for {encoder.model_id!r}")
-        return model
+        return with_image_mix(model, cfg.image_mix) if cfg.image_mix else model
     text_width = int(encoder.model.transformer.width)
     return Matcher(RerankerConfig(kind=cfg.kind, width=cfg.width, layers=cfg.layers, text_width=text_width,
                                   image_width=encoder.token_shape[1], image_tokens=encoder.token_shape[0],
-                                  encoder_id=encoder.model_id, coords=True, ground=cfg.ground_weight > 0))
+                                  encoder_id=encoder.model_id, coords=True, ground=cfg.ground_weight > 0,
+                                  image_mix=cfg.image_mix))
+
+
+def with_image_mix(model: Matcher, hidden: int) -> Matcher:
+    """The same matcher plus an image-side block whose output starts at zero: its scores are unchanged."""
+    if model.cfg.image_mix == hidden:
+        return model
+    if model.cfg.image_mix:
+        raise ValueError(f"the checkpoint already has an image block of width {model.cfg.image_mix}, not {hidden}")
+    grown = Matcher(replace(model.cfg, image_mix=hidden))
+    missing, unexpected = grown.load_state_dict(model.state_dict(), strict=False)
+    if unexpected or any(not key.startswith("image_mix.") for key in missing):
+        raise ValueError(f"cannot add an image block: unexpected {unexpected}, missing {missing}")
+    return grown.train(model.training)
 
 
 def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,

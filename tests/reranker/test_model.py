@@ -52,6 +52,43 @@ def test_a_batch_scores_like_single_calls(matcher: Matcher) -> None:
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("layers", [1, 3])
+def test_one_text_against_k_images_scores_like_the_full_batch(matcher: Matcher, layers: int) -> None:
+    """The fast path (first block's self-attention once, last block at [ENC] only) changes nothing."""
+    torch.manual_seed(1)
+    model = Matcher(RerankerConfig(kind=matcher.cfg.kind, layers=layers, image_mix=64)).eval()
+    nn_init = torch.Generator().manual_seed(2)
+    with torch.no_grad():
+        for p in model.image_mix.parameters() if model.image_mix else []:
+            p.copy_(0.1 * torch.randn(p.shape, generator=nn_init))  # a trained block, not the zero start
+        image, text, mask = _inputs(n=6)
+        one_text, one_mask = text[:1], mask[:1]
+        full = model(image, one_text.expand(6, -1, -1), one_mask.expand(6, -1))
+        torch.testing.assert_close(model.score_one_text(image, one_text, one_mask), full, rtol=1e-4, atol=1e-5)
+        assert not torch.allclose(full[0], full[1])  # the images do differ
+
+
+def test_an_added_image_block_starts_as_identity_then_learns_neighbourhoods() -> None:
+    from reranker.train import with_image_mix
+
+    torch.manual_seed(0)
+    base = Matcher(RerankerConfig(kind="mid", layers=2)).eval()
+    grown = with_image_mix(base, 32).eval()
+    image, text, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(grown(image, text, mask), base(image, text, mask))
+        assert grown.image_mix is not None
+        torch.nn.init.normal_(grown.image_mix.down.weight)
+        moved = image.clone()
+        moved[:, 1 + 9] += 5.0  # patch (1, 1): its 3x3 neighbourhood includes patch (0, 0)
+        before = grown.embed_image(image)
+        after = grown.embed_image(moved)
+    changed = (after - before).abs().sum(-1)[0]
+    assert changed[1] > 0 and changed[1 + 63] == 0  # a neighbour moves, a far patch does not
+    with pytest.raises(ValueError, match="already has an image block"):
+        with_image_mix(grown, 64)
+
+
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown reranker kind"):
         Matcher(RerankerConfig(kind="late"))
