@@ -222,22 +222,38 @@ def perturb(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
         return twin(scene, rng)
     for _ in range(20):
         kind = NEGATIVE_KINDS[1 + int(rng.integers(len(NEGATIVE_KINDS) - 1))]
-        if kind == "drop_object" and len(scene.objects) > 1:
-            out = _drop(scene, rng)
-        elif kind == "position_change" and scene.layout == "single":
-            cells = [c for c in SINGLE_POSITIONS if c != (scene.objects[0].col, scene.objects[0].row)]
-            col, row = cells[int(rng.integers(len(cells)))]
-            out = replace(scene, objects=(replace(scene.objects[0], col=col, row=row),))
-        elif kind.endswith("_change") and kind != "position_change":
-            objs = list(scene.objects)
-            i = int(rng.integers(len(objs)))
-            objs[i] = _change(objs[i], kind.removesuffix("_change"), rng)
-            out = replace(scene, objects=tuple(objs))
-        else:
-            continue
-        if len({o.attrs() for o in out.objects}) == len(out.objects) and out.key() != scene.key():
+        out = _apply(scene, kind, rng)
+        if out is not None:
             return out, kind
     return twin(scene, rng)
+
+
+def change_shape(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
+    """One object drawn as another shape: the near-duplicate a reranker over 64 px tokens misses most."""
+    for _ in range(20):
+        out = _apply(scene, "shape_change", rng)
+        if out is not None:
+            return out, "shape_change"
+    return perturb(scene, rng)
+
+
+def _apply(scene: Scene, kind: str, rng: np.random.Generator) -> Scene | None:
+    """The scene with one mistake of `kind`, or None when this draw cannot make a distinct scene."""
+    if kind == "drop_object" and len(scene.objects) > 1:
+        out = _drop(scene, rng)
+    elif kind == "position_change" and scene.layout == "single":
+        cells = [c for c in SINGLE_POSITIONS if c != (scene.objects[0].col, scene.objects[0].row)]
+        col, row = cells[int(rng.integers(len(cells)))]
+        out = replace(scene, objects=(replace(scene.objects[0], col=col, row=row),))
+    elif kind.endswith("_change") and kind != "position_change":
+        objs = list(scene.objects)
+        i = int(rng.integers(len(objs)))
+        objs[i] = _change(objs[i], kind.removesuffix("_change"), rng)
+        out = replace(scene, objects=tuple(objs))
+    else:
+        return None
+    distinct = len({o.attrs() for o in out.objects}) == len(out.objects) and out.key() != scene.key()
+    return out if distinct else None
 
 
 # --- rendering ------------------------------------------------------------------------------------

@@ -28,6 +28,7 @@ def train_reranker_cmd(
     init: Annotated[Path | None, typer.Option(help="continue training this checkpoint (warm start)")] = None,
     first_step: Annotated[int, typer.Option(min=0, help="skip this many steps of the scene stream")] = 0,
     image_mix: Annotated[int, typer.Option(min=0, help="image-side neighbourhood block width (0: none)")] = 0,
+    shape_negatives: Annotated[bool, typer.Option(help="a 6th negative: the image with one shape changed")] = False,
 ) -> None:
     """Train a reranker on the frozen embedded encoder, then fit its score fusion on validation scenes."""
     from indexer.encoder import load_encoder
@@ -41,7 +42,7 @@ def train_reranker_cmd(
     encoder = guarded(load_encoder)
     cfg = RerankTrainConfig(kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out,
                             ground_weight=ground_weight, init=init, first_step=first_step,
-                            image_mix=image_mix)
+                            image_mix=image_mix, shape_negatives=shape_negatives)
     with _progress() as bar:
         task = bar.add_task(f"train {kind} reranker", total=steps, loss=float("nan"))
         def advance(_: int, loss: float) -> None:
@@ -52,7 +53,7 @@ def train_reranker_cmd(
     model.cfg.fusion_weight = weight
     path = save_reranker(model, cfg.path())
     summary = {"kind": kind, "steps": steps, "init": str(init) if init else None, "first_step": first_step,
-               "image_mix": model.cfg.image_mix,
+               "image_mix": model.cfg.image_mix, "negatives": cfg.negatives,
                "seconds": log["seconds"], "fusion_weight": weight,
                "val_r1_at_16": val_r1, "parameters": sum(p.numel() for p in model.parameters()),
                "bytes": path.stat().st_size}

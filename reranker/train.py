@@ -20,6 +20,7 @@ from indexer.scenes import (
     Scene,
     SceneObject,
     caption,
+    change_shape,
     perturb,
     render,
     scene_pair,
@@ -45,6 +46,7 @@ class RerankTrainConfig:
     mined_temperature: float = 0.05  # ITC-mined negatives are sampled by softmax(similarity / T)
     ground_weight: float = 1.0  # auxiliary loss: each named object's (x, y) read off its shape word
     image_negatives: bool = True  # each positive's caption against a perturbed image (off: 4 negatives each)
+    shape_negatives: bool = False  # and against its image with one object's shape changed (a 6th negative)
     init: Path | None = None  # warm start: continue from this checkpoint instead of random weights
     first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
     image_mix: int = 0  # hidden width of the image-side neighbourhood block (0: none); may be added on a warm start
@@ -54,7 +56,7 @@ class RerankTrainConfig:
 
     @property
     def negatives(self) -> int:
-        return 5 if self.image_negatives else 4
+        return 4 + self.image_negatives + self.shape_negatives
 
 
 @dataclass
@@ -80,6 +82,7 @@ class Negatives:
     order_swaps: list[Scene]  # relation negatives: places swapped (or a single object mirrored)
     perturbed: list[Scene]  # any kind of mistake: substitutions, swaps, a dropped object
     perturbed_images: list[Scene]  # the same kinds on the image side: the gallery's distractors
+    shape_images: list[Scene]  # one object's shape changed (empty unless asked for)
     kinds: list[str]  # twin kind, caption perturbation kind, image perturbation kind, per positive
 
 
@@ -94,11 +97,12 @@ def _order_swap(scene: Scene, rng: np.random.Generator) -> Scene:
     return replace(scene, objects=tuple(objs))
 
 
-def sample_negatives(seed: int, step: int, batch: int,
-                     image_negatives: bool = True) -> tuple[Negatives, np.random.Generator]:
+def sample_negatives(seed: int, step: int, batch: int, image_negatives: bool = True,
+                     shape_negatives: bool = False) -> tuple[Negatives, np.random.Generator]:
     """Relations are what the dual encoder misses most, so every positive gets an order swap.
 
-    Without image negatives the random stream is exactly that of the 4-negative recipe.
+    Each added kind of negative draws after the others: without image negatives the random stream
+    is exactly that of the 4-negative recipe, without shape negatives that of the 5-negative one.
     """
     rng = np.random.default_rng([seed, 77, step])  # a stream disjoint from the encoder's
     positives = [scene_pair(seed + 1000, step * batch + i)[0].scene for i in range(batch)]
@@ -107,7 +111,8 @@ def sample_negatives(seed: int, step: int, batch: int,
     swaps = [_order_swap(s, rng) for s in positives]
     drawn = [perturb(s, rng) for s in positives] if image_negatives else []
     images, i_kinds = [s for s, _ in drawn], [k for _, k in drawn]
-    return Negatives(positives, list(twins), swaps, list(perturbed), images,
+    shapes = [change_shape(s, rng)[0] for s in positives] if shape_negatives else []
+    return Negatives(positives, list(twins), swaps, list(perturbed), images, shapes,
                      list(kinds) + list(p_kinds) + i_kinds), rng
 
 
@@ -158,21 +163,23 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     The perturbed image (a shape, colour or size changed, an object dropped...) is what a gallery
     holds next to the right image; the caption-side negatives alone left shape errors unlearnt.
     """
-    neg, rng = sample_negatives(cfg.seed, step, cfg.batch, cfg.image_negatives)
+    if cfg.shape_negatives and not cfg.image_negatives:
+        raise ValueError("shape negatives come after the perturbed-image negatives: enable both")
+    neg, rng = sample_negatives(cfg.seed, step, cfg.batch, cfg.image_negatives, cfg.shape_negatives)
     size = int(encoder.model.visual.image_size[0])
     texts = [caption(s, rng) for s in neg.positives + neg.order_swaps + neg.perturbed]
     img_emb, img_tok = encoder.encode_images_and_tokens(
-        [render(s, size) for s in neg.positives + neg.twins + neg.perturbed_images])
+        [render(s, size) for s in neg.positives + neg.twins + neg.perturbed_images + neg.shape_images])
     txt_emb, txt_tok, txt_mask = encoder.encode_texts_and_tokens(texts)
     b = cfg.batch
     pos = np.arange(b)
     mined = _mine(txt_emb[:b] @ img_emb[:b].T, rng, cfg.mined_temperature)
     pairs = (1 + cfg.negatives) * b  # the perturbed images come last, so the lighter recipe is a prefix
-    image_rows = np.concatenate([pos, pos + b, pos, pos, mined, pos + 2 * b])[:pairs]
-    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos, pos])[:pairs]
+    image_rows = np.concatenate([pos, pos + b, pos, pos, mined, pos + 2 * b, pos + 3 * b])[:pairs]
+    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos, pos, pos])[:pairs]
     labels = np.concatenate([np.ones(b), np.zeros(cfg.negatives * b)])
     kinds = (["positive"] * b + neg.kinds[:b] + ["order_swap"] * b + neg.kinds[b : 2 * b] + ["mined"] * b
-             + [f"image_{k}" for k in neg.kinds[2 * b :]])
+             + [f"image_{k}" for k in neg.kinds[2 * b :]] + ["image_shape_change"] * len(neg.shape_images))
     return PairBatch(
         torch.from_numpy(img_tok[image_rows]), torch.from_numpy(txt_tok[text_rows]),
         torch.from_numpy(txt_mask[text_rows]), torch.from_numpy(labels).long(), kinds,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -220,3 +221,16 @@ def test_a_perturbation_always_changes_the_description(seed: int, index: int, dr
     out, kind = perturb(scene, np.random.default_rng(draw_seed))
     assert out.key() != scene.key() and set(captions(out)).isdisjoint(captions(scene)), kind
     assert len({o.attrs() for o in out.objects}) == len(out.objects)
+
+
+@settings(max_examples=200, deadline=None)
+@given(seed=SEEDS, index=INDEXES, draw_seed=SEEDS)
+def test_a_shape_change_changes_one_shape_and_nothing_else(seed: int, index: int, draw_seed: int) -> None:
+    from indexer.scenes import change_shape
+
+    scene = scene_pair(seed, index)[0].scene
+    out, kind = change_shape(scene, np.random.default_rng(draw_seed))
+    assert kind == "shape_change" and out.key() != scene.key()
+    changed = [(a, b) for a, b in zip(scene.objects, out.objects, strict=True) if a != b]
+    assert len(changed) == 1 and changed[0][0].shape != changed[0][1].shape
+    assert changed[0][0] == replace(changed[0][1], shape=changed[0][0].shape)  # place, colour, size kept

@@ -104,6 +104,13 @@ def test_a_batch_pairs_each_caption_with_its_image_and_five_negatives(encoder: D
     lighter = make_pairs(encoder, RerankTrainConfig(batch=4, image_negatives=False), step=3)
     assert len(lighter.labels) == 5 * b and lighter.kinds[: 2 * b] == batch.kinds[: 2 * b]
     assert torch.equal(lighter.image[: 2 * b], batch.image[: 2 * b])  # positives and twins: the same draws
+    shapes = make_pairs(encoder, RerankTrainConfig(batch=4, shape_negatives=True), step=3)
+    assert len(shapes.labels) == 7 * b and shapes.kinds[6 * b :] == ["image_shape_change"] * b
+    # the scenes of the five-negative batch are drawn first (the captions' phrasing is drawn after)
+    assert torch.equal(shapes.image[: 2 * b], batch.image[: 2 * b])
+    assert torch.equal(shapes.image[5 * b : 6 * b], batch.image[5 * b :])
+    assert torch.equal(shapes.text[6 * b :], shapes.text[:b])
+    assert not torch.equal(shapes.image[6 * b :], shapes.image[:b])
 
 
 def test_grounding_targets_point_shape_words_at_their_objects(encoder: DualEncoder) -> None:
