@@ -23,7 +23,7 @@ def train_reranker_cmd(
     lr: Annotated[float, typer.Option(min=0.0)] = 3e-4,
     layers: Annotated[int, typer.Option(min=1, max=12)] = 3,
     ground_weight: Annotated[float, typer.Option(min=0.0, help="auxiliary grounding loss (0: off)")] = 1.0,
-    val_n: Annotated[int, typer.Option(min=2, help="validation gallery for the fusion weight")] = 1000,
+    val_n: Annotated[int, typer.Option(min=2, help="validation gallery for the fusion weight")] = 2000,
     out: Annotated[Path | None, typer.Option(help="checkpoint (default models/reranker-KIND.safetensors)")] = None,
     init: Annotated[Path | None, typer.Option(help="continue training this checkpoint (warm start)")] = None,
     first_step: Annotated[int, typer.Option(min=0, help="skip this many steps of the scene stream")] = 0,

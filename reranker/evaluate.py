@@ -107,7 +107,8 @@ def evaluate_tradeoff(encoder: DualEncoder, rerankers: dict[str, Reranker], n: i
 
 
 def fit_fusion_weight(encoder: DualEncoder, reranker: Reranker, n: int, seed: int, k: int = 16,
-                      grid: tuple[float, ...] = (0.0, 1.0, 2.0, 5.0, 10.0, 20.0, 50.0)) -> tuple[float, float]:
+                      grid: tuple[float, ...] = (0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 5.0, 7.0, 10.0, 20.0, 50.0)
+                      ) -> tuple[float, float]:
     """The cosine weight maximising R@1 at k on a validation gallery; returns (weight, r1)."""
     gallery = embed(encoder, n, seed)
     cached = []
