@@ -47,7 +47,7 @@ STEPS = (
     Step("tradeoff", (CLI, "eval", "tradeoff", "--json", "--errors"), "late/mid/early at k 8..64, seed 2026"),
     Step("tradeoff_seed7", (CLI, "eval", "tradeoff", "--json", "--errors", "--seed", "7", "--ks", "16"),
          "late/mid/early at k 16, seed 7"),
-    Step("ann", (PY, "bench/ann.py", "--n", "200000", "--kinds", "auto,ivfpq", "--out", "{out}"), "ANN choice"),
+    Step("ann", (PY, "bench/ann.py", "--n", "200000", "--kinds", "auto,hnsw,ivfpq", "--out", "{out}"), "ANN choice"),
     Step("index_throughput", (PY, "bench/index_throughput.py", "--n", "3000", "--big", "6000", "--rounds", "1",
                               "--out", "{out}"), "indexing throughput and memory"),
     Step("service", (PY, "bench/service.py", "--n", "100000", "--n-real", "2000", "--duration", "5",
