@@ -51,6 +51,10 @@ class RerankTrainConfig:
     first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
     image_mix: int = 0  # hidden width of the image-side neighbourhood block (0: none); may be added on a warm start
 
+    def __post_init__(self) -> None:
+        if self.shape_negatives and not self.image_negatives:
+            raise ValueError("shape negatives come after the perturbed-image negatives: enable both")
+
     def path(self) -> Path:
         return self.out or MODELS_DIR / f"reranker-{self.kind}.safetensors"
 
@@ -163,8 +167,6 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     The perturbed image (a shape, colour or size changed, an object dropped...) is what a gallery
     holds next to the right image; the caption-side negatives alone left shape errors unlearnt.
     """
-    if cfg.shape_negatives and not cfg.image_negatives:
-        raise ValueError("shape negatives come after the perturbed-image negatives: enable both")
     neg, rng = sample_negatives(cfg.seed, step, cfg.batch, cfg.image_negatives, cfg.shape_negatives)
     size = int(encoder.model.visual.image_size[0])
     texts = [caption(s, rng) for s in neg.positives + neg.order_swaps + neg.perturbed]

@@ -111,6 +111,8 @@ def test_a_batch_pairs_each_caption_with_its_image_and_five_negatives(encoder: D
     assert torch.equal(shapes.image[5 * b : 6 * b], batch.image[5 * b :])
     assert torch.equal(shapes.text[6 * b :], shapes.text[:b])
     assert not torch.equal(shapes.image[6 * b :], shapes.image[:b])
+    with pytest.raises(ValueError, match="enable both"):
+        RerankTrainConfig(image_negatives=False, shape_negatives=True)
 
 
 def test_grounding_targets_point_shape_words_at_their_objects(encoder: DualEncoder) -> None:
