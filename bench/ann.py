@@ -66,7 +66,7 @@ def main() -> None:
             def fn(q, plan=plan, index=index):  # type: ignore[no-untyped-def]
                 return ann_search(index, plan, q, 10)[1]
         found, ms = timed_search(fn, queries)
-        rows.append({"kind": kind, "chosen": plan.kind, "params": plan.to_dict(), "build_s": round(build_s, 1),
+        rows.append({"kind": kind, "chosen": plan.kind, "params": plan.settings(), "build_s": round(build_s, 1),
                      "recall_at_10": round(recall(found, truth), 4), "ms_per_query": round(ms, 3),
                      "speedup_vs_exact": round(exact_ms / ms, 1)})
         print(json.dumps(rows[-1]), flush=True)

@@ -31,6 +31,12 @@ class AnnPlan:
     def to_dict(self) -> dict[str, int | str]:
         return asdict(self)
 
+    def settings(self) -> dict[str, int]:
+        """The parameters this kind of index uses (the others keep their defaults, unused)."""
+        names = {"flat": (), "hnsw": ("hnsw_m", "ef_construction", "ef_search"), "ivf": ("nlist", "nprobe"),
+                 "ivfpq": ("nlist", "nprobe", "pq_m", "refine_factor")}[self.kind]
+        return {name: getattr(self, name) for name in names}
+
 
 def _nlist(n: int) -> int:
     # FAISS guidance: between 4*sqrt(n) and 16*sqrt(n) inverted lists; keep at least 39 points per list

@@ -176,7 +176,7 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     b = cfg.batch
     pos = np.arange(b)
     mined = _mine(txt_emb[:b] @ img_emb[:b].T, rng, cfg.mined_temperature)
-    pairs = (1 + cfg.negatives) * b  # the perturbed images come last, so the lighter recipe is a prefix
+    pairs = (1 + cfg.negatives) * b  # optional negatives come last: a lighter recipe's rows are a prefix
     image_rows = np.concatenate([pos, pos + b, pos, pos, mined, pos + 2 * b, pos + 3 * b])[:pairs]
     text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos, pos, pos])[:pairs]
     labels = np.concatenate([np.ones(b), np.zeros(cfg.negatives * b)])

@@ -25,6 +25,7 @@ def test_plan_follows_size_and_memory() -> None:
     assert plan_index(1000, 128).kind == "flat"
     assert plan_index(FLAT_MAX + 1, 128).kind == "ivf"
     assert plan_index(FLAT_MAX + 1, 128, "hnsw").kind == "hnsw"  # only when asked for
+    assert set(plan_index(FLAT_MAX + 1, 128).settings()) == {"nlist", "nprobe"}  # no unused HNSW fields
     assert plan_index(5_000_000, 128).kind == "ivf"
     tight = plan_index(1_000_000, 128, memory_budget=100 * 2**20)  # raw vectors need 512 MB
     assert tight.kind == "ivfpq" and tight.refine_factor > 0 and 128 % tight.pq_m == 0
