@@ -109,3 +109,25 @@ def test_an_idle_call_runs_inline_and_calls_behind_a_batch_join_the_next_one() -
         assert [f.result(5) for f in waiting] == [101, 102, 103] and first.result(5) == 100
     assert calls[1:] == [("microbatch-w", [0]), ("microbatch-w", [1, 2, 3])]
     batcher.close()
+
+
+def test_items_submitted_while_an_inline_call_runs_are_run_by_the_worker_after_it() -> None:
+    entered, release = threading.Event(), threading.Event()
+    calls: list[tuple[str, list[int]]] = []
+
+    def record(items: list[int]) -> list[int]:
+        calls.append((threading.current_thread().name, sorted(items)))
+        if items == [0]:
+            entered.set()
+            release.wait(5)
+        return [i + 100 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(record, max_batch=8, max_wait_ms=0, name="w")
+    with ThreadPoolExecutor(1) as pool:
+        inline = pool.submit(batcher, 0)  # idle: runs in the pool's thread
+        assert entered.wait(5)
+        queued = [batcher.submit(i) for i in (1, 2)]
+        release.set()  # the inline call ends and must hand the queued items to the worker
+        assert inline.result(5) == 100 and [f.result(5) for f in queued] == [101, 102]
+    assert calls[0][0].startswith("ThreadPoolExecutor") and calls[1] == ("microbatch-w", [1, 2])
+    batcher.close()
