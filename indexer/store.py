@@ -276,12 +276,14 @@ class Index:
             out[j] = self.shards[self._shard[p]].tokens[self._row[p]]
         return out
 
-    def metadata(self, ids: Sequence[int] | np.ndarray) -> list[dict[str, Any]]:
-        """Rows of (id, path, sha256, width, height, caption, extra) for the ids."""
+    def metadata(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
+        """Rows of (id, path, sha256, width, height, caption, extra) for the ids, or of only `columns`
+        (a third of the time for two columns: converting every field to Python dominates)."""
         pos = self._locate(ids)
         if self._meta is None:
             return []
-        return self._meta.take(pa.array(self._meta_pos[pos])).to_pylist()
+        table = self._meta if columns is None else self._meta.select(list(columns))
+        return table.take(pa.array(self._meta_pos[pos])).to_pylist()
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
                ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:

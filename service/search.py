@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -102,8 +103,9 @@ def encode_query(encoder: QueryEncoder, q: QueryInput, dim: int, max_pixels: int
 
 
 def search(encoder: QueryEncoder, searcher: Searcher, rerankers: dict[str, Reranker], q: QueryInput,
-           max_pixels: int = 40_000_000) -> SearchOutput:
-    """Run one query; timings_ms holds encode, search, rerank and total."""
+           max_pixels: int = 40_000_000, columns: Sequence[str] | None = None) -> SearchOutput:
+    """Run one query; timings_ms holds encode, search, rerank and total; hits carry the metadata
+    `columns` (default: all)."""
     if q.rerank != "none" and q.rerank not in rerankers:
         raise BadQuery(f"rerank tier {q.rerank!r} is not loaded; available: none, {', '.join(rerankers)}")
     index = searcher.index
@@ -118,7 +120,7 @@ def search(encoder: QueryEncoder, searcher: Searcher, rerankers: dict[str, Reran
     if q.rerank != "none" and text_query is not None:
         scores, ids, reranked = _rerank(rerankers[q.rerank], index, text_query, scores, ids, q.rerank_k)
     done = time.perf_counter()
-    hits = _hits(index, scores, ids, reranked, q)
+    hits = _hits(index, scores, ids, reranked, q, columns)
     timings = {"encode": encoded - start, "search": searched - encoded, "rerank": done - searched,
                "total": time.perf_counter() - start}
     return SearchOutput(hits, {k: round(v * 1000, 3) for k, v in timings.items()}, index.version)
@@ -136,12 +138,12 @@ def _rerank(reranker: Reranker, index: Index, query: Query, cosine: np.ndarray, 
 
 
 def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: tuple[np.ndarray, np.ndarray] | None,
-          q: QueryInput) -> list[Hit]:
+          q: QueryInput, columns: Sequence[str] | None) -> list[Hit]:
     """The first k hits (after min_similarity); score is the fused score where reranked, else cosine."""
     keep = np.ones(len(ids), bool) if q.min_similarity is None else cosine >= q.min_similarity
     ids, cosine = ids[keep][: q.k], cosine[keep][: q.k]
     log_p, fused = (r[keep][: q.k] for r in reranked) if reranked else (None, None)
-    metas = index.metadata(ids) if len(ids) else []
+    metas = index.metadata(ids, columns) if len(ids) else []
     hits = []
     for i, (image_id, sim, meta) in enumerate(zip(ids, cosine, metas, strict=True)):
         done = log_p is not None and fused is not None and not np.isnan(fused[i])

@@ -30,7 +30,7 @@ def _decode_base64(data: str) -> bytes:
 def _respond(engine: Engine, name: str | None, query: QueryInput, searcher: Searcher | None = None) -> SearchResponse:
     """Run the query on `searcher` (taken once per request, so one index version serves all of it)."""
     out: SearchOutput = search(engine.queries, searcher or engine.searcher(name), engine.rerankers, query,
-                               engine.settings.max_pixels)
+                               engine.settings.max_pixels, ("path", "caption"))
     engine.metrics.observe_search(out.timings_ms, query.rerank)
     hits = [HitOut(id=h.id, score=h.score, similarity=h.similarity, rerank_score=h.rerank_score,
                    url=f"/v1/images/{h.id}?index={name or engine.default_index}", path=h.meta.get("path"),

@@ -49,6 +49,8 @@ def test_build_indexes_a_scenes_manifest_with_captions(corpus: Path, tmp_path: P
     assert manifest["count"] == 60 and manifest["counts"]["indexed"] == 60 and manifest["created"]
     rows = index.metadata(index.ids()[:3])
     assert all(r["caption"] and len(r["sha256"]) == 64 and r["width"] == 64 for r in rows)
+    assert index.metadata(index.ids()[2::-1], ["path", "caption"]) == [
+        {"path": r["path"], "caption": r["caption"]} for r in rows[::-1]]
     assert index.tokens(index.ids()[:2]).shape == (2, *encoder.token_shape)
     assert index.tokens(index.ids()[:2]).dtype == np.float16
     assert not any((tmp_path / "idx" / STAGING).iterdir())  # staging cleaned after publish
