@@ -71,7 +71,8 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 class TimedRoutes:
-    """HTTP latency per route template (not per raw path: ids would explode the label set).
+    """HTTP latency per route template (not per raw path: ids would explode the label set), and the
+    count of requests in flight (Engine.run uses it to skip the thread hop when a request is alone).
 
     Plain ASGI rather than `@app.middleware("http")`: that wrapper runs every request through an
     extra task and memory stream, which cost more than the search itself on small queries.
@@ -85,6 +86,9 @@ class TimedRoutes:
             await self.app(scope, receive, send)
             return
         start, status = time.perf_counter(), 500
+        engine = getattr(scope["app"].state, "engine", None) if "app" in scope else None
+        if engine is not None:
+            engine.in_flight += 1
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -95,7 +99,8 @@ class TimedRoutes:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            engine = getattr(scope["app"].state, "engine", None) if "app" in scope else None
+            if engine is not None:
+                engine.in_flight -= 1
             route = scope.get("route")  # set by the router on this same scope
             if engine is not None and route is not None:
                 engine.metrics.http.labels(scope["method"], getattr(route, "path", "?"), str(status)).observe(

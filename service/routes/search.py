@@ -79,7 +79,9 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
         hit.update(cached=True, timings_ms={"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup})
         return ModelJSON(SearchResponse(**hit))
     image = _decode_base64(body.image) if body.image is not None else None
-    response = await engine.run(_respond, engine, body.index, _query(engine, body, image), searcher)
+    query = _query(engine, body, image)
+    short = query.rerank == "none" and image is None  # no rerank, no image to decode: a few ms
+    response = await engine.run(_respond, engine, body.index, query, searcher, short=short)
     engine.cache.put(key, response.model_dump())
     return ModelJSON(response)
 

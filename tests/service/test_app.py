@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -146,6 +148,26 @@ def test_metrics_count_stages_per_rerank_tier_and_http_routes(client: TestClient
                    'imsearch_batch_size_count{batcher="text"}'):
         line = next((row for row in text.splitlines() if row.startswith(series)), None)
         assert line is not None and float(line.split()[-1]) >= 1, series
+
+
+def test_a_short_call_alone_runs_on_the_event_loop_and_under_load_in_the_pool(client: TestClient) -> None:
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    client.post("/v1/search", json={"text": "a red circle", "k": 2})
+    client.post("/v1/search", json={"text": "", "k": 2})  # a 422 is counted out again too
+    assert engine.in_flight == 0
+
+    async def threads() -> tuple[int, int, int, int]:
+        loop = threading.get_ident()
+        alone = await engine.run(threading.get_ident, short=True)
+        engine.in_flight += 2  # two requests being handled: hand the call to the pool
+        try:
+            busy = await engine.run(threading.get_ident, short=True)
+        finally:
+            engine.in_flight -= 2
+        return loop, alone, busy, await engine.run(threading.get_ident)
+
+    loop, alone, busy, long = asyncio.run(threads())
+    assert alone == loop and busy != loop and long != loop
 
 
 def test_web_page_and_its_static_files(client: TestClient) -> None:
