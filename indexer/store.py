@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import io
 import json
 import os
 import shutil
@@ -73,12 +72,21 @@ def write_atomic(path: Path, data: bytes) -> None:
     fsync_path(path.parent)
 
 
-def save_npy(path: Path, array: np.ndarray) -> None:
-    # through Python's write, not numpy's fwrite: a full disk then raises ENOSPC, not a byte count
-    buffer = io.BytesIO()
-    np.save(buffer, array)
+def save_npy(path: Path, array: np.ndarray | Sequence[np.ndarray]) -> None:
+    """Write an array, or the concatenation of chunks (same dtype and trailing shape), as .npy.
+
+    Chunks go to the file one after another, never joined in memory: a shard's tokens are its
+    largest object. Through Python's write, not numpy's fwrite: a full disk raises ENOSPC.
+    """
+    chunks = [np.require(c, requirements="C") for c in ([array] if isinstance(array, np.ndarray) else array)]
+    if not chunks or any(c.dtype != chunks[0].dtype or c.shape[1:] != chunks[0].shape[1:] for c in chunks):
+        raise ValueError(f"{path}: chunks must share a dtype and trailing shape")
+    shape = (sum(len(c) for c in chunks), *chunks[0].shape[1:]) if chunks[0].ndim else ()
+    header = {"descr": np.lib.format.dtype_to_descr(chunks[0].dtype), "fortran_order": False, "shape": shape}
     with path.open("wb") as fh:
-        fh.write(buffer.getbuffer())
+        np.lib.format.write_array_header_1_0(fh, header)
+        for chunk in chunks:
+            fh.write(chunk.reshape(-1).view(np.uint8).data)  # the contiguous bytes themselves: no copy
 
 
 @contextlib.contextmanager

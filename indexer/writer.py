@@ -128,8 +128,8 @@ class ShardWriter:
     def _write_arrays(self, folder: Path, ids: np.ndarray) -> None:
         save_npy(folder / "ids.npy", ids)
         if self.emb:
-            save_npy(folder / "emb.npy", np.concatenate(self.emb))
-            save_npy(folder / "tok.npy", np.concatenate(self.tok))
+            save_npy(folder / "emb.npy", self.emb)  # written chunk by chunk, not concatenated first
+            save_npy(folder / "tok.npy", self.tok)
         else:  # a shard of failures only still records what it processed
             save_npy(folder / "emb.npy", np.zeros((0, 0), np.float32))
             save_npy(folder / "tok.npy", np.zeros((0, 0, 0), np.float16))

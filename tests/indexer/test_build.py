@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import signal
@@ -19,7 +20,7 @@ from indexer.build import BuildError, BuildOptions, build_or_add, remove
 from indexer.cli import app
 from indexer.encoder import DualEncoder, create_embedded
 from indexer.scenes import write_scenes
-from indexer.store import STAGING, Index, list_versions
+from indexer.store import STAGING, Index, list_versions, save_npy
 from tests.indexer.badfiles import awkward_files, broken_files
 
 OPTS = BuildOptions(batch_size=16, workers=0, shard_size=24)
@@ -231,3 +232,17 @@ def test_unknown_ids_are_refused(corpus: Path, tmp_path: Path, encoder: DualEnco
         index.metadata([-1])
     with pytest.raises(UnknownImage):  # beyond int64: no such id, not an OverflowError
         index.vectors([int(index.ids()[0]), 2**70])
+
+
+def test_save_npy_writes_chunks_as_numpy_would_write_their_concatenation(tmp_path: Path) -> None:
+    rng = np.random.default_rng(0)
+    chunks = [rng.standard_normal((n, 5, 3)).astype(np.float16) for n in (2, 0, 4)]
+    chunks.append(rng.standard_normal((3, 3, 5)).astype(np.float16).transpose(0, 2, 1))  # not contiguous
+    for name, value, whole in [("chunks", chunks, np.concatenate(chunks)),
+                               ("array", chunks[0], chunks[0]), ("empty", np.zeros((0, 0), np.float32), None)]:
+        save_npy(tmp_path / f"{name}.npy", value)
+        expected = io.BytesIO()
+        np.save(expected, value if whole is None else whole)
+        assert (tmp_path / f"{name}.npy").read_bytes() == expected.getvalue(), name
+    with pytest.raises(ValueError, match="trailing shape"):
+        save_npy(tmp_path / "bad.npy", [np.zeros((1, 2)), np.zeros((1, 3))])
