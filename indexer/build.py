@@ -15,7 +15,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import faiss
 import numpy as np
 import torch
 
@@ -33,6 +32,7 @@ from indexer.store import (
     link_shard,
     mutation_lock,
     publish,
+    save_faiss,
     save_npy,
 )
 from indexer.writer import Failure, Row, ShardWriter, StagedShard, read_staged
@@ -110,8 +110,8 @@ def disk_errors(out: Path) -> Iterator[None]:
     """
     try:
         yield
-    except (OSError, RuntimeError) as exc:  # faiss reports failed writes as RuntimeError
-        if getattr(exc, "errno", None) not in FULL_DISK and "No space left" not in str(exc):
+    except OSError as exc:  # index files are written through Python (store.save_npy, store.save_faiss)
+        if exc.errno not in FULL_DISK:
             raise
         free = shutil.disk_usage(out if out.exists() else out.parent).free
         raise BuildError(f"No space left on device while writing a new version of {out} ({free} bytes free); "
@@ -220,7 +220,7 @@ def _write_version(tmp: Path, shard_dirs: list[Path], deleted: set[int], failure
     plan = plan_index(len(ids), dim, opts.index_kind, opts.memory_budget)
     if (plan.kind == "ivf" and len(ids) < 39 * plan.nlist) or (plan.kind == "ivfpq" and len(ids) < PQ_MIN_TRAIN):
         plan = plan_index(len(ids), dim, "flat")  # too few vectors to train the quantizers
-    faiss.write_index(build_index(plan, vectors, ids), str(tmp / INDEX_FILE))
+    save_faiss(tmp / INDEX_FILE, build_index(plan, vectors, ids))
     save_npy(tmp / DELETED, np.array(sorted(deleted), np.int64))
     (tmp / FAILURES).write_text("".join(f.to_json() + "\n" for f in failures))
     return plan, len(ids)

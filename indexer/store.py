@@ -89,6 +89,15 @@ def save_npy(path: Path, array: np.ndarray | Sequence[np.ndarray]) -> None:
             fh.write(chunk.reshape(-1).view(np.uint8).data)  # the contiguous bytes themselves: no copy
 
 
+def save_faiss(path: Path, index: faiss.Index) -> None:
+    """faiss.write_index through Python's write: a full disk raises OSError(ENOSPC), where faiss's own
+    writer raises a RuntimeError that only its message tells apart; no serialised copy in memory."""
+    with path.open("wb") as fh:
+        writer = faiss.PyCallbackIOWriter(fh.write)  # type: ignore[attr-defined]  # not in faiss's stubs
+        faiss.write_index(index, writer)
+        del writer  # flushes faiss's buffer into fh before it closes
+
+
 @contextlib.contextmanager
 def _flock(root: Path, name: str) -> Iterator[None]:
     """An exclusive lock on root/name, across processes; the kernel drops it when its holder dies."""

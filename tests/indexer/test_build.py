@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import json
 import os
@@ -20,7 +21,7 @@ from indexer.build import BuildError, BuildOptions, build_or_add, remove
 from indexer.cli import app
 from indexer.encoder import DualEncoder, create_embedded
 from indexer.scenes import write_scenes
-from indexer.store import STAGING, Index, list_versions, save_npy
+from indexer.store import STAGING, Index, list_versions, save_faiss, save_npy
 from tests.indexer.badfiles import awkward_files, broken_files
 
 OPTS = BuildOptions(batch_size=16, workers=0, shard_size=24)
@@ -246,3 +247,17 @@ def test_save_npy_writes_chunks_as_numpy_would_write_their_concatenation(tmp_pat
         assert (tmp_path / f"{name}.npy").read_bytes() == expected.getvalue(), name
     with pytest.raises(ValueError, match="trailing shape"):
         save_npy(tmp_path / "bad.npy", [np.zeros((1, 2)), np.zeros((1, 3))])
+
+
+def test_index_files_are_written_through_python_so_a_full_disk_is_an_enospc(tmp_path: Path) -> None:
+    import faiss
+
+    index = faiss.IndexIDMap2(faiss.IndexFlatIP(4))
+    index.add_with_ids(np.eye(4, dtype=np.float32), np.array([7, 8, 9, 10], np.int64))
+    save_faiss(tmp_path / "index.faiss", index)
+    back = faiss.read_index(str(tmp_path / "index.faiss"))
+    assert back.search(np.eye(4, dtype=np.float32)[2:3], 1)[1][0, 0] == 9
+    for write in (lambda path: save_faiss(path, index), lambda path: save_npy(path, np.ones(100_000))):
+        with pytest.raises(OSError) as info:  # /dev/full: every write fails as on a full disk
+            write(Path("/dev/full"))
+        assert info.value.errno == errno.ENOSPC
