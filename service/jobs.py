@@ -349,8 +349,12 @@ class LocalJobs:
 
         try:
             info.result = execute(spec, report)
+            try:  # serve the new version before the job says so: a client that polls then searches sees it
+                self.on_published(spec.index_dir, str(info.result["version"]))
+            except Exception:  # noqa: BLE001 (published on disk all the same: the version watcher follows)
+                log.exception("job %s: version %s published, but swapping it in failed", spec.job_id,
+                              info.result["version"])
             info.status = "succeeded"
-            self.on_published(spec.index_dir, str(info.result["version"]))
         except JobCancelled:
             info.status = "cancelled"
         except Exception as exc:  # noqa: BLE001 (a failed job is reported, never raised into the server)
