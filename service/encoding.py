@@ -39,15 +39,15 @@ class QueryEncoder:
         return self.encoder.model_id
 
     def text(self, text: str) -> TextEncoding:
+        if not self.cache.enabled:
+            return self._texts(text)
         key = text_key(self.model_id, text)
-        raw = self.cache.get_raw(key) if self.cache.enabled else None
-        if self.cache.enabled:
-            self.metrics.cache_lookup("text", raw is not None)
+        raw = self.cache.get_raw(key)
+        self.metrics.cache_lookup("text", raw is not None)
         if raw is not None:
             return TextEncoding(*unpack_text(raw, self.encoder.embed_dim, self.width))
         encoded = self._texts(text)
-        if self.cache.enabled:
-            self.cache.put_raw(key, pack_text(encoded.pooled, encoded.tokens, encoded.mask))
+        self.cache.put_raw(key, pack_text(encoded.pooled, encoded.tokens, encoded.mask))
         return encoded
 
     def image(self, image: Image.Image) -> np.ndarray:

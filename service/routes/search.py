@@ -66,24 +66,31 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
     Results are cached in Redis (when configured) under the index version, so a new version
     invalidates them; a cached answer says `cached: true` and times only the lookup.
     """
-    start = time.perf_counter()
-    settings = engine.settings
-    request = {**body.model_dump(), "defaults": [settings.default_rerank, settings.default_rerank_k]}
     searcher = engine.searcher(body.index)  # the version in the cache key is the version that answers
-    key = result_key(engine.encoder.model_id, searcher.index.version, request)
-    hit = engine.cache.get(key)
+    rerank = body.rerank or engine.settings.default_rerank
+    short = rerank == "none" and body.image is None  # no rerank, no image to decode: a few ms
+    return ModelJSON(await engine.run(_cached_search, engine, body, searcher, short=short))
+
+
+def _cached_search(engine: Engine, body: SearchRequest, searcher: Searcher) -> SearchResponse:
+    """The cached answer if there is one, else the search's, then cached (blocking: Redis included)."""
+    start = time.perf_counter()
+    key = None
     if engine.cache.enabled:
+        settings = engine.settings
+        request = {**body.model_dump(), "defaults": [settings.default_rerank, settings.default_rerank_k]}
+        key = result_key(engine.encoder.model_id, searcher.index.version, request)
+        hit = engine.cache.get(key)
         engine.metrics.cache_lookup("result", hit is not None)
-    if hit is not None:
-        lookup = round((time.perf_counter() - start) * 1000, 3)
-        hit.update(cached=True, timings_ms={"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup})
-        return ModelJSON(SearchResponse(**hit))
+        if hit is not None:
+            lookup = round((time.perf_counter() - start) * 1000, 3)
+            hit.update(cached=True, timings_ms={"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup})
+            return SearchResponse(**hit)
     image = _decode_base64(body.image) if body.image is not None else None
-    query = _query(engine, body, image)
-    short = query.rerank == "none" and image is None  # no rerank, no image to decode: a few ms
-    response = await engine.run(_respond, engine, body.index, query, searcher, short=short)
-    engine.cache.put(key, response.model_dump())
-    return ModelJSON(response)
+    response = _respond(engine, body.index, _query(engine, body, image), searcher)
+    if key is not None:
+        engine.cache.put(key, response.model_dump())
+    return response
 
 
 @router.post("/search/image", **FAST)  # type: ignore[arg-type]
