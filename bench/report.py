@@ -253,15 +253,17 @@ def section_service() -> str:
     r = load("service")
     if not r:
         return ""
-    rows = [[x["concurrency"], x["rerank"], x["qps"], x["p50_ms"], x["p95_ms"], x["p99_ms"], x["errors"]]
-            for x in r["rows"]]
+    rows = [[x["concurrency"], x["rerank"], x["qps"], x["p50_ms"], x["p95_ms"], x["p99_ms"], x["errors"],
+             x.get("server_cores", "")] for x in r["rows"]]
     q = r["qps_64_over_1"]
     by = r.get("in_process_by_threads", {})
     return f"""## Service (`bench/service.py`)
 
 `{STEPS[6].command()}` — {r['n_real']:,} real scenes indexed (patch tokens for the reranker), the ANN
 index padded with random unit vectors to {r['n']:,} ({r['ann']}); the API under uvicorn, the load from
-a separate process (a bare asyncio HTTP/1.1 client, one keep-alive connection per client).
+a separate process (a bare asyncio HTTP/1.1 client, one keep-alive connection per client). Server
+CPU: the cores the API process kept busy during each run, out of {r['machine'].split()[0]} (its Python
+work holds one GIL).
 
 {table(["measure", "value", "target"], [
         ["in-process p50, encode + search, one query at a time (the faster of all-cores / serve threads)",
@@ -273,7 +275,7 @@ a separate process (a bare asyncio HTTP/1.1 client, one keep-alive connection pe
         ["errors", r["errors"], "0"],
         ["mean micro-batch (text encoder / FAISS)", f"{r['batches']['text']} / {r['batches']['search']}", ""]])}
 
-{table(["clients", "rerank", "QPS", "p50 ms", "p95 ms", "p99 ms", "errors"], rows)}
+{table(["clients", "rerank", "QPS", "p50 ms", "p95 ms", "p99 ms", "errors", "server CPU (cores)"], rows)}
 """
 
 
