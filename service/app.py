@@ -20,7 +20,7 @@ from service.errors import install_handlers
 from service.routes import clip_back, health, images, jobs, page, search
 from service.routes.page import STATIC_DIR
 from service.schemas import ErrorResponse
-from service.state import Engine, load_engine
+from service.state import Engine, configure_process, load_engine
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None, own_engine: bool = False) -> FastAPI:
@@ -49,6 +49,14 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, o
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
+
+
+def app_from_env() -> FastAPI:
+    """One worker process of `imsearch serve --workers N`: settings from IMSEARCH_* (where the parent
+    put its command-line options), the engine loaded by the lifespan in this process."""
+    settings = Settings()
+    configure_process(settings)
+    return create_app(settings)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

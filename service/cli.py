@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import os
 from typing import Annotated, Any
 
 import typer
@@ -20,6 +22,8 @@ def serve(
     port: Annotated[int, typer.Option(min=1, max=65535)] = 8000,
     model: Annotated[str | None, typer.Option(help="the model the indexes were built with (IMSEARCH_MODEL)")] = None,
     pretrained: Annotated[str | None, typer.Option(help="its pretrained tag (IMSEARCH_PRETRAINED)")] = None,
+    workers: Annotated[int | None, typer.Option(
+        min=1, help="API processes (IMSEARCH_WORKERS); more than one needs IMSEARCH_REDIS_URL")] = None,
 ) -> None:
     """Serve the search API and web page with uvicorn."""
     import uvicorn
@@ -31,14 +35,28 @@ def serve(
     from service.state import configure_process, load_engine
 
     try:
-        given: dict[str, Any] = {"indexes": index, "model": model, "pretrained": pretrained}
+        given: dict[str, Any] = {"indexes": index, "model": model, "pretrained": pretrained, "workers": workers}
         settings = Settings(**{k: v for k, v in given.items() if v})  # the rest from IMSEARCH_* and .env
+        if settings.workers > 1 and not settings.redis_url:
+            raise StartupError("--workers above 1 needs Redis (IMSEARCH_REDIS_URL): the worker processes share "
+                               "indexing jobs, caches and new index versions through it")
         configure_process(settings)
-        engine = load_engine(settings)
+        engine = load_engine(settings)  # with workers too: a bad index or model is refused here, once
     except (StartupError, ValidationError) as exc:
         fail(str(exc))
-    err.print(f"serving {', '.join(engine.indexes)} on http://{host}:{port}")
-    uvicorn.run(create_app(settings, engine, own_engine=True), host=host, port=port, log_level="info")
+    err.print(f"serving {', '.join(engine.indexes)} on http://{host}:{port}"
+              + (f" with {settings.workers} worker processes" if settings.workers > 1 else ""))
+    if settings.workers == 1:
+        uvicorn.run(create_app(settings, engine, own_engine=True), host=host, port=port, log_level="info")
+        return
+    engine.close()
+    # one process's Python holds one GIL (a loaded server keeps about one core busy): each worker
+    # loads its own engine (shard embeddings and tokens are memory-mapped, so those pages are shared;
+    # each holds its own model and FAISS structure)
+    os.environ.update({f"IMSEARCH_{k.upper()}": json.dumps(v) if isinstance(v, list) else str(v)
+                       for k, v in given.items() if v})
+    uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, host=host, port=port,
+                log_level="info")
 
 
 @app.command()

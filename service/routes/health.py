@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from fastapi import APIRouter, Response
@@ -13,9 +14,9 @@ router = APIRouter(tags=["health"])
 
 
 @router.get("/healthz")
-def healthz() -> dict[str, str]:
-    """The process is up."""
-    return {"status": "ok"}
+def healthz() -> dict[str, Any]:
+    """The process is up (`pid`: which worker process answered, with `imsearch serve --workers N`)."""
+    return {"status": "ok", "pid": os.getpid()}
 
 
 @router.get("/readyz")

@@ -22,7 +22,7 @@ from indexer.scenes import write_scenes
 from indexer.store import current_version
 from service.app import create_app
 from service.config import Settings
-from tests.service.procs import free_port, serve, terminate, wait_for
+from tests.service.procs import CLI, free_port, serve, terminate, wait_for
 
 KEY = {"X-API-Key": "k3y"}
 TEXTS = ["a small red circle on the left", "a large blue square left of a small green cross",
@@ -183,3 +183,29 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(scenes: tuple[Path, P
     in_flight = [r for r in load.results if r[0] < sent - 0.2]  # sent well before the signal: being served
     finished_late = [r for r in in_flight if r[1] > sent]
     assert finished_late and all(r[2] == 200 for r in in_flight), in_flight[-12:]
+
+
+def test_worker_processes_each_answer_and_refuse_to_start_without_redis(scenes: tuple[Path, Path]) -> None:
+    index_dir, _ = scenes
+    env = {k: v for k, v in os.environ.items() if not k.startswith("IMSEARCH_")}
+    refused = subprocess.run([CLI, "serve", "--index", str(index_dir), "--workers", "2"], env=env,
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode != 0 and "needs Redis" in refused.stderr and "Traceback" not in refused.stderr
+    port = free_port()
+    server = serve(f"scenes={index_dir}", port, {"IMSEARCH_WORKERS": "2", "IMSEARCH_RERANKERS": '["mid"]',
+                                                 "IMSEARCH_REDIS_URL": "redis://127.0.0.1:6379/3"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        seen: set[int] = set()  # a new connection per call: the kernel hands it to either worker
+
+        def both() -> bool:
+            seen.add(httpx.get(f"{url}/healthz").json()["pid"])
+            return len(seen) == 2
+
+        wait_for(both, timeout=120)
+        assert server.pid not in seen  # the parent only supervises
+        for _ in range(6):
+            response = httpx.post(f"{url}/v1/search", json={"text": TEXTS[0], "k": 3, "rerank": "mid"}, timeout=30)
+            assert response.status_code == 200 and len(response.json()["hits"]) == 3
+    finally:
+        terminate(server)
