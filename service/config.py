@@ -32,6 +32,7 @@ class Settings(BaseSettings):
     cors_origins: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
     max_pixels: int = Field(40_000_000, ge=1)
+    cache: bool = Field(True, description="cache text embeddings and results in Redis (when redis_url is set)")
     cache_ttl_s: int = Field(3600, ge=1)
     max_batch: int = Field(32, ge=1, description="most queries per micro-batch (encoder forward, FAISS search)")
     job_roots: list[str] = Field(default_factory=list, description="folders indexing jobs may read")

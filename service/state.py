@@ -142,7 +142,7 @@ def load_engine(settings: Settings) -> Engine:
 def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index],
              rerankers: dict[str, Reranker]) -> Engine:
     """Wire loaded models and indexes into an engine: cache, metrics, batched encoder and searchers."""
-    cache = QueryCache(settings.redis_url, settings.cache_ttl_s)
+    cache = QueryCache(settings.redis_url if settings.cache else None, settings.cache_ttl_s)
     metrics = Metrics()
     queries = QueryEncoder(encoder, cache, metrics, settings.max_batch, settings.max_wait_ms)
 

@@ -57,6 +57,16 @@ def test_second_identical_query_is_served_from_redis(index_dir: Path, clean_redi
     assert len(texts) == 1 and 0 < clean_redis.ttl(texts[0]) <= 3600  # the two k's share one text encoding
 
 
+def test_cache_switched_off_keeps_redis_for_the_rest_but_stores_nothing(index_dir: Path,
+                                                                       clean_redis: redis.Redis) -> None:
+    settings = Settings(indexes=[str(index_dir)], rerankers=[], redis_url=REDIS_URL, cache=False)
+    with TestClient(create_app(settings)) as client:
+        answers = [client.post("/v1/search", json=QUERY).json() for _ in range(2)]
+        assert client.get("/readyz").json()["cache"] == "disabled"
+    assert [a["cached"] for a in answers] == [False, False]
+    assert not list(clean_redis.scan_iter(f"{PREFIX}*"))
+
+
 def test_text_embedding_cache_round_trips_and_ignores_case_and_spacing(encoder: DualEncoder,
                                                                        clean_redis: redis.Redis) -> None:
     cache = QueryCache(REDIS_URL, 60)
