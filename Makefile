@@ -34,7 +34,7 @@ eval: install
 	$(BIN)/imsearch eval tradeoff --errors
 
 # every benchmark at bounded sizes (about 18 min on 2 cores), then BENCHMARKS.md and bench/tradeoff.png
-bench: install
+bench: install redis
 	$(PY) -m pip install --quiet --editable '.[bench]'
 	$(PY) bench/report.py --run
 

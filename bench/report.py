@@ -260,10 +260,10 @@ def section_service() -> str:
     return f"""## Service (`bench/service.py`)
 
 `{STEPS[6].command()}` — {r['n_real']:,} real scenes indexed (patch tokens for the reranker), the ANN
-index padded with random unit vectors to {r['n']:,} ({r['ann']}); the API under uvicorn, the load from
-a separate process (a bare asyncio HTTP/1.1 client, one keep-alive connection per client). Server
-CPU: the cores the API process kept busy during each run, out of {r['machine'].split()[0]} (its Python
-work holds one GIL).
+index rebuilt over {r['n']:,} vectors with random unit fillers ({r['ann']}); the API as `imsearch serve
+--workers {r.get('workers', 1)}` (caching off), the load from a separate process (a bare asyncio HTTP/1.1
+client, one keep-alive connection per client). Server CPU: the cores the API's processes kept busy
+during each run, out of {r['machine'].split()[0]} (one process's Python work holds one GIL).
 
 {table(["measure", "value", "target"], [
         ["in-process p50, encode + search, one query at a time (the faster of all-cores / serve threads)",
@@ -273,7 +273,8 @@ work holds one GIL).
         ["QPS 64 clients / 1 client, rerank none", q["none"], f"≥ 2 — {verdict(q['none'] >= 2)}"],
         ["QPS 64 clients / 1 client, rerank mid", q["mid"], f"≥ 2 — {verdict(q['mid'] >= 2)}"],
         ["errors", r["errors"], "0"],
-        ["mean micro-batch (text encoder / FAISS)", f"{r['batches']['text']} / {r['batches']['search']}", ""]])}
+        ["mean micro-batch (text encoder / FAISS; one worker)",
+         f"{r['batches']['text']} / {r['batches']['search']}", ""]])}
 
 {table(["clients", "rerank", "QPS", "p50 ms", "p95 ms", "p99 ms", "errors", "server CPU (cores)"], rows)}
 """

@@ -1,11 +1,12 @@
 """Benchmark: HTTP overhead of /v1/search and throughput under concurrency (micro-batching), as JSON.
 
-    python bench/service.py [--n 100000] [--n-real 2000] [--duration 8] [--out FILE]
+    python bench/service.py [--n 100000] [--n-real 2000] [--duration 8] [--workers N] [--out FILE]
 
 A real scene corpus (n-real images, with patch tokens for the reranker) is indexed by the real
-builder; the ANN index is then padded with random unit vectors up to n, the padded rows mapping
-back onto real images, so that search runs over n vectors. The service runs in this process under
-uvicorn; the load comes from separate client processes (a bare asyncio HTTP/1.1 client), one per setting.
+builder; the ANN index is then rebuilt over n vectors, random unit fillers stored under real images'
+ids, so that search runs over n vectors. The service runs as `imsearch serve --workers N` (default:
+one per core; several need the Redis at 127.0.0.1:6379, caching off); the load comes from separate
+client processes (a bare asyncio HTTP/1.1 client), one per setting.
 
 (1) overhead: HTTP p50 of /v1/search (rerank none, one client) / in-process p50 of encode + search.
 (2) throughput: QPS and p50/p95/p99 at 1, 16 and 64 concurrent clients, rerank none and mid.
@@ -17,13 +18,14 @@ import argparse
 import asyncio
 import json
 import os
+import signal
 import socket
 import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
@@ -117,28 +119,26 @@ def run_client(url: str, texts_file: Path, concurrency: int, duration: float, re
 
 # --- server side -----------------------------------------------------------------------------------
 
+CLI = str(Path(sys.executable).parent / "imsearch")
+REDIS_URL = "redis://127.0.0.1:6379/5"  # what several worker processes share (jobs, versions); caching off
 
-def padded_index(index_dir: Path, n: int, seed: int = 0):  # noqa: ANN201 (an Index subclass)
-    """The real index with its ANN structure rebuilt over n vectors: real ones plus random fillers."""
+
+def pad_index(index_dir: Path, n: int, seed: int = 0) -> None:
+    """Rebuild the served version's ANN index over n vectors: the real ones plus random unit fillers,
+    each filler under a real image's id (FAISS allows repeated ids), so that search runs over n
+    vectors and every hit still has tokens and metadata, here and in `imsearch serve` alike."""
     from indexer.ann import build_index, plan_index
-    from indexer.store import Index
+    from indexer.store import INDEX_FILE, MANIFEST, Index, save_faiss
 
-    class PaddedIndex(Index):
-        def search(self, queries, k, nprobe=None, ef_search=None):  # noqa: ANN001, ANN202
-            scores, ids = super().search(queries, k, nprobe, ef_search)
-            mapped = np.where(ids >= 0, self.real_ids[np.maximum(ids, 0) % len(self.real_ids)], -1)
-            return scores, mapped
-
-    index = PaddedIndex.open(index_dir)
+    index = Index.open(index_dir)
     real = index.ids()
-    vectors = index.vectors(real)
     rng = np.random.default_rng(seed)
     filler = rng.standard_normal((n - len(real), index.dim)).astype(np.float32)
     filler /= np.linalg.norm(filler, axis=1, keepdims=True)
-    index.real_ids = real
-    index.plan = plan_index(n, index.dim)
-    index.faiss = build_index(index.plan, np.concatenate([vectors, filler]), np.arange(n, dtype=np.int64), seed)
-    return index
+    plan = plan_index(n, index.dim)
+    ids = np.concatenate([real, real[np.arange(n - len(real)) % len(real)]])
+    save_faiss(index.folder / INDEX_FILE, build_index(plan, np.concatenate([index.vectors(real), filler]), ids, seed))
+    (index.folder / MANIFEST).write_text(json.dumps({**index.manifest, "index": plan.to_dict()}))
 
 
 def in_process_p50(encoder, index, texts: list[str], repeats: int = 300) -> float:  # noqa: ANN001
@@ -152,31 +152,66 @@ def in_process_p50(encoder, index, texts: list[str], repeats: int = 300) -> floa
     return statistics.median(times[20:])
 
 
-def loaded(url: str, texts_file: Path, concurrency: int, duration: float, rerank: str) -> dict:
-    """One client run, plus the cores this (server) process kept busy meanwhile: one process's Python
-    work holds one GIL, so a server bound by it stays near one core however many are free."""
-    cpu = time.process_time()
+def get(url: str) -> bytes:
+    with urllib.request.urlopen(url, timeout=5) as response:  # noqa: S310 (our own server on 127.0.0.1)
+        return bytes(response.read())
+
+
+def start_server(index: str, port: int, workers: int, log: Path, env: dict[str, str]) -> subprocess.Popen[bytes]:
+    """`imsearch serve --index INDEX` (IMSEARCH_* from env) as its own process group, once each of its
+    worker processes answers; stop it with stop_server."""
+    proc = subprocess.Popen([CLI, "serve", "--index", index, "--port", str(port), "--workers", str(workers)],
+                            env={**os.environ, **env}, start_new_session=True, stdout=log.open("wb"),
+                            stderr=subprocess.STDOUT)
+    seen: set[int] = set()
+    deadline = time.monotonic() + 300
+    while len(seen) < workers:
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"imsearch serve did not start: see {log}")
+        try:
+            seen.add(json.loads(get(f"http://127.0.0.1:{port}/healthz"))["pid"])
+        except OSError:
+            time.sleep(0.2)
+    return proc
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    proc.wait(timeout=60)
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in a process group (from /proc)."""
+    total = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rpartition(")")[2].split()  # after "(comm)", which may hold spaces
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ..., utime (11), stime (12)
+            total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
+
+
+def loaded(url: str, texts_file: Path, concurrency: int, duration: float, rerank: str, pgid: int) -> dict:
+    """One client run, plus the cores the server's processes kept busy meanwhile: one process's Python
+    work holds one GIL, so a single process bound by it stays near one core however many are free."""
+    cpu = group_cpu_seconds(pgid)
     row = run_client(url, texts_file, concurrency, duration, rerank)
-    busy = (time.process_time() - cpu) / (row["requests"] / row["qps"])  # idle outside the load window
+    busy = (group_cpu_seconds(pgid) - cpu) / (row["requests"] / row["qps"])  # idle outside the load window
     return {**row, "server_cores": round(busy, 2)}
 
 
-def start_server(app, port: int):  # noqa: ANN001, ANN201
-    import uvicorn
-
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.05)
-    return server, thread
-
-
-def mean_batch(engine, name: str) -> float:  # noqa: ANN001
-    """Mean items per micro-batch of one batcher, from the engine's Prometheus histogram."""
-    get = engine.metrics.registry.get_sample_value
-    count = get("imsearch_batch_size_count", {"batcher": name}) or 0.0
-    return round((get("imsearch_batch_size_sum", {"batcher": name}) or 0.0) / max(1.0, count), 2)
+def mean_batches(url: str) -> dict[str, float]:
+    """Mean items per micro-batch of the text encoder and FAISS, from one worker's /metrics."""
+    values: dict[str, float] = {}
+    for line in get(f"{url}/metrics").decode().splitlines():
+        for name in ("text", "search"):
+            for part in ("sum", "count"):
+                if line.startswith(f'imsearch_batch_size_{part}{{batcher="{name}"}}'):
+                    values[f"{name}_{part}"] = float(line.split()[-1])
+    return {name: round(values.get(f"{name}_sum", 0.0) / max(1.0, values.get(f"{name}_count", 0.0)), 2)
+            for name in ("text", "search")}
 
 
 def free_port() -> int:
@@ -191,47 +226,50 @@ def bench(args: argparse.Namespace) -> dict:
     from indexer.build import BuildOptions, build_or_add
     from indexer.encoder import load_encoder
     from indexer.scenes import write_scenes
-    from reranker.score import load_tier
-    from service.app import create_app
+    from indexer.store import Index
     from service.config import Settings
-    from service.state import assemble, configure_process
+    from service.state import configure_process
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     encoder = load_encoder()
     work = Path(tempfile.mkdtemp(prefix="bench-service-"))
     manifest = write_scenes(work / "src", args.n_real // 2, seed=5, twins=True)
     build_or_add(manifest, work / "idx", encoder, BuildOptions(workers=0), "build")
-    index = padded_index(work / "idx", args.n)
+    pad_index(work / "idx", args.n)
+    index = Index.open(work / "idx")
     texts = [row["caption"] for row in index.live_rows]
     texts_file = work / "texts.json"
     texts_file.write_text(json.dumps(texts))
 
-    settings = Settings(indexes=[f"bench={work / 'idx'}"], rerankers=["mid"])
     in_process = {"all_cores": in_process_p50(encoder, index, texts)}
-    configure_process(settings)  # as `imsearch serve` does
+    configure_process(Settings(indexes=[str(work / "idx")]))  # as `imsearch serve` does
     in_process["serve_threads"] = in_process_p50(encoder, index, texts)
     baseline = min(in_process.values())  # the ratio is against the faster of the two
-    engine = assemble(settings, encoder, {"bench": index}, {"mid": load_tier("mid", encoder)})
     port = free_port()
-    server, thread = start_server(create_app(settings, engine), port)
+    env = {"IMSEARCH_RERANKERS": '["mid"]', "IMSEARCH_CACHE": "false"}
+    server = start_server(f"bench={work / 'idx'}", port, args.workers, work / "serve.log",
+                          {**env, "IMSEARCH_REDIS_URL": REDIS_URL} if args.workers > 1 else env)
     url = f"http://127.0.0.1:{port}"
-    run_client(url, texts_file, 4, 2.0, "mid")  # warm-up
-    rows = [loaded(url, texts_file, c, args.duration, rerank) for rerank in ("none", "mid") for c in (1, 16, 64)]
-    server.should_exit = True
-    thread.join(timeout=10)
-    engine.close()
+    try:
+        run_client(url, texts_file, 4 * args.workers, 2.0, "mid")  # warm-up, every worker
+        rows = [loaded(url, texts_file, c, args.duration, rerank, server.pid)
+                for rerank in ("none", "mid") for c in (1, 16, 64)]
+        batches = mean_batches(url)
+    finally:
+        stop_server(server)
 
     single = next(r for r in rows if r["concurrency"] == 1 and r["rerank"] == "none")
     qps = {(r["rerank"], r["concurrency"]): r["qps"] for r in rows}
     return {
-        "machine": f"{os.cpu_count()} cores", "n": args.n, "n_real": len(index.real_ids), "ann": index.plan.kind,
+        "machine": f"{os.cpu_count()} cores", "n": args.n, "n_real": len(index.ids()), "ann": index.plan.kind,
+        "workers": args.workers,
         "in_process_p50_ms": round(baseline, 3),
         "in_process_by_threads": {k: round(v, 3) for k, v in in_process.items()},
         "http_p50_ms": single["p50_ms"],
         "overhead_ratio": round(single["p50_ms"] / baseline, 3),
         "qps_64_over_1": {r: round(qps[(r, 64)] / qps[(r, 1)], 2) for r in ("none", "mid")},
         "errors": sum(r["errors"] for r in rows),
-        "batches": {name: mean_batch(engine, name) for name in ("text", "search")},
+        "batches": batches,
         "rows": rows,
     }
 
@@ -241,6 +279,8 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=100_000)
     parser.add_argument("--n-real", type=int, default=2000)
     parser.add_argument("--duration", type=float, default=8.0)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="API processes (imsearch serve --workers; default: one per core)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--texts", help=argparse.SUPPRESS)

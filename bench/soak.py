@@ -17,7 +17,6 @@ import asyncio
 import base64
 import json
 import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -28,7 +27,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench.service import exchange, free_port, percentile, write_result  # noqa: E402
+from bench.service import exchange, free_port, percentile, start_server, stop_server, write_result  # noqa: E402
 
 KINDS = ("text", "text_mid", "text_early", "image_b64", "image_upload")
 
@@ -128,22 +127,8 @@ def main() -> None:
     work = Path(tempfile.mkdtemp(prefix="bench-soak-"))
     index_dir, texts, images = prepare(work, args.scenes)
     port = free_port()
-    cli = str(Path(sys.executable).parent / "imsearch")
-    server = subprocess.Popen([cli, "serve", "--index", f"soak={index_dir}", "--port", str(port)],
-                              env={**os.environ, "IMSEARCH_RERANKERS": '["mid","early"]'},
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = start_server(f"soak={index_dir}", port, 1, work / "serve.log", {"IMSEARCH_RERANKERS": '["mid","early"]'})
     try:
-        import httpx
-
-        deadline = time.monotonic() + 120
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    raise
-            time.sleep(0.2)
         asyncio.run(load(port, texts, images, args.clients, args.warmup, seed=1))
         rss_start = rss_mib(server.pid)
         began = time.perf_counter()
@@ -151,8 +136,7 @@ def main() -> None:
         seconds = time.perf_counter() - began
         rss_end = rss_mib(server.pid)
     finally:
-        server.terminate()
-        server.wait(timeout=60)
+        stop_server(server)
     report = {"machine": f"{os.cpu_count()} cores", "images": 2 * args.scenes, "clients": args.clients,
               "duration_s": args.duration, "warmup_s": args.warmup, **summary(results, seconds),
               "rss_mib_after_warmup": round(rss_start, 1), "rss_mib_end": round(rss_end, 1),
