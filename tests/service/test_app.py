@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -117,7 +118,7 @@ def test_oversized_body_is_413(client: TestClient) -> None:
 
 
 def test_health_ready_and_index_info(client: TestClient) -> None:
-    assert client.get("/healthz").json() == {"status": "ok"}
+    assert client.get("/healthz").json() == {"status": "ok", "pid": os.getpid()}  # the app runs in this process
     ready = client.get("/readyz").json()
     assert ready["status"] == "ready" and ready["indexes"] == ["scenes"] and "mid" in ready["rerankers"]
     info = client.get("/v1/index").json()
