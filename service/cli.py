@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from typing import Annotated, Any
 
 import typer
@@ -32,6 +33,7 @@ def serve(
     from service.app import create_app
     from service.config import Settings
     from service.errors import StartupError
+    from service.metrics import MULTIPROC_ENV
     from service.state import configure_process, load_engine
 
     try:
@@ -55,8 +57,10 @@ def serve(
     # each holds its own model and FAISS structure)
     os.environ.update({f"IMSEARCH_{k.upper()}": json.dumps(v) if isinstance(v, list) else str(v)
                        for k, v in given.items() if v})
-    uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, host=host, port=port,
-                log_level="info")
+    with tempfile.TemporaryDirectory(prefix="imsearch-metrics-") as shared:
+        os.environ[MULTIPROC_ENV] = shared  # /metrics sums what every worker writes there
+        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, host=host, port=port,
+                    log_level="info")
 
 
 @app.command()

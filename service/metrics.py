@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest, multiprocess
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # prometheus_client's: worker processes write their values there
 
 # milliseconds matter here: a query is 2 ms fast and 20 ms reranked
 LATENCY_BUCKETS = (0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
@@ -31,4 +35,10 @@ class Metrics:
         self.cache.labels(cache, "hit" if hit else "miss").inc()
 
     def render(self) -> bytes:
+        """This engine's metrics; under `imsearch serve --workers N` (PROMETHEUS_MULTIPROC_DIR set for
+        the workers) the sum over every worker process, whichever one answers the scrape."""
+        if os.environ.get(MULTIPROC_ENV):
+            merged = CollectorRegistry()
+            multiprocess.MultiProcessCollector(merged)
+            return generate_latest(merged)
         return generate_latest(self.registry)

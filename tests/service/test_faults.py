@@ -193,7 +193,8 @@ def test_worker_processes_each_answer_and_refuse_to_start_without_redis(scenes: 
     assert refused.returncode != 0 and "needs Redis" in refused.stderr and "Traceback" not in refused.stderr
     port = free_port()
     server = serve(f"scenes={index_dir}", port, {"IMSEARCH_WORKERS": "2", "IMSEARCH_RERANKERS": '["mid"]',
-                                                 "IMSEARCH_REDIS_URL": "redis://127.0.0.1:6379/3"})
+                                                 "IMSEARCH_REDIS_URL": "redis://127.0.0.1:6379/3",
+                                                 "IMSEARCH_CACHE": "false"})  # every search runs: counted below
     url = f"http://127.0.0.1:{port}"
     try:
         seen: set[int] = set()  # a new connection per call: the kernel hands it to either worker
@@ -207,5 +208,9 @@ def test_worker_processes_each_answer_and_refuse_to_start_without_redis(scenes: 
         for _ in range(6):
             response = httpx.post(f"{url}/v1/search", json={"text": TEXTS[0], "k": 3, "rerank": "mid"}, timeout=30)
             assert response.status_code == 200 and len(response.json()["hits"]) == 3
+        series = 'imsearch_stage_seconds_count{rerank="mid",stage="rerank"}'
+        for _ in range(8):  # whichever worker answers the scrape, it counts the searches of both
+            lines = httpx.get(f"{url}/metrics").text.splitlines()
+            assert [float(line.split()[-1]) for line in lines if line.startswith(series)] == [6.0]
     finally:
         terminate(server)
