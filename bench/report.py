@@ -273,7 +273,7 @@ during each run, out of {r['machine'].split()[0]} (one process's Python work hol
         ["QPS 64 clients / 1 client, rerank none", q["none"], f"≥ 2 — {verdict(q['none'] >= 2)}"],
         ["QPS 64 clients / 1 client, rerank mid", q["mid"], f"≥ 2 — {verdict(q['mid'] >= 2)}"],
         ["errors", r["errors"], "0"],
-        ["mean micro-batch (text encoder / FAISS; one worker)",
+        ["mean micro-batch (text encoder / FAISS; all workers)",
          f"{r['batches']['text']} / {r['batches']['search']}", ""]])}
 
 {table(["clients", "rerank", "QPS", "p50 ms", "p95 ms", "p99 ms", "errors", "server CPU (cores)"], rows)}

@@ -201,7 +201,7 @@ def loaded(url: str, texts_file: Path, concurrency: int, duration: float, rerank
 
 
 def mean_batches(url: str) -> dict[str, float]:
-    """Mean items per micro-batch of the text encoder and FAISS, from one worker's /metrics."""
+    """Mean items per micro-batch of the text encoder and FAISS, from /metrics (summed over workers)."""
     values: dict[str, float] = {}
     for line in get(f"{url}/metrics").decode().splitlines():
         for name in ("text", "search"):
