@@ -39,11 +39,16 @@ def _respond(engine: Engine, name: str | None, query: QueryInput, searcher: Sear
                           index=name or engine.default_index, rerank=query.rerank)
 
 
+def _tier(engine: Engine, body: SearchRequest) -> str:
+    """The rerank tier a request asks for, or the configured default."""
+    return body.rerank or engine.settings.default_rerank
+
+
 def _query(engine: Engine, body: SearchRequest, image: bytes | None) -> QueryInput:
     settings = engine.settings
-    rerank = body.rerank or settings.default_rerank
     return QueryInput(text=body.text, image=image, embedding=body.embedding, k=min(body.k, settings.max_k),
-                      rerank=rerank, rerank_k=min(body.rerank_k or settings.default_rerank_k, settings.max_rerank_k),
+                      rerank=_tier(engine, body),
+                      rerank_k=min(body.rerank_k or settings.default_rerank_k, settings.max_rerank_k),
                       min_similarity=body.min_similarity)
 
 
@@ -67,8 +72,7 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
     invalidates them; a cached answer says `cached: true` and times only the lookup.
     """
     searcher = engine.searcher(body.index)  # the version in the cache key is the version that answers
-    rerank = body.rerank or engine.settings.default_rerank
-    short = rerank == "none" and body.image is None  # no rerank, no image to decode: a few ms
+    short = _tier(engine, body) == "none" and body.image is None  # no rerank, no image to decode: a few ms
     return ModelJSON(await engine.run(_cached_search, engine, body, searcher, short=short))
 
 
