@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
 from dataclasses import dataclass
-from typing import Generic, TypeVar
+from typing import Any, Generic, TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+Waiter = Future[Any] | asyncio.Future[Any]  # a blocked thread's future, or an awaiting coroutine's
 
 
 @dataclass
@@ -24,13 +27,16 @@ class BatchStats:
 
 
 class MicroBatcher(Generic[In, Out]):
-    """Groups items submitted from many threads into calls of `fn` on lists, then splits the results.
+    """Groups items submitted from many threads or awaited on event loops into calls of `fn` on
+    lists, then splits the results.
 
     One batch runs at a time. A blocking call that finds the batcher idle runs its item at once in
     its own thread: a hand-off to the worker costs more than a small forward when nobody else is
     waiting. Items that arrive while a batch runs queue up, and the worker thread runs them as the
     next batch (up to `max_batch`). Under load (the last batch held more than one item) the worker
     also waits up to `max_wait_ms` for stragglers, which trades a millisecond for a fuller forward.
+    Coroutines that await items (`acall`) cost no thread of their own: the worker settles all of a
+    batch's awaiting coroutines with one call into their event loop.
     """
 
     def __init__(self, fn: Callable[[list[In]], Sequence[Out]], max_batch: int = 32, max_wait_ms: float = 2.0,
@@ -41,7 +47,7 @@ class MicroBatcher(Generic[In, Out]):
         self.max_batch = max_batch
         self.max_wait_s = max_wait_ms / 1000
         self.stats = BatchStats()
-        self._pending: deque[tuple[In, Future[Out]]] = deque()
+        self._pending: deque[tuple[In, Waiter]] = deque()
         self._cond = threading.Condition()  # guards _pending, _running, _closed; wakes the worker
         self._running = False  # a batch is executing (in the worker or inline in a caller)
         self._busy = False  # the previous batch held more than one item
@@ -62,19 +68,47 @@ class MicroBatcher(Generic[In, Out]):
 
     def __call__(self, item: In) -> Out:
         """Run and wait; exceptions raised by `fn` are raised here, in the caller's thread."""
+        if self._claim_idle():
+            return self._inline(item)
+        return self.submit(item).result()
+
+    async def acall(self, item: In, inline: bool = False) -> Out:
+        """Await the item's result from an event loop.
+
+        `inline`: when the batcher is idle, run the item here at once (blocking the loop for that call:
+        for the caller that knows nobody else is waiting). Otherwise the worker runs it in a batch and
+        the coroutine waits without holding a thread.
+        """
+        if inline and self._claim_idle():
+            return self._inline(item)
+        waiter: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        with self._cond:
+            queued = not self._closed
+            if queued:
+                self._pending.append((item, waiter))
+                self._cond.notify()
+        if not queued:  # closed: run it here
+            return self._inline(item, claimed=False)
+        return await waiter
+
+    def _claim_idle(self) -> bool:
+        """Mark a batch as running if none runs and none is queued; True when this caller got it."""
         with self._cond:
             idle = not (self._closed or self._running or self._pending)
             self._running = self._running or idle
-        if not idle:
-            return self.submit(item).result()
+        return idle
+
+    def _inline(self, item: In, claimed: bool = True) -> Out:
+        """Run one item in the calling thread (after _claim_idle, unless closed)."""
         future: Future[Out] = Future()
         try:
             self._execute([(item, future)])
         finally:
-            with self._cond:
-                self._running = False
-                if self._pending:  # items queued behind this call; waking the idle worker for nothing
-                    self._cond.notify()  # costs a context switch per query (profiled)
+            if claimed:
+                with self._cond:
+                    self._running = False
+                    if self._pending:  # items queued behind this call; waking the idle worker for nothing
+                        self._cond.notify()  # costs a context switch per query (profiled)
         return future.result()
 
     def close(self) -> None:
@@ -86,7 +120,7 @@ class MicroBatcher(Generic[In, Out]):
             self._cond.notify()
         self._thread.join(timeout=30)
 
-    def _next_batch(self) -> list[tuple[In, Future[Out]]] | None:
+    def _next_batch(self) -> list[tuple[In, Waiter]] | None:
         """Wait for work and the end of any running batch; None once closed and drained."""
         with self._cond:
             while self._running or not (self._pending or self._closed):
@@ -110,8 +144,8 @@ class MicroBatcher(Generic[In, Out]):
                 with self._cond:
                     self._running = False
 
-    def _execute(self, batch: list[tuple[In, Future[Out]]]) -> None:
-        live = [(item, fut) for item, fut in batch if fut.set_running_or_notify_cancel()]
+    def _execute(self, batch: list[tuple[In, Waiter]]) -> None:
+        live = [(item, w) for item, w in batch if not isinstance(w, Future) or w.set_running_or_notify_cancel()]
         if not live:
             return
         try:
@@ -119,11 +153,37 @@ class MicroBatcher(Generic[In, Out]):
             if len(results) != len(live):
                 raise RuntimeError(f"batched function returned {len(results)} results for {len(live)} items")
         except BaseException as exc:  # noqa: BLE001 (handed to every waiting caller)
-            for _, fut in live:
-                fut.set_exception(exc)
+            _settle([w for _, w in live], None, exc)
             return
         self.stats.batches += 1
         self.stats.items += len(live)
         self.stats.largest = max(self.stats.largest, len(live))
-        for (_, fut), result in zip(live, results, strict=True):
-            fut.set_result(result)
+        _settle([w for _, w in live], results, None)
+
+
+def _settle(waiters: list[Waiter], results: Sequence[Any] | None, exc: BaseException | None) -> None:
+    """Hand results (or the exception) to their waiters: thread futures directly, coroutines' futures
+    in one call per event loop (an asyncio future may only be touched from its loop's thread)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for i, waiter in enumerate(waiters):
+        value = results[i] if results is not None else None
+        if isinstance(waiter, Future):
+            if exc is not None:
+                waiter.set_exception(exc)
+            else:
+                waiter.set_result(value)
+        else:
+            by_loop.setdefault(waiter.get_loop(), []).append((waiter, value))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is left to await these
+            loop.call_soon_threadsafe(_resolve, pairs, exc)
+
+
+def _resolve(pairs: list[tuple[asyncio.Future[Any], Any]], exc: BaseException | None) -> None:
+    for waiter, value in pairs:
+        if waiter.done():  # cancelled: the client went away
+            continue
+        if exc is not None:
+            waiter.set_exception(exc)
+        else:
+            waiter.set_result(value)

@@ -7,10 +7,13 @@ import json
 import logging
 import time
 import unicodedata
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 import redis
+
+from service.batching import MicroBatcher
 
 log = logging.getLogger(__name__)
 
@@ -77,23 +80,35 @@ class QueryCache:
             log.warning("Redis cache unavailable, bypassing it: %s", exc)
 
     def get_raw(self, key: str) -> bytes | None:
-        if (client := self._live()) is None:
-            return None
-        try:
-            raw = client.get(key)
-        except redis.RedisError as exc:
-            self._failed(exc)
-            return None
-        self.degraded = False
-        return raw if isinstance(raw, bytes) else None
+        return self.get_many([key])[0]
 
     def put_raw(self, key: str, value: bytes | str) -> None:
-        if (client := self._live()) is None:
-            return
+        self.put_many([(key, value)])
+
+    def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
+        """One round trip (MGET) for a micro-batch's keys; None for each miss."""
+        if not keys or (client := self._live()) is None:
+            return [None] * len(keys)
         try:
-            client.set(key, value, ex=self.ttl_s)
+            raws = client.mget(keys)
         except redis.RedisError as exc:
             self._failed(exc)
+            return [None] * len(keys)
+        self.degraded = False
+        return [raw if isinstance(raw, bytes) else None for raw in raws]
+
+    def put_many(self, items: Sequence[tuple[str, bytes | str]]) -> list[bool]:
+        """Store each value under its key with the TTL, in one pipelined round trip; True where stored."""
+        if not items or (client := self._live()) is None:
+            return [False] * len(items)
+        try:
+            pipe = client.pipeline(transaction=False)
+            for key, value in items:
+                pipe.set(key, value, ex=self.ttl_s)
+            return [bool(ok) for ok in pipe.execute()]
+        except redis.RedisError as exc:
+            self._failed(exc)
+            return [False] * len(items)
 
     def get(self, key: str) -> dict[str, Any] | None:
         raw = self.get_raw(key)
@@ -120,6 +135,11 @@ class QueryCache:
             self._failed(exc)
         return removed
 
+    def close(self) -> None:
+        """Close the pooled connections (several threads may have opened one each)."""
+        if self.client is not None:
+            self.client.close()
+
     def healthy(self) -> bool:
         """Ping Redis (True when no Redis is configured: nothing to be degraded)."""
         if self.client is None:
@@ -132,3 +152,26 @@ class QueryCache:
         self.degraded = False
         self._retry_at = 0.0
         return True
+
+
+class ResultStore:
+    """The result cache as coroutines use it: the lookups (and the stores) of concurrent requests
+    share one Redis round trip, MGET or a pipelined SET, awaited without holding a thread."""
+
+    def __init__(self, cache: QueryCache, max_batch: int = 32):
+        self.cache = cache
+        self._reads: MicroBatcher[str, bytes | None] = MicroBatcher(cache.get_many, max_batch, 0.0, "cache-get")
+        self._writes: MicroBatcher[tuple[str, bytes | str], bool] = MicroBatcher(cache.put_many, max_batch, 0.0,
+                                                                                 "cache-put")
+
+    async def get(self, key: str, inline: bool = False) -> dict[str, Any] | None:
+        raw = await self._reads.acall(key, inline)
+        return json.loads(raw) if raw is not None else None
+
+    async def put(self, key: str, value_json: str, inline: bool = False) -> None:
+        await self._writes.acall((key, value_json), inline)
+
+    def close(self) -> None:
+        self._reads.close()
+        self._writes.close()
+        self.cache.close()

@@ -39,16 +39,11 @@ class QueryEncoder:
         return self.encoder.model_id
 
     def text(self, text: str) -> TextEncoding:
-        if not self.cache.enabled:
-            return self._texts(text)
-        key = text_key(self.model_id, text)
-        raw = self.cache.get_raw(key)
-        self.metrics.cache_lookup("text", raw is not None)
-        if raw is not None:
-            return TextEncoding(*unpack_text(raw, self.encoder.embed_dim, self.width))
-        encoded = self._texts(text)
-        self.cache.put_raw(key, pack_text(encoded.pooled, encoded.tokens, encoded.mask))
-        return encoded
+        return self._texts(text)
+
+    async def atext(self, text: str, inline: bool = False) -> TextEncoding:
+        """`text` for a coroutine: awaited in a micro-batch, or run here when `inline` and idle."""
+        return await self._texts.acall(text, inline)
 
     def image(self, image: Image.Image) -> np.ndarray:
         """(d,) L2-normalised."""
@@ -59,9 +54,24 @@ class QueryEncoder:
         self._images.close()
 
     def _encode_texts(self, texts: list[str]) -> list[TextEncoding]:
-        self.metrics.batch.labels("text").observe(len(texts))
-        pooled, tokens, mask = self.encoder.encode_texts_and_tokens(texts)
-        return [TextEncoding(pooled[i], tokens[i], mask[i]) for i in range(len(texts))]
+        """Cached encodings in one Redis round trip, the rest in one forward (then cached)."""
+        keys = [text_key(self.model_id, text) for text in texts] if self.cache.enabled else []
+        raws = self.cache.get_many(keys) if keys else [None] * len(texts)
+        out: list[TextEncoding | None] = []
+        for raw in raws:
+            if keys:
+                self.metrics.cache_lookup("text", raw is not None)
+            out.append(None if raw is None else TextEncoding(*unpack_text(raw, self.encoder.embed_dim, self.width)))
+        missing = [i for i, enc in enumerate(out) if enc is None]
+        if missing:
+            self.metrics.batch.labels("text").observe(len(missing))
+            pooled, tokens, mask = self.encoder.encode_texts_and_tokens([texts[i] for i in missing])
+            for row, i in enumerate(missing):
+                out[i] = TextEncoding(pooled[row], tokens[row], mask[row])
+            if keys:
+                self.cache.put_many([(keys[i], pack_text(pooled[row], tokens[row], mask[row]))
+                                     for row, i in enumerate(missing)])
+        return [enc for enc in out if enc is not None]
 
     def _encode_images(self, images: list[Image.Image]) -> list[np.ndarray]:
         self.metrics.batch.labels("image").observe(len(images))

@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_limits
 from indexer.encoder import DualEncoder, EncoderSpec, EncoderUnavailable, load_encoder
 from indexer.store import Index, IndexNotFound
 from reranker.score import Reranker, load_tier
-from service.cache import QueryCache
+from service.cache import QueryCache, ResultStore
 from service.config import Settings
 from service.encoding import QueryEncoder
 from service.errors import StartupError, UnknownIndex
@@ -41,24 +41,29 @@ class Engine:
     queries: QueryEncoder
     swapper: IndexSwapper
     jobs: JobQueue
+    results: ResultStore | None = None  # the result cache, batched for coroutines (None: caching off)
     watcher: VersionWatcher | None = None
     # request work (encode, search, rerank) runs here, off the event loop: a plain executor hands a
     # call over in a third of the time of FastAPI's default thread pool (anyio), which showed on 3 ms searches
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(64, "request"))
     in_flight: int = 0  # HTTP requests being handled now (counted by service.app.TimedRoutes)
 
+    async def alone(self) -> bool:
+        """Whether this request is the only one in flight (then its short calls run on the loop)."""
+        if self.in_flight > 1:
+            return False
+        await asyncio.sleep(0)  # let requests that arrived meanwhile start and be counted
+        return self.in_flight <= 1
+
     async def run(self, fn: Callable[..., T], *args: Any, short: bool = False) -> T:
         """Run a blocking call on the request pool and await it.
 
-        A `short` call (a few milliseconds: text search without rerank) made while no other request
-        is in flight runs here on the event loop instead: the hop to a pool thread and back cost a
-        fifth of such a request (profiled), and with nobody else waiting it would block nobody.
-        Under load the others are in flight, so calls go to the pool and meet in the micro-batches.
+        A `short` call (a few milliseconds) made while no other request is in flight runs here on
+        the event loop instead: the hop to a pool thread and back cost a fifth of such a request
+        (profiled), and with nobody else waiting it would block nobody.
         """
-        if short and self.in_flight <= 1:
-            await asyncio.sleep(0)  # let requests that arrived meanwhile start and be counted
-            if self.in_flight <= 1:
-                return fn(*args)
+        if short and await self.alone():
+            return fn(*args)
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     @property
@@ -99,6 +104,9 @@ class Engine:
         self.jobs.close()
         self.pool.shutdown(wait=True, cancel_futures=False)
         self.queries.close()
+        if self.results is not None:
+            self.results.close()
+        self.cache.close()
         for searcher in self.swapper.searchers.values():
             searcher.close()
 
@@ -155,4 +163,5 @@ def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index]
                            {name: make_searcher(index) for name, index in indexes.items()}, make_searcher)
     jobs: JobQueue = (RQJobs(settings.redis_url, settings.job_timeout_s) if settings.redis_url
                       else LocalJobs(lambda _dir, _version: swapper.refresh()))
-    return Engine(settings, encoder, rerankers, cache, metrics, queries, swapper, jobs)
+    results = ResultStore(cache, settings.max_batch) if cache.enabled else None
+    return Engine(settings, encoder, rerankers, cache, metrics, queries, swapper, jobs, results)

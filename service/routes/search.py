@@ -14,10 +14,11 @@ from pydantic import BaseModel
 from service.cache import result_key
 from service.deps import ApiKeyDep, EngineDep
 from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
-from service.search import BadQuery, QueryInput, Searcher, SearchOutput, search
+from service.search import BadQuery, QueryInput, Searcher, SearchOutput, search, search_async
 from service.state import Engine
 
 router = APIRouter(prefix="/v1", tags=["search"])
+COLUMNS = ("path", "caption")  # the metadata a hit carries
 
 
 def _decode_base64(data: str) -> bytes:
@@ -30,7 +31,11 @@ def _decode_base64(data: str) -> bytes:
 def _respond(engine: Engine, name: str | None, query: QueryInput, searcher: Searcher | None = None) -> SearchResponse:
     """Run the query on `searcher` (taken once per request, so one index version serves all of it)."""
     out: SearchOutput = search(engine.queries, searcher or engine.searcher(name), engine.rerankers, query,
-                               engine.settings.max_pixels, ("path", "caption"))
+                               engine.settings.max_pixels, COLUMNS)
+    return _response(engine, name, query, out)
+
+
+def _response(engine: Engine, name: str | None, query: QueryInput, out: SearchOutput) -> SearchResponse:
     engine.metrics.observe_search(out.timings_ms, query.rerank)
     hits = [HitOut(id=h.id, score=h.score, similarity=h.similarity, rerank_score=h.rerank_score,
                    url=f"/v1/images/{h.id}?index={name or engine.default_index}", path=h.meta.get("path"),
@@ -72,28 +77,58 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
     invalidates them; a cached answer says `cached: true` and times only the lookup.
     """
     searcher = engine.searcher(body.index)  # the version in the cache key is the version that answers
-    short = _tier(engine, body) == "none" and body.image is None  # no rerank, no image to decode: a few ms
-    return ModelJSON(await engine.run(_cached_search, engine, body, searcher, short=short))
+    if _tier(engine, body) == "none" and body.image is None:  # no rerank, no image to decode: a few ms
+        return ModelJSON(await _short_search(engine, body, searcher))
+    return ModelJSON(await engine.run(_cached_search, engine, body, searcher))
+
+
+async def _short_search(engine: Engine, body: SearchRequest, searcher: Searcher) -> SearchResponse:
+    """A text or embedding query without rerank, on the event loop: the cache lookup, the encode and
+    the search each await their micro-batch (alone, each runs here at once), then the cache store."""
+    inline = await engine.alone()
+    start = time.perf_counter()
+    key = _result_key(engine, body, searcher)
+    if key is not None and engine.results is not None:
+        hit = await engine.results.get(key, inline)
+        engine.metrics.cache_lookup("result", hit is not None)
+        if hit is not None:
+            return _from_cache(hit, start)
+    query = _query(engine, body, None)
+    out = await search_async(engine.queries, searcher, query, COLUMNS, inline)
+    response = _response(engine, body.index, query, out)
+    if key is not None and engine.results is not None:
+        await engine.results.put(key, response.model_dump_json(), inline)
+    return response
+
+
+def _result_key(engine: Engine, body: SearchRequest, searcher: Searcher) -> str | None:
+    """The request's result-cache key (None when nothing is cached): the defaults it ran with included."""
+    if not engine.cache.enabled:
+        return None
+    settings = engine.settings
+    request = {**body.model_dump(), "defaults": [settings.default_rerank, settings.default_rerank_k]}
+    return result_key(engine.encoder.model_id, searcher.index.version, request)
+
+
+def _from_cache(hit: dict[str, Any], start: float) -> SearchResponse:
+    lookup = round((time.perf_counter() - start) * 1000, 3)
+    hit.update(cached=True, timings_ms={"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup})
+    return SearchResponse(**hit)
 
 
 def _cached_search(engine: Engine, body: SearchRequest, searcher: Searcher) -> SearchResponse:
     """The cached answer if there is one, else the search's, then cached (blocking: Redis included)."""
     start = time.perf_counter()
-    key = None
-    if engine.cache.enabled:
-        settings = engine.settings
-        request = {**body.model_dump(), "defaults": [settings.default_rerank, settings.default_rerank_k]}
-        key = result_key(engine.encoder.model_id, searcher.index.version, request)
+    key = _result_key(engine, body, searcher)
+    if key is not None:
         hit = engine.cache.get(key)
         engine.metrics.cache_lookup("result", hit is not None)
         if hit is not None:
-            lookup = round((time.perf_counter() - start) * 1000, 3)
-            hit.update(cached=True, timings_ms={"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup})
-            return SearchResponse(**hit)
+            return _from_cache(hit, start)
     image = _decode_base64(body.image) if body.image is not None else None
     response = _respond(engine, body.index, _query(engine, body, image), searcher)
     if key is not None:
-        engine.cache.put(key, response.model_dump())
+        engine.cache.put_raw(key, response.model_dump_json())
     return response
 
 

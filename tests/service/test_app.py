@@ -20,6 +20,8 @@ from indexer.scenes import write_scenes
 from service.app import create_app
 from service.config import Settings
 from service.errors import StartupError
+from service.routes.search import _short_search
+from service.schemas import SearchRequest, SearchResponse
 from service.state import load_engine
 
 
@@ -169,6 +171,28 @@ def test_a_short_call_alone_runs_on_the_event_loop_and_under_load_in_the_pool(cl
 
     loop, alone, busy, long = asyncio.run(threads())
     assert alone == loop and busy != loop and long != loop
+
+
+def test_concurrent_short_searches_await_shared_batches_and_match_one_at_a_time(client: TestClient) -> None:
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    texts = [f"a {size} {colour} circle left of a square" for size in ("small", "large")
+             for colour in ("red", "blue", "green", "yellow", "purple", "orange", "white", "cyan")]
+    one_by_one = [client.post("/v1/search", json={"text": t, "k": 5}).json() for t in texts]
+    batches = engine.metrics.registry.get_sample_value("imsearch_batch_size_count", {"batcher": "text"})
+
+    async def together() -> list[SearchResponse]:
+        engine.in_flight += len(texts)  # as if all were being handled: nothing runs inline
+        try:
+            return list(await asyncio.gather(*(_short_search(engine, SearchRequest(text=t, k=5), engine.searcher(None))
+                                               for t in texts)))
+        finally:
+            engine.in_flight -= len(texts)
+
+    for alone, joint in zip(one_by_one, asyncio.run(together()), strict=True):
+        assert [h["id"] for h in alone["hits"]] == [h.id for h in joint.hits]
+        assert [h["score"] for h in alone["hits"]] == pytest.approx([h.score for h in joint.hits], abs=1e-5)
+    shared = engine.metrics.registry.get_sample_value("imsearch_batch_size_count", {"batcher": "text"}) - batches
+    assert 1 <= shared < len(texts)  # the coroutines met in batches (waiting without a thread each)
 
 
 def test_web_page_and_its_static_files(client: TestClient) -> None:

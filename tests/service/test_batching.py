@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
@@ -130,4 +131,61 @@ def test_items_submitted_while_an_inline_call_runs_are_run_by_the_worker_after_i
         release.set()  # the inline call ends and must hand the queued items to the worker
         assert inline.result(5) == 100 and [f.result(5) for f in queued] == [101, 102]
     assert calls[0][0].startswith("ThreadPoolExecutor") and calls[1] == ("microbatch-w", [1, 2])
+    batcher.close()
+
+
+def test_coroutines_queued_behind_a_batch_share_the_next_one_and_get_their_own_results() -> None:
+    release = threading.Event()
+    calls: list[tuple[str, list[int]]] = []
+
+    def record(items: list[int]) -> list[int]:
+        calls.append((threading.current_thread().name, sorted(items)))
+        if items == [0]:
+            release.wait(5)
+        if -1 in items:
+            raise ValueError("negative")
+        return [i + 100 for i in items]
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(record, max_batch=8, max_wait_ms=0, name="w")
+
+    async def scenario() -> tuple[int, list[int], int, str]:
+        alone = await batcher.acall(5, inline=True)  # idle: runs here, in the loop's thread
+        first = batcher.submit(0)  # holds the worker
+        while len(calls) < 2:
+            await asyncio.sleep(0.001)
+        waiting = [asyncio.ensure_future(batcher.acall(i)) for i in (3, 1, 2)]
+        await asyncio.sleep(0.01)  # every coroutine is now queued, none holding a thread
+        assert len(batcher._pending) == 3 and not any(w.done() for w in waiting)
+        release.set()
+        got = list(await asyncio.gather(*waiting))
+        with pytest.raises(ValueError, match="negative"):
+            await batcher.acall(-1)  # an error in the batch is raised in the awaiting coroutine
+        return alone, got, first.result(5), threading.current_thread().name
+
+    alone, got, first, loop_thread = asyncio.run(scenario())
+    assert alone == 105 and got == [103, 101, 102] and first == 100
+    assert calls[:3] == [(loop_thread, [5]), ("microbatch-w", [0]), ("microbatch-w", [1, 2, 3])]
+    assert calls[3] == ("microbatch-w", [-1])  # not inline: only an idle batcher asked for inline runs here
+    batcher.close()
+
+
+def test_a_cancelled_coroutine_does_not_break_the_batch_it_was_in() -> None:
+    release = threading.Event()
+
+    def slow(items: list[int]) -> list[int]:
+        release.wait(5)
+        return items
+
+    batcher: MicroBatcher[int, int] = MicroBatcher(slow, max_batch=8, max_wait_ms=0)
+
+    async def scenario() -> int:
+        gone = asyncio.ensure_future(batcher.acall(1))
+        kept = asyncio.ensure_future(batcher.acall(2))
+        await asyncio.sleep(0.01)
+        gone.cancel()  # the client went away while its item was in the batch
+        release.set()
+        return await kept
+
+    assert asyncio.run(scenario()) == 2
+    assert batcher(3) == 3  # the worker carries on
     batcher.close()

@@ -31,6 +31,7 @@ def clean_redis() -> Iterator[redis.Redis]:
     yield client
     for key in client.scan_iter(f"{PREFIX}*"):
         client.delete(key)
+    client.close()
 
 
 @pytest.fixture()
@@ -74,6 +75,7 @@ def test_text_embedding_cache_round_trips_and_ignores_case_and_spacing(encoder: 
     fresh = queries.text("A red  circle left of a blue square")
     again = queries.text("a red circle left of a blue square ")
     queries.close()
+    cache.close()
     labels = {"cache": "text", "outcome": "hit"}
     hits = queries.metrics.registry.get_sample_value("imsearch_cache_requests_total", labels)
     assert hits == 1 and len(list(clean_redis.scan_iter(f"{PREFIX}text:*"))) == 1
@@ -115,3 +117,15 @@ def test_redis_down_means_bypass_not_errors(index_dir: Path) -> None:
 def test_no_redis_configured_is_not_degraded(index_dir: Path) -> None:
     engine = load_engine(Settings(indexes=[str(index_dir)], rerankers=[]))
     assert not engine.cache.enabled and engine.cache.healthy()
+
+
+def test_a_batch_of_keys_is_one_round_trip_in_order_with_ttls(clean_redis: redis.Redis) -> None:
+    cache = QueryCache(REDIS_URL, 60)
+    calls = clean_redis.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
+    assert cache.put_many([(f"{PREFIX}t:a", b"1"), (f"{PREFIX}t:c", "3")]) == [True, True]
+    assert cache.get_many([f"{PREFIX}t:a", f"{PREFIX}t:b", f"{PREFIX}t:c"]) == [b"1", None, b"3"]
+    assert clean_redis.info("commandstats")["cmdstat_mget"]["calls"] == calls + 1
+    assert 0 < clean_redis.ttl(f"{PREFIX}t:a") <= 60 and 0 < clean_redis.ttl(f"{PREFIX}t:c") <= 60
+    cache.close()
+    down = QueryCache("redis://127.0.0.1:1/0", 60)
+    assert down.get_many(["x", "y"]) == [None, None] and down.put_many([("x", b"1")]) == [False] and down.degraded
