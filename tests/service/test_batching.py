@@ -86,17 +86,28 @@ def test_after_close_calls_still_complete_in_the_callers_thread() -> None:
     assert threads[0] == "microbatch-retiring" and threads[1] == threading.current_thread().name
 
 
-def test_an_idle_call_runs_inline_and_calls_behind_a_batch_join_the_next_one() -> None:
-    release = threading.Event()
+def recording_batcher(release: threading.Event, entered: threading.Event | None = None
+                      ) -> tuple[MicroBatcher[int, int], list[tuple[str, list[int]]]]:
+    """A batcher ("w") that records (thread, sorted items) per call, holds the call of item 0 until
+    `release` (setting `entered` first), refuses -1 and adds 100 to the rest."""
     calls: list[tuple[str, list[int]]] = []
 
     def record(items: list[int]) -> list[int]:
         calls.append((threading.current_thread().name, sorted(items)))
         if items == [0]:
+            if entered is not None:
+                entered.set()
             release.wait(5)
+        if -1 in items:
+            raise ValueError("negative")
         return [i + 100 for i in items]
 
-    batcher: MicroBatcher[int, int] = MicroBatcher(record, max_batch=8, max_wait_ms=0, name="w")
+    return MicroBatcher(record, max_batch=8, max_wait_ms=0, name="w"), calls
+
+
+def test_an_idle_call_runs_inline_and_calls_behind_a_batch_join_the_next_one() -> None:
+    release = threading.Event()
+    batcher, calls = recording_batcher(release)
     assert batcher(5) == 105  # idle: no hand-off to the worker
     assert calls == [(threading.current_thread().name, [5])]
     first = batcher.submit(0)
@@ -114,16 +125,7 @@ def test_an_idle_call_runs_inline_and_calls_behind_a_batch_join_the_next_one() -
 
 def test_items_submitted_while_an_inline_call_runs_are_run_by_the_worker_after_it() -> None:
     entered, release = threading.Event(), threading.Event()
-    calls: list[tuple[str, list[int]]] = []
-
-    def record(items: list[int]) -> list[int]:
-        calls.append((threading.current_thread().name, sorted(items)))
-        if items == [0]:
-            entered.set()
-            release.wait(5)
-        return [i + 100 for i in items]
-
-    batcher: MicroBatcher[int, int] = MicroBatcher(record, max_batch=8, max_wait_ms=0, name="w")
+    batcher, calls = recording_batcher(release, entered)
     with ThreadPoolExecutor(1) as pool:
         inline = pool.submit(batcher, 0)  # idle: runs in the pool's thread
         assert entered.wait(5)
@@ -136,17 +138,7 @@ def test_items_submitted_while_an_inline_call_runs_are_run_by_the_worker_after_i
 
 def test_coroutines_queued_behind_a_batch_share_the_next_one_and_get_their_own_results() -> None:
     release = threading.Event()
-    calls: list[tuple[str, list[int]]] = []
-
-    def record(items: list[int]) -> list[int]:
-        calls.append((threading.current_thread().name, sorted(items)))
-        if items == [0]:
-            release.wait(5)
-        if -1 in items:
-            raise ValueError("negative")
-        return [i + 100 for i in items]
-
-    batcher: MicroBatcher[int, int] = MicroBatcher(record, max_batch=8, max_wait_ms=0, name="w")
+    batcher, calls = recording_batcher(release)
 
     async def scenario() -> tuple[int, list[int], int, str]:
         alone = await batcher.acall(5, inline=True)  # idle: runs here, in the loop's thread
