@@ -49,21 +49,16 @@ class Engine:
     in_flight: int = 0  # HTTP requests being handled now (counted by service.app.TimedRoutes)
 
     async def alone(self) -> bool:
-        """Whether this request is the only one in flight (then its short calls run on the loop)."""
+        """Whether this request is the only one in flight: then its short stages run on the event loop
+        at once, since the hop to a thread and back cost a fifth of such a request (profiled) and with
+        nobody else waiting it would block nobody."""
         if self.in_flight > 1:
             return False
         await asyncio.sleep(0)  # let requests that arrived meanwhile start and be counted
         return self.in_flight <= 1
 
-    async def run(self, fn: Callable[..., T], *args: Any, short: bool = False) -> T:
-        """Run a blocking call on the request pool and await it.
-
-        A `short` call (a few milliseconds) made while no other request is in flight runs here on
-        the event loop instead: the hop to a pool thread and back cost a fifth of such a request
-        (profiled), and with nobody else waiting it would block nobody.
-        """
-        if short and await self.alone():
-            return fn(*args)
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run a blocking call (rerank, image decode, thumbnails) on the request pool and await it."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     @property

@@ -153,24 +153,24 @@ def test_metrics_count_stages_per_rerank_tier_and_http_routes(client: TestClient
         assert line is not None and float(line.split()[-1]) >= 1, series
 
 
-def test_a_short_call_alone_runs_on_the_event_loop_and_under_load_in_the_pool(client: TestClient) -> None:
+def test_a_request_alone_is_told_so_and_long_calls_go_to_the_pool(client: TestClient) -> None:
     engine = client.app.state.engine  # type: ignore[attr-defined]
     client.post("/v1/search", json={"text": "a red circle", "k": 2})
     client.post("/v1/search", json={"text": "", "k": 2})  # a 422 is counted out again too
     assert engine.in_flight == 0
 
-    async def threads() -> tuple[int, int, int, int]:
-        loop = threading.get_ident()
-        alone = await engine.run(threading.get_ident, short=True)
-        engine.in_flight += 2  # two requests being handled: hand the call to the pool
+    async def check() -> tuple[bool, bool, int, int]:
+        engine.in_flight += 1  # this request
         try:
-            busy = await engine.run(threading.get_ident, short=True)
+            alone = await engine.alone()
+            engine.in_flight += 1  # and another one
+            busy = await engine.alone()
         finally:
             engine.in_flight -= 2
-        return loop, alone, busy, await engine.run(threading.get_ident)
+        return alone, busy, threading.get_ident(), await engine.run(threading.get_ident)
 
-    loop, alone, busy, long = asyncio.run(threads())
-    assert alone == loop and busy != loop and long != loop
+    alone, busy, loop, pool = asyncio.run(check())
+    assert alone and not busy and pool != loop
 
 
 def test_concurrent_short_searches_await_shared_batches_and_match_one_at_a_time(client: TestClient) -> None:
