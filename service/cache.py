@@ -172,6 +172,6 @@ class ResultStore:
         await self._writes.acall((key, value_json), inline)
 
     def close(self) -> None:
+        """Stop the batchers (the cache itself belongs to the engine, which closes it)."""
         self._reads.close()
         self._writes.close()
-        self.cache.close()
