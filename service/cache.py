@@ -79,12 +79,6 @@ class QueryCache:
             self._warned_at = time.monotonic()
             log.warning("Redis cache unavailable, bypassing it: %s", exc)
 
-    def get_raw(self, key: str) -> bytes | None:
-        return self.get_many([key])[0]
-
-    def put_raw(self, key: str, value: bytes | str) -> None:
-        self.put_many([(key, value)])
-
     def get_many(self, keys: Sequence[str]) -> list[bytes | None]:
         """One round trip (MGET) for a micro-batch's keys; None for each miss."""
         if not keys or (client := self._live()) is None:
@@ -111,11 +105,13 @@ class QueryCache:
             return [False] * len(items)
 
     def get(self, key: str) -> dict[str, Any] | None:
-        raw = self.get_raw(key)
+        """A cached JSON result, parsed; None on a miss."""
+        raw = self.get_many([key])[0]
         return json.loads(raw) if raw is not None else None
 
-    def put(self, key: str, value: dict[str, Any]) -> None:
-        self.put_raw(key, json.dumps(value))
+    def put(self, key: str, value_json: str) -> None:
+        """Cache a JSON result (already serialised) under the key, with the TTL."""
+        self.put_many([(key, value_json)])
 
     def clear(self) -> int:
         """Delete this service's result and text keys; returns how many were removed."""

@@ -128,7 +128,7 @@ def _cached_search(engine: Engine, body: SearchRequest, searcher: Searcher) -> S
     image = _decode_base64(body.image) if body.image is not None else None
     response = _respond(engine, body.index, _query(engine, body, image), searcher)
     if key is not None:
-        engine.cache.put_raw(key, response.model_dump_json())
+        engine.cache.put(key, response.model_dump_json())
     return response
 
 
