@@ -261,7 +261,7 @@ def section_service() -> str:
 
 `{STEPS[6].command()}` — {r['n_real']:,} real scenes indexed (patch tokens for the reranker), the ANN
 index rebuilt over {r['n']:,} vectors with random unit fillers ({r['ann']}); the API as `imsearch serve
---workers {r.get('workers', 1)}` (caching off), the load from a separate process (a bare asyncio HTTP/1.1
+--workers {r.get('workers', 1)}` (caching and access log off), the load from a separate process (a bare asyncio HTTP/1.1
 client, one keep-alive connection per client). Server CPU: the cores the API's processes kept busy
 during each run, out of {r['machine'].split()[0]} (one process's Python work holds one GIL).
 

@@ -5,7 +5,7 @@
 A real scene corpus (n-real images, with patch tokens for the reranker) is indexed by the real
 builder; the ANN index is then rebuilt over n vectors, random unit fillers stored under real images'
 ids, so that search runs over n vectors. The service runs as `imsearch serve --workers N` (default:
-one per core; several need the Redis at 127.0.0.1:6379, caching off); the load comes from separate
+one per core; several need the Redis at 127.0.0.1:6379, caching and access log off); the load comes from separate
 client processes (a bare asyncio HTTP/1.1 client), one per setting.
 
 (1) overhead: HTTP p50 of /v1/search (rerank none, one client) / in-process p50 of encode + search.
@@ -250,7 +250,9 @@ def bench(args: argparse.Namespace) -> dict:
     # between queries (caches and clocks cool down meanwhile), as the server runs it
     paced = in_process_p50(encoder, index, texts, pause_s=0.001)
     port = free_port()
-    env = {"IMSEARCH_RERANKERS": '["mid"]', "IMSEARCH_CACHE": "false"}
+    # caching off: every request computes; no access log: a line per request is the operator's choice
+    # (a proxy in front usually logs), not the service's overhead
+    env = {"IMSEARCH_RERANKERS": '["mid"]', "IMSEARCH_CACHE": "false", "IMSEARCH_ACCESS_LOG": "false"}
     server = start_server(f"bench={work / 'idx'}", port, args.workers, work / "serve.log",
                           {**env, "IMSEARCH_REDIS_URL": REDIS_URL} if args.workers > 1 else env)
     url = f"http://127.0.0.1:{port}"

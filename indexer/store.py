@@ -247,8 +247,9 @@ class Index:
         row_of = np.concatenate([np.arange(len(s.ids)) for s in self.shards]) if self.shards else all_ids
         order = np.argsort(all_ids, kind="stable")
         self._ids, self._shard, self._row = all_ids[order], shard_of[order], row_of[order]
+        # one chunk per column: a hit's fields are then a take on one array each (see metadata)
         self._meta = pa.concat_tables([pq.read_table(self.folder / SHARDS / s.name / "meta.parquet")
-                                       for s in self.shards]) if self.shards else None
+                                       for s in self.shards]).combine_chunks() if self.shards else None
         self._meta_pos = np.argsort(order, kind="stable")  # position in meta of the i-th sorted id
 
     def __len__(self) -> int:
@@ -295,12 +296,20 @@ class Index:
 
     def metadata(self, ids: Sequence[int] | np.ndarray, columns: Sequence[str] | None = None) -> list[dict[str, Any]]:
         """Rows of (id, path, sha256, width, height, caption, extra) for the ids, or of only `columns`
-        (a third of the time for two columns: converting every field to Python dominates)."""
+        (a third of the time for two columns: converting every field to Python dominates).
+
+        Column by column, not Table.take(...).to_pylist(): half the time for a page of hits, which
+        is on every search's path.
+        """
         pos = self._locate(ids)
         if self._meta is None:
             return []
-        table = self._meta if columns is None else self._meta.select(list(columns))
-        return table.take(pa.array(self._meta_pos[pos])).to_pylist()
+        names = self._meta.column_names if columns is None else list(columns)
+        if not names:
+            return [{} for _ in pos]
+        rows = pa.array(self._meta_pos[pos])
+        values = [self._meta.column(name).take(rows).to_pylist() for name in names]
+        return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
                ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -49,7 +49,8 @@ def serve(
     err.print(f"serving {', '.join(engine.indexes)} on http://{host}:{port}"
               + (f" with {settings.workers} worker processes" if settings.workers > 1 else ""))
     if settings.workers == 1:
-        uvicorn.run(create_app(settings, engine, own_engine=True), host=host, port=port, log_level="info")
+        uvicorn.run(create_app(settings, engine, own_engine=True), host=host, port=port, log_level="info",
+                    access_log=settings.access_log)
         return
     engine.close()
     # one process's Python holds one GIL (a loaded server keeps about one core busy): each worker
@@ -60,7 +61,7 @@ def serve(
     with tempfile.TemporaryDirectory(prefix="imsearch-metrics-") as shared:
         os.environ[MULTIPROC_ENV] = shared  # /metrics sums what every worker writes there
         uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, host=host, port=port,
-                    log_level="info")
+                    log_level="info", access_log=settings.access_log)
 
 
 @app.command()
