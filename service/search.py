@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -85,6 +85,36 @@ class Searcher:
         return out
 
 
+class RerankQueue:
+    """A reranker whose calls run one after another, in the order they came (a Reranker itself).
+
+    A rerank is compute-bound (16 candidates are milliseconds of one core), so concurrent reranks
+    in one process gain nothing from running side by side: on a machine with as many busy processes
+    as cores, they evict each other's caches and take turns for the GIL. Queued, each finds its
+    weights and its candidates warm.
+    """
+
+    def __init__(self, reranker: Reranker, metrics: Metrics | None = None, max_batch: int = 8):
+        self.reranker = reranker
+        self.name, self.fusion_weight = reranker.name, reranker.fusion_weight
+        self.metrics = metrics or Metrics()
+        # no wait for stragglers: the items run one by one anyway, a batch only saves hand-offs
+        self._batcher = MicroBatcher(self._run, max_batch, 0.0, f"rerank-{reranker.name}")
+
+    def prepare(self, text: str) -> Query:
+        return self.reranker.prepare(text)
+
+    def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray:
+        return self._batcher((query, image_tokens))
+
+    def close(self) -> None:
+        self._batcher.close()
+
+    def _run(self, items: list[tuple[Query, np.ndarray]]) -> list[np.ndarray]:
+        self.metrics.batch.labels(f"rerank-{self.name}").observe(len(items))
+        return [self.reranker.log_match(query, tokens) for query, tokens in items]
+
+
 def encode_query(encoder: QueryEncoder, q: QueryInput, dim: int, max_pixels: int) -> tuple[np.ndarray, Query | None]:
     """(d,) query vector, plus the reranker's text query when the query is text."""
     if q.text is not None:
@@ -106,7 +136,7 @@ def encode_query(encoder: QueryEncoder, q: QueryInput, dim: int, max_pixels: int
     return (vector / norm).astype(np.float32), None
 
 
-def search(encoder: QueryEncoder, searcher: Searcher, rerankers: dict[str, Reranker], q: QueryInput,
+def search(encoder: QueryEncoder, searcher: Searcher, rerankers: Mapping[str, Reranker], q: QueryInput,
            max_pixels: int = 40_000_000, columns: Sequence[str] | None = None) -> SearchOutput:
     """Run one query; timings_ms holds encode, search, rerank and total; hits carry the metadata
     `columns` (default: all)."""

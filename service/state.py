@@ -22,7 +22,7 @@ from service.encoding import QueryEncoder
 from service.errors import StartupError, UnknownIndex
 from service.jobs import JobQueue, LocalJobs, RQJobs
 from service.metrics import Metrics
-from service.search import Searcher
+from service.search import RerankQueue, Searcher
 from service.swap import IndexSwapper, VersionWatcher
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ class Engine:
 
     settings: Settings
     encoder: DualEncoder
-    rerankers: dict[str, Reranker]
+    rerankers: dict[str, RerankQueue]
     cache: QueryCache
     metrics: Metrics
     queries: QueryEncoder
@@ -99,6 +99,8 @@ class Engine:
         self.jobs.close()
         self.pool.shutdown(wait=True, cancel_futures=False)
         self.queries.close()
+        for reranker in self.rerankers.values():
+            reranker.close()
         if self.results is not None:
             self.results.close()
         self.cache.close()
@@ -159,4 +161,5 @@ def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index]
     jobs: JobQueue = (RQJobs(settings.redis_url, settings.job_timeout_s) if settings.redis_url
                       else LocalJobs(lambda _dir, _version: swapper.refresh()))
     results = ResultStore(cache, settings.max_batch) if cache.enabled else None
-    return Engine(settings, encoder, rerankers, cache, metrics, queries, swapper, jobs, results)
+    queued = {tier: RerankQueue(reranker, metrics) for tier, reranker in rerankers.items()}
+    return Engine(settings, encoder, queued, cache, metrics, queries, swapper, jobs, results)

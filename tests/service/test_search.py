@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -13,9 +15,9 @@ from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
 from indexer.scenes import write_scenes
 from indexer.store import Index
-from reranker.score import Reranker, load_tier
+from reranker.score import Query, Reranker, load_tier
 from service.encoding import QueryEncoder
-from service.search import BadQuery, QueryInput, Searcher, search
+from service.search import BadQuery, QueryInput, RerankQueue, Searcher, search
 
 
 @pytest.fixture(scope="module")
@@ -108,3 +110,43 @@ def test_pixel_bomb_query_is_refused(queries, searcher, index, rerankers) -> Non
     with pytest.raises(BadQuery, match="decompression bomb"):
         search(queries, searcher, rerankers, QueryInput(image=buf.getvalue()), max_pixels=10_000)
     assert np.isfinite(index.vectors(index.ids()[:1])).all()
+
+
+class _Overlaps:
+    """A reranker that records how many of its calls ran at the same time."""
+
+    name, fusion_weight = "probe", 1.0
+
+    def __init__(self, inner: Reranker):
+        self.inner, self.running, self.most = inner, 0, 0
+        self.lock = threading.Lock()
+
+    def prepare(self, text: str) -> Query:
+        return self.inner.prepare(text)
+
+    def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray:
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            return self.inner.log_match(query, image_tokens)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_rerank_queue_runs_one_rerank_at_a_time_with_the_same_scores(index, rerankers) -> None:
+    probe = _Overlaps(rerankers["mid"])
+    queue = RerankQueue(probe)
+    rows = index.metadata(index.ids()[:12])
+    tokens = index.tokens(index.ids()[:16])
+    prepared = [probe.prepare(row["caption"]) for row in rows]
+    try:
+        with ThreadPoolExecutor(6) as pool:
+            queued = list(pool.map(lambda q: queue.log_match(q, tokens), prepared))
+    finally:
+        queue.close()
+    assert probe.most == 1  # never two at once, although six threads asked together
+    assert queue.name == "probe" and queue.fusion_weight == 1.0
+    for query, scores in zip(prepared, queued, strict=True):
+        np.testing.assert_allclose(scores, rerankers["mid"].log_match(query, tokens), rtol=1e-5, atol=1e-5)
