@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import cast
 
 import torch
+import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
@@ -116,6 +117,28 @@ class CrossBlock(nn.Module):
         text = text + self.cross_attn(h, image, image, need_weights=False)[0]
         return text + self.mlp(self.ln3(text))
 
+    def attend_row(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """`attend` for text of one row per pair (the last block's [ENC]), with the image-side
+        projections folded into that row: q·(W_k y + b_k) = (W_kᵀ q)·y + a term that softmax
+        drops, and Σ a_j (W_v y_j + b_v) = W_v (Σ a_j y_j) + b_v. The keys and values of every
+        image token (2·t·w² multiply-adds per pair) become 4·h·t·w + 2·w² for the one row.
+
+        Args:
+            text: (k, 1, w); image: (k, t, w) embedded image tokens.
+        """
+        attn = self.cross_attn
+        k, w, heads = text.shape[0], attn.embed_dim, attn.num_heads
+        d = w // heads
+        w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
+        b_q, _, b_v = attn.in_proj_bias.chunk(3)
+        q = F.linear(self.ln2(text[:, 0]), w_q, b_q).view(k, heads, d)
+        q_img = torch.einsum("khd,hdw->khw", q, w_k.view(heads, d, w)) * d**-0.5  # the query in image space
+        weights = torch.softmax(torch.bmm(q_img, image.transpose(1, 2)), dim=-1)  # (k, heads, t)
+        mixed = torch.bmm(weights, image)  # (k, heads, w): each head's weighted average of image tokens
+        values = torch.einsum("khw,hdw->khd", mixed, w_v.view(heads, d, w)).reshape(k, w) + b_v
+        text = text + attn.out_proj(values)[:, None]
+        return text + self.mlp(self.ln3(text))
+
 
 class Matcher(nn.Module):
     """Scores (image tokens, text tokens) pairs: a logit per pair, log p(match) = logsigmoid-like 2-way."""
@@ -210,7 +233,8 @@ class Matcher(nn.Module):
 
         Mid fusion only (early falls back to forward). The first block's text self-attention sees
         no image, so it runs once instead of k times; the last block's outputs matter only at [ENC],
-        so only that row is computed there (its keys and values still come from every token).
+        so only that row is computed there (its keys and values still come from every text token),
+        and its cross-attention never projects the image tokens (CrossBlock.attend_row).
 
         Args:
             image: (k, t, image_width); text: (1, L, text_width); mask: (1, L).
@@ -227,7 +251,7 @@ class Matcher(nn.Module):
         for i, block in enumerate(blocks):
             if i > 0:
                 txt = block.self_part(txt, pad, rows=1 if i == last else None)
-            txt = block.attend(txt, img)
+            txt = block.attend_row(txt, img) if i == last else block.attend(txt, img)
         return self.head(self.ln_out(txt[:, 0]))
 
     @staticmethod

@@ -54,13 +54,17 @@ def test_a_batch_scores_like_single_calls(matcher: Matcher) -> None:
 
 @pytest.mark.parametrize("layers", [1, 3])
 def test_one_text_against_k_images_scores_like_the_full_batch(matcher: Matcher, layers: int) -> None:
-    """The fast path (first block's self-attention once, last block at [ENC] only) changes nothing."""
+    """The fast path (first block's self-attention once, last block at [ENC] only, with the image
+    projections folded into that row) changes nothing."""
     torch.manual_seed(1)
     model = Matcher(RerankerConfig(kind=matcher.cfg.kind, layers=layers, image_mix=64)).eval()
     nn_init = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.image_mix.parameters() if model.image_mix else []:
             p.copy_(0.1 * torch.randn(p.shape, generator=nn_init))  # a trained block, not the zero start
+        for block in model.blocks if matcher.cfg.kind == "mid" else []:  # biases start at zero: make them count
+            bias = block.cross_attn.in_proj_bias
+            bias.copy_(0.5 * torch.randn(bias.shape, generator=nn_init))
         image, text, mask = _inputs(n=6)
         one_text, one_mask = text[:1], mask[:1]
         full = model(image, one_text.expand(6, -1, -1), one_mask.expand(6, -1))
