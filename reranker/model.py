@@ -231,17 +231,18 @@ class Matcher(nn.Module):
     def score_one_text(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """(k, 2) logits of one text against k images: forward's result, computed without repeats.
 
-        Mid fusion only (early falls back to forward). The first block's text self-attention sees
-        no image, so it runs once instead of k times; the last block's outputs matter only at [ENC],
-        so only that row is computed there (its keys and values still come from every text token),
-        and its cross-attention never projects the image tokens (CrossBlock.attend_row).
+        Early fusion computes its last layer at [ENC] only (_early_at_enc). Mid: the first block's
+        text self-attention sees no image, so it runs once instead of k times; the last block's
+        outputs matter only at [ENC], so only that row is computed there (its keys and values still
+        come from every text token), and its cross-attention never projects the image tokens
+        (CrossBlock.attend_row).
 
         Args:
             image: (k, t, image_width); text: (1, L, text_width); mask: (1, L).
         """
         k = image.shape[0]
         if self.cfg.kind != "mid":
-            return self.forward(image, text.expand(k, -1, -1), mask.expand(k, -1))
+            return self._early_at_enc(image, text.expand(k, -1, -1), mask.expand(k, -1))
         img = self.embed_image(image)
         txt, pad = self.embed_text(text, mask)
         blocks = cast(list[CrossBlock], list(self.blocks))
@@ -253,6 +254,24 @@ class Matcher(nn.Module):
                 txt = block.self_part(txt, pad, rows=1 if i == last else None)
             txt = block.attend_row(txt, img) if i == last else block.attend(txt, img)
         return self.head(self.ln_out(txt[:, 0]))
+
+    def _early_at_enc(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Early fusion's logits, its last layer computed at [ENC] only: the head reads nothing else,
+        so that layer's attention output and feed-forward run for one row instead of every token
+        (its keys and values still come from all of them)."""
+        n = image.shape[0]
+        img = self.embed_image(image)
+        txt, pad = self.embed_text(text, mask)
+        seq = torch.cat([txt + self.type_emb[1], img + self.type_emb[0]], dim=1)
+        full_pad = torch.cat([pad, torch.zeros(n, img.shape[1], dtype=torch.bool, device=mask.device)], dim=1)
+        layers = cast(list[nn.TransformerEncoderLayer], list(self.stream.layers))
+        for layer in layers[:-1]:
+            seq = layer(seq, src_key_padding_mask=full_pad)
+        last = layers[-1]  # norm_first: x + attention(norm1(x)), then + feed-forward(norm2(x))
+        h = last.norm1(seq)
+        row = seq[:, :1] + last.self_attn(h[:, :1], h, h, key_padding_mask=full_pad, need_weights=False)[0]
+        row = row + last.linear2(last.activation(last.linear1(last.norm2(row))))
+        return self.head(self.ln_out(row[:, 0]))
 
     @staticmethod
     def log_match(logits: torch.Tensor) -> torch.Tensor:
