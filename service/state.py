@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -99,8 +100,6 @@ class Engine:
         self.jobs.close()
         self.pool.shutdown(wait=True, cancel_futures=False)
         self.queries.close()
-        for reranker in self.rerankers.values():
-            reranker.close()
         if self.results is not None:
             self.results.close()
         self.cache.close()
@@ -161,5 +160,7 @@ def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index]
     jobs: JobQueue = (RQJobs(settings.redis_url, settings.job_timeout_s) if settings.redis_url
                       else LocalJobs(lambda _dir, _version: swapper.refresh()))
     results = ResultStore(cache, settings.max_batch) if cache.enabled else None
-    queued = {tier: RerankQueue(reranker, metrics) for tier, reranker in rerankers.items()}
+    # the machine's cores shared by the worker processes (each process sees only its own reranks)
+    slots = settings.rerank_slots or max(1, (os.cpu_count() or 1) // settings.workers)
+    queued = {tier: RerankQueue(reranker, slots) for tier, reranker in rerankers.items()}
     return Engine(settings, encoder, queued, cache, metrics, queries, swapper, jobs, results)
