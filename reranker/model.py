@@ -195,7 +195,6 @@ class Matcher(nn.Module):
         know where that object is early, so that the later blocks can compare two such places; the
         final [ENC] state feeds the relation head, which asks it to hold that comparison.
         """
-        n = image.shape[0]
         img = self.embed_image(image)
         txt, pad = self.embed_text(text, mask)
         hidden = txt
@@ -205,8 +204,7 @@ class Matcher(nn.Module):
                 hidden = txt if i == self.cfg.ground_layer else hidden
             out = txt[:, 0]
         else:
-            seq = torch.cat([txt + self.type_emb[1], img + self.type_emb[0]], dim=1)
-            full_pad = torch.cat([pad, torch.zeros(n, img.shape[1], dtype=torch.bool, device=mask.device)], dim=1)
+            seq, full_pad = self._stream(txt, pad, img)
             for i, layer in enumerate(self.stream.layers):
                 seq = layer(seq, src_key_padding_mask=full_pad)
                 hidden = seq[:, : txt.shape[1]] if i == self.cfg.ground_layer else hidden
@@ -255,15 +253,18 @@ class Matcher(nn.Module):
             txt = block.attend_row(txt, img) if i == last else block.attend(txt, img)
         return self.head(self.ln_out(txt[:, 0]))
 
+    def _stream(self, txt: torch.Tensor, pad: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Early fusion's input: [text; image] with type embeddings, and its padding mask (image: none)."""
+        seq = torch.cat([txt + self.type_emb[1], img + self.type_emb[0]], dim=1)
+        no_pad = torch.zeros(img.shape[0], img.shape[1], dtype=torch.bool, device=pad.device)
+        return seq, torch.cat([pad, no_pad], dim=1)
+
     def _early_at_enc(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Early fusion's logits, its last layer computed at [ENC] only: the head reads nothing else,
         so that layer's attention output and feed-forward run for one row instead of every token
         (its keys and values still come from all of them)."""
-        n = image.shape[0]
-        img = self.embed_image(image)
         txt, pad = self.embed_text(text, mask)
-        seq = torch.cat([txt + self.type_emb[1], img + self.type_emb[0]], dim=1)
-        full_pad = torch.cat([pad, torch.zeros(n, img.shape[1], dtype=torch.bool, device=mask.device)], dim=1)
+        seq, full_pad = self._stream(txt, pad, self.embed_image(image))
         layers = cast(list[nn.TransformerEncoderLayer], list(self.stream.layers))
         for layer in layers[:-1]:
             seq = layer(seq, src_key_padding_mask=full_pad)
