@@ -15,7 +15,8 @@ from service.metrics import Metrics
 
 @dataclass
 class TextEncoding:
-    """One text: pooled (d,) L2-normalised, tokens (L, w) and mask (L,) for the rerankers."""
+    """One text: pooled (d,) L2-normalised, tokens (L, w) and mask (L,) for the rerankers (L = 0 where
+    nobody asked for them: see QueryEncoder.pooled)."""
 
     pooled: np.ndarray
     tokens: np.ndarray
@@ -31,7 +32,7 @@ class QueryEncoder:
         self.cache = cache or QueryCache(None, 1)
         self.metrics = metrics or Metrics()
         self.width = int(encoder.model.transformer.width)
-        self._texts = MicroBatcher(self._encode_texts, max_batch, max_wait_ms, "text")
+        self._texts = MicroBatcher(self._encode_texts, max_batch, max_wait_ms, "text")  # (text, tokens wanted)
         self._images = MicroBatcher(self._encode_images, max_batch, max_wait_ms, "image")
 
     @property
@@ -39,11 +40,16 @@ class QueryEncoder:
         return self.encoder.model_id
 
     def text(self, text: str) -> TextEncoding:
-        return self._texts(text)
+        """The pooled vector and the tokens a reranker reads."""
+        return self._texts((text, True))
 
-    async def atext(self, text: str, inline: bool = False) -> TextEncoding:
-        """`text` for a coroutine: awaited in a micro-batch, or run here when `inline` and idle."""
-        return await self._texts.acall(text, inline)
+    def pooled(self, text: str) -> np.ndarray:
+        """(d,) L2-normalised: the vector alone (a query without rerank)."""
+        return self._texts((text, False)).pooled
+
+    async def apooled(self, text: str, inline: bool = False) -> np.ndarray:
+        """`pooled` for a coroutine: awaited in a micro-batch, or run here when `inline` and idle."""
+        return (await self._texts.acall((text, False), inline)).pooled
 
     def image(self, image: Image.Image) -> np.ndarray:
         """(d,) L2-normalised."""
@@ -53,8 +59,15 @@ class QueryEncoder:
         self._texts.close()
         self._images.close()
 
-    def _encode_texts(self, texts: list[str]) -> list[TextEncoding]:
+    def _encode_texts(self, items: list[tuple[str, bool]]) -> list[TextEncoding]:
         """Cached encodings in one Redis round trip, the rest in one forward (then cached)."""
+        texts = [text for text, _ in items]
+        if not self.cache.enabled and not any(wanted for _, wanted in items):
+            # a batch without rerank skips the tokens (a tenth of a one-text forward's CPU, measured);
+            # with a cache they are always computed, so that one entry serves reranked queries too
+            self.metrics.batch.labels("text").observe(len(texts))
+            empty = (np.zeros((0, self.width), np.float32), np.zeros(0, bool))
+            return [TextEncoding(row, *empty) for row in self.encoder.encode_texts(texts)]
         keys = [text_key(self.model_id, text) for text in texts] if self.cache.enabled else []
         raws = self.cache.get_many(keys) if keys else [None] * len(texts)
         out: list[TextEncoding | None] = []

@@ -109,7 +109,9 @@ class RerankQueue:
 
 
 def encode_query(encoder: QueryEncoder, q: QueryInput, dim: int, max_pixels: int) -> tuple[np.ndarray, Query | None]:
-    """(d,) query vector, plus the reranker's text query when the query is text."""
+    """(d,) query vector, plus the reranker's text query when the query is text to rerank."""
+    if q.text is not None and q.rerank == "none":
+        return encoder.pooled(q.text), None
     if q.text is not None:
         text = encoder.text(q.text)
         return text.pooled, Query(q.text, text.tokens, text.mask)
@@ -163,7 +165,7 @@ async def search_async(encoder: QueryEncoder, searcher: Searcher, q: QueryInput,
     index = searcher.index
     start = time.perf_counter()
     if q.text is not None:
-        vector = (await encoder.atext(q.text, inline)).pooled
+        vector = await encoder.apooled(q.text, inline)
     else:
         vector, _ = encode_query(encoder, q, index.dim, 0)  # an embedding: only checked and normalised
     encoded = time.perf_counter()

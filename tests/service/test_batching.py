@@ -181,3 +181,18 @@ def test_a_cancelled_coroutine_does_not_break_the_batch_it_was_in() -> None:
     assert asyncio.run(scenario()) == 2
     assert batcher(3) == 3  # the worker carries on
     batcher.close()
+
+
+def test_queries_without_rerank_get_the_same_vector_without_tokens(encoder: DualEncoder) -> None:
+    texts = [f"a {c} circle above a {d} square" for c in ("red", "blue", "green") for d in ("white", "cyan")]
+    queries = QueryEncoder(encoder, max_batch=4)
+    with ThreadPoolExecutor(6) as pool:  # alone or batched, with or without a reranked neighbour in the batch
+        plain = list(pool.map(queries.pooled, texts))
+        mixed = list(pool.map(lambda i: queries.pooled(texts[i]) if i % 2 else queries.text(texts[i]).pooled,
+                              range(len(texts))))
+    expected = encoder.encode_texts(texts)
+    np.testing.assert_allclose(np.stack(plain), expected, atol=1e-5)
+    np.testing.assert_allclose(np.stack(mixed), expected, atol=1e-5)
+    assert asyncio.run(queries.apooled(texts[0], inline=True)) == pytest.approx(expected[0], abs=1e-5)
+    assert queries.text(texts[0]).tokens.shape[0] > 0  # who asks for tokens gets them
+    queries.close()
