@@ -110,9 +110,9 @@ class RerankQueue:
 
 def encode_query(encoder: QueryEncoder, q: QueryInput, dim: int, max_pixels: int) -> tuple[np.ndarray, Query | None]:
     """(d,) query vector, plus the reranker's text query when the query is text to rerank."""
-    if q.text is not None and q.rerank == "none":
-        return encoder.pooled(q.text), None
     if q.text is not None:
+        if q.rerank == "none":
+            return encoder.pooled(q.text), None
         text = encoder.text(q.text)
         return text.pooled, Query(q.text, text.tokens, text.mask)
     if q.image is not None:
