@@ -8,7 +8,8 @@ ids, so that search runs over n vectors. The service runs as `imsearch serve --w
 one per core; several need the Redis at 127.0.0.1:6379, caching and access log off); the load comes from separate
 client processes (a bare asyncio HTTP/1.1 client), one per setting.
 
-(1) overhead: HTTP p50 of /v1/search (rerank none, one client) / in-process p50 of encode + search.
+(1) overhead: HTTP p50 of /v1/search (rerank none, one client) / in-process p50 of encode + search,
+    in interleaved blocks (see `overhead`).
 (2) throughput: QPS and p50/p95/p99 at 1, 16 and 64 concurrent clients, rerank none and mid.
 """
 
@@ -41,13 +42,17 @@ def percentile(values: list[float], q: float) -> float:
 # --- client process --------------------------------------------------------------------------------
 
 
+def body_length(head: bytes) -> int:
+    """Content-Length from a response's lower-cased status line and headers (0 when absent)."""
+    at = head.find(b"\r\ncontent-length:")
+    return int(head[at + 17 : head.index(b"\r\n", at + 2)]) if at >= 0 else 0
+
+
 async def exchange(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes) -> int:
     """Send one raw HTTP/1.1 request on a keep-alive connection; returns the status (the body is dropped)."""
     writer.write(request)
     head = (await reader.readuntil(b"\r\n\r\n")).lower()  # status line and headers in one read
-    at = head.find(b"\r\ncontent-length:")
-    length = int(head[at + 17 : head.index(b"\r\n", at + 2)]) if at >= 0 else 0
-    await reader.readexactly(length)
+    await reader.readexactly(body_length(head))
     return int(head[9:12])
 
 
@@ -71,9 +76,7 @@ async def _client_loop(url: str, texts: list[str], concurrency: int, duration: f
     errors = 0
     stop = time.perf_counter() + duration
 
-    head = b"POST /v1/search HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
-    bodies = [json.dumps({"text": text, "k": 10, "rerank": rerank, "rerank_k": 16}).encode() for text in texts]
-    requests = [head % len(body) + body for body in bodies]  # built before the clock starts
+    requests = [search_request(text, rerank) for text in texts]  # built before the clock starts
 
     async def worker(offset: int) -> None:
         nonlocal errors
@@ -139,18 +142,70 @@ def pad_index(index_dir: Path, n: int, seed: int = 0) -> None:
     (index.folder / MANIFEST).write_text(json.dumps({**index.manifest, "index": plan.to_dict()}))
 
 
-def in_process_p50(encoder, index, texts: list[str], repeats: int = 300, pause_s: float = 0.0) -> float:  # noqa: ANN001
-    """encode + ANN search of one text at a time, without the service around it (`pause_s` idle
-    between queries, as a server waits between one client's requests)."""
-    times = []
-    for i in range(repeats):
-        start = time.perf_counter()
-        vector = encoder.encode_texts([texts[i % len(texts)]])
-        index.search(vector, 10)
-        times.append((time.perf_counter() - start) * 1000)
-        if pause_s:
-            time.sleep(pause_s)
-    return statistics.median(times[20:])
+class BlockingClient:
+    """One keep-alive HTTP/1.1 connection, prebuilt requests, the body dropped: little more than
+    the two system calls a request needs (like wrk), so its p50 is the server's and the wire's."""
+
+    def __init__(self, url: str):
+        host, port = url.removeprefix("http://").split(":")
+        self.sock = socket.create_connection((host, int(port)))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def exchange(self, request: bytes) -> int:
+        self.sock.sendall(request)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += self.sock.recv(65536)
+        head, _, rest = data.partition(b"\r\n\r\n")
+        missing = body_length(head.lower() + b"\r\n") - len(rest)
+        while missing > 0:
+            missing -= len(self.sock.recv(65536))
+        return int(head[9:12])
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def search_request(text: str, rerank: str) -> bytes:
+    body = json.dumps({"text": text, "k": 10, "rerank": rerank, "rerank_k": 16}).encode()
+    head = b"POST /v1/search HTTP/1.1\r\nHost: bench\r\nContent-Type: application/json\r\nContent-Length: %d\r\n\r\n"
+    return head % len(body) + body
+
+
+def overhead(url: str, encoder, index, texts: list[str], rounds: int = 30, block: int = 40) -> dict:  # noqa: ANN001
+    """HTTP p50 of /v1/search (rerank none, one client) against the in-process p50 of encode + ANN
+    search of one text at a time, with all cores and with one thread per call (as the server runs),
+    measured in interleaved blocks: this machine's speed drifts by a third over a minute (other
+    tenants), which a baseline measured once, before the server starts, mistakes for overhead."""
+    import torch
+    from threadpoolctl import threadpool_limits
+
+    client = BlockingClient(url)
+    requests = [search_request(text, "none") for text in texts]
+    cores = max(1, os.cpu_count() or 1)
+    times: dict[str, list[float]] = {"all_cores": [], "serve_threads": [], "http": []}
+    i = 0
+    for _ in range(rounds):
+        for name in times:
+            threads = 1 if name == "serve_threads" else cores
+            torch.set_num_threads(threads)
+            with threadpool_limits(threads):
+                for _ in range(block):
+                    start = time.perf_counter()
+                    if name == "http":
+                        if client.exchange(requests[i % len(requests)]) != 200:
+                            raise SystemExit("the server answered a search with an error")
+                    else:
+                        index.search(encoder.encode_texts([texts[i % len(texts)]]), 10)
+                    times[name].append((time.perf_counter() - start) * 1000)
+                    i += 1
+    client.close()
+    p50 = {name: statistics.median(values[block:]) for name, values in times.items()}  # round 1: warm-up
+    baseline = min(p50["all_cores"], p50["serve_threads"])  # the ratio is against the faster of the two
+    return {"in_process_p50_ms": round(baseline, 3),
+            "in_process_by_threads": {k: round(p50[k], 3) for k in ("all_cores", "serve_threads")},
+            "http_p50_ms": round(p50["http"], 3), "overhead_ratio": round(p50["http"] / baseline, 3),
+            "overhead_rounds": rounds, "overhead_block": block}
 
 
 def get(url: str) -> bytes:
@@ -228,27 +283,18 @@ def bench(args: argparse.Namespace) -> dict:
     from indexer.encoder import load_encoder
     from indexer.scenes import write_scenes
     from indexer.store import Index
-    from service.config import Settings
-    from service.state import configure_process
-
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     encoder = load_encoder()
-    work = Path(tempfile.mkdtemp(prefix="bench-service-"))
-    manifest = write_scenes(work / "src", args.n_real // 2, seed=5, twins=True)
-    build_or_add(manifest, work / "idx", encoder, BuildOptions(workers=0), "build")
-    pad_index(work / "idx", args.n)
+    work = args.work or Path(tempfile.mkdtemp(prefix="bench-service-"))
+    if not (work / "idx").is_dir():  # --work of an earlier run: its padded index is reused
+        manifest = write_scenes(work / "src", args.n_real // 2, seed=5, twins=True)
+        build_or_add(manifest, work / "idx", encoder, BuildOptions(workers=0), "build")
+        pad_index(work / "idx", args.n)
     index = Index.open(work / "idx")
     texts = [row["caption"] for row in index.live_rows]
     texts_file = work / "texts.json"
     texts_file.write_text(json.dumps(texts))
 
-    in_process = {"all_cores": in_process_p50(encoder, index, texts)}
-    configure_process(Settings(indexes=[str(work / "idx")]))  # as `imsearch serve` does
-    in_process["serve_threads"] = in_process_p50(encoder, index, texts)
-    baseline = min(in_process.values())  # the ratio is against the faster of the two
-    # not the baseline, an explanation: the same work with the 1-client HTTP round trip's idle time
-    # between queries (caches and clocks cool down meanwhile), as the server runs it
-    paced = in_process_p50(encoder, index, texts, pause_s=0.001)
     port = free_port()
     # caching off: every request computes; no access log: a line per request is the operator's choice
     # (a proxy in front usually logs), not the service's overhead
@@ -258,22 +304,18 @@ def bench(args: argparse.Namespace) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         run_client(url, texts_file, 4 * args.workers, 2.0, "mid")  # warm-up, every worker
+        measured = overhead(url, encoder, index, texts)
         rows = [loaded(url, texts_file, c, args.duration, rerank, server.pid)
                 for rerank in ("none", "mid") for c in (1, 16, 64)]
         batches = mean_batches(url)
     finally:
         stop_server(server)
 
-    single = next(r for r in rows if r["concurrency"] == 1 and r["rerank"] == "none")
     qps = {(r["rerank"], r["concurrency"]): r["qps"] for r in rows}
     return {
         "machine": f"{os.cpu_count()} cores", "n": args.n, "n_real": len(index.ids()), "ann": index.plan.kind,
         "workers": args.workers,
-        "in_process_p50_ms": round(baseline, 3),
-        "in_process_by_threads": {k: round(v, 3) for k, v in in_process.items()},
-        "in_process_paced_1ms_p50_ms": round(paced, 3),
-        "http_p50_ms": single["p50_ms"],
-        "overhead_ratio": round(single["p50_ms"] / baseline, 3),
+        **measured,
         "qps_64_over_1": {r: round(qps[(r, 64)] / qps[(r, 1)], 2) for r in ("none", "mid")},
         "errors": sum(r["errors"] for r in rows),
         "batches": batches,
@@ -289,6 +331,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="API processes (imsearch serve --workers; default: one per core)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--work", type=Path, help="a folder for the corpus and index (kept; reused when it holds one)")
     parser.add_argument("--client", help=argparse.SUPPRESS)
     parser.add_argument("--texts", help=argparse.SUPPRESS)
     parser.add_argument("--concurrency", type=int, default=1, help=argparse.SUPPRESS)
