@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
@@ -33,7 +33,7 @@ PretrainedOpt = Annotated[
 DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
 
 
-def fail(message: str, code: int = 2) -> None:
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print a clear error (no traceback) and exit."""
     err.print(f"[bold red]error:[/] {message}", highlight=False)
     raise typer.Exit(code)

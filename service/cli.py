@@ -35,6 +35,7 @@ def serve(
     from service.errors import StartupError
     from service.metrics import MULTIPROC_ENV
     from service.state import configure_process, load_engine
+    from service.workers import APP, Listen, Supervisor, claim_port, reuse_port_supported
 
     try:
         given: dict[str, Any] = {"indexes": index, "model": model, "pretrained": pretrained, "workers": workers}
@@ -60,8 +61,15 @@ def serve(
                        for k, v in given.items() if v})
     with tempfile.TemporaryDirectory(prefix="imsearch-metrics-") as shared:
         os.environ[MULTIPROC_ENV] = shared  # /metrics sums what every worker writes there
-        uvicorn.run("service.app:app_from_env", factory=True, workers=settings.workers, host=host, port=port,
-                    log_level="info", access_log=settings.access_log)
+        if not reuse_port_supported():  # uvicorn's workers then share one socket (see service.workers)
+            uvicorn.run(APP, factory=True, workers=settings.workers, host=host, port=port, log_level="info",
+                        access_log=settings.access_log)
+            return
+        lock = claim_port(host, port)
+        if lock is None:
+            fail(f"cannot listen on {host}:{port}: the address is in use")
+        with lock:
+            Supervisor(Listen(host, port, "info", settings.access_log), settings.workers).run()
 
 
 @app.command()

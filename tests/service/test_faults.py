@@ -185,7 +185,7 @@ def test_sigterm_lets_in_flight_requests_finish_then_exits(scenes: tuple[Path, P
     assert finished_late and all(r[2] == 200 for r in in_flight), in_flight[-12:]
 
 
-def test_worker_processes_each_answer_and_refuse_to_start_without_redis(scenes: tuple[Path, Path]) -> None:
+def test_worker_processes_answer_are_restarted_and_refuse_to_start_without_redis(scenes: tuple[Path, Path]) -> None:
     index_dir, _ = scenes
     env = {k: v for k, v in os.environ.items() if not k.startswith("IMSEARCH_")}
     refused = subprocess.run([CLI, "serve", "--index", str(index_dir), "--workers", "2"], env=env,
@@ -212,5 +212,21 @@ def test_worker_processes_each_answer_and_refuse_to_start_without_redis(scenes: 
         for _ in range(8):  # whichever worker answers the scrape, it counts the searches of both
             lines = httpx.get(f"{url}/metrics").text.splitlines()
             assert [float(line.split()[-1]) for line in lines if line.startswith(series)] == [6.0]
+        busy = subprocess.run([CLI, "serve", "--index", str(index_dir), "--port", str(port), "--workers", "2"],
+                              env={**os.environ, "IMSEARCH_REDIS_URL": "redis://127.0.0.1:6379/3"},
+                              capture_output=True, text=True, timeout=120)
+        assert busy.returncode != 0 and "in use" in busy.stderr and "Traceback" not in busy.stderr
+        os.kill(min(seen), signal.SIGKILL)  # a worker dies: the parent starts another in its place
+        replaced: set[int] = set()
+
+        def restarted() -> bool:
+            try:
+                replaced.add(httpx.get(f"{url}/healthz").json()["pid"])
+            except httpx.TransportError:  # connections queued on the dead worker's socket are reset
+                return False
+            return len(replaced - seen) == 1 and max(seen) in replaced
+
+        wait_for(restarted, timeout=120)
+        assert httpx.post(f"{url}/v1/search", json={"text": TEXTS[1], "k": 2}, timeout=30).status_code == 200
     finally:
         terminate(server)
