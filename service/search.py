@@ -92,7 +92,8 @@ class RerankQueue:
     A rerank is compute-bound (16 candidates are milliseconds of one core): reranks beyond the
     cores only take turns on them, evicting each other's caches and contending for the GIL, so
     each one takes longer and none finishes sooner (measured with 2 worker processes on 2 cores, 64
-    clients: 74 to 94 reranked QPS over runs with one slot per process, 76 with two).
+    clients, on a faster day of this machine: 74 to 94 reranked QPS over runs with one slot per
+    process, 76 with two).
     """
 
     def __init__(self, reranker: Reranker, slots: int):
