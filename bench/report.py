@@ -264,11 +264,11 @@ def section_service() -> str:
 index rebuilt over {r['n']:,} vectors with random unit fillers ({r['ann']}); the API as `imsearch serve
 --workers {r.get('workers', 1)}` (caching and access log off), the load from a separate process (a bare asyncio HTTP/1.1
 client, one keep-alive connection per client). Server CPU: the cores the API's processes kept busy
-during each run, out of {r['machine'].split()[0]} (one process's Python work holds one GIL). The overhead
-ratio compares medians of {r.get('overhead_rounds', '?')} interleaved blocks of
-{r.get('overhead_block', '?')} queries each: in-process with all cores, in-process with one thread
-(as the server runs a call), and HTTP from one blocking client (this machine's speed drifts within a
-minute, which a baseline measured at another moment would count as overhead).
+during each run, out of {r['machine'].split()[0]} (one process's Python work holds one GIL).
+The overhead ratio compares the medians of {r.get('overhead_rounds', '?')} interleaved blocks of
+{r.get('overhead_block', '?')} queries: in-process with all cores, in-process with one thread (as the server
+runs a call), HTTP from one blocking client (this machine's speed drifts within a minute, which a
+baseline measured at another moment would count as overhead).
 
 {table(["measure", "value", "target"], [
         ["in-process p50, encode + search, one query at a time (the faster of all-cores / serve threads)",
