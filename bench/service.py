@@ -155,12 +155,18 @@ class BlockingClient:
         self.sock.sendall(request)
         data = b""
         while b"\r\n\r\n" not in data:
-            data += self.sock.recv(65536)
+            data += self._recv()
         head, _, rest = data.partition(b"\r\n\r\n")
         missing = body_length(head.lower() + b"\r\n") - len(rest)
         while missing > 0:
-            missing -= len(self.sock.recv(65536))
+            missing -= len(self._recv())
         return int(head[9:12])
+
+    def _recv(self) -> bytes:
+        chunk = self.sock.recv(65536)
+        if not chunk:
+            raise ConnectionError("the server closed the connection mid-response")
+        return chunk
 
     def close(self) -> None:
         self.sock.close()
@@ -283,6 +289,7 @@ def bench(args: argparse.Namespace) -> dict:
     from indexer.encoder import load_encoder
     from indexer.scenes import write_scenes
     from indexer.store import Index
+
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     encoder = load_encoder()
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-service-"))

@@ -119,7 +119,7 @@ class Supervisor:
     def _shutdown(self, grace_s: float = 30.0) -> None:
         """SIGTERM to each worker (uvicorn finishes the requests in flight), then wait; kill stragglers."""
         for proc in self.processes:
-            if proc.is_alive() and proc.pid is not None:
+            if proc.is_alive():
                 proc.terminate()
         deadline = time.monotonic() + grace_s
         for proc in self.processes:
