@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -13,6 +13,9 @@ from indexer.cli import app, err, eval_app, fail, train_app
 from reranker.cli import register
 
 register(train_app, eval_app)
+
+if TYPE_CHECKING:
+    from service.config import Settings
 
 
 @app.command()
@@ -30,30 +33,26 @@ def serve(
     import uvicorn
     from pydantic import ValidationError
 
-    from service.app import create_app
     from service.config import Settings
-    from service.errors import StartupError
     from service.metrics import MULTIPROC_ENV
-    from service.state import configure_process, load_engine
-    from service.workers import APP, Listen, Supervisor, claim_port, reuse_port_supported
+    from service.workers import APP, Listen, Supervisor, check_settings, claim_port, reuse_port_supported
 
+    given: dict[str, Any] = {"indexes": index, "model": model, "pretrained": pretrained, "workers": workers}
     try:
-        given: dict[str, Any] = {"indexes": index, "model": model, "pretrained": pretrained, "workers": workers}
         settings = Settings(**{k: v for k, v in given.items() if v})  # the rest from IMSEARCH_* and .env
-        if settings.workers > 1 and not settings.redis_url:
-            raise StartupError("--workers above 1 needs Redis (IMSEARCH_REDIS_URL): the worker processes share "
-                               "indexing jobs, caches and new index versions through it")
-        configure_process(settings)
-        engine = load_engine(settings)  # with workers too: a bad index or model is refused here, once
-    except (StartupError, ValidationError) as exc:
+    except ValidationError as exc:
         fail(str(exc))
-    err.print(f"serving {', '.join(engine.indexes)} on http://{host}:{port}"
-              + (f" with {settings.workers} worker processes" if settings.workers > 1 else ""))
     if settings.workers == 1:
-        uvicorn.run(create_app(settings, engine, own_engine=True), host=host, port=port, log_level="info",
-                    access_log=settings.access_log)
+        _serve_one(settings, host, port)
         return
-    engine.close()
+    if not settings.redis_url:
+        fail("--workers above 1 needs Redis (IMSEARCH_REDIS_URL): the worker processes share indexing jobs, "
+             "caches and new index versions through it")
+    try:
+        names = check_settings(settings)  # a bad index or model is refused here, once
+    except ValueError as exc:
+        fail(str(exc))
+    err.print(f"serving {', '.join(names)} on http://{host}:{port} with {settings.workers} worker processes")
     # one process's Python holds one GIL (a loaded server keeps about one core busy): each worker
     # loads its own engine (shard embeddings and tokens are memory-mapped, so those pages are shared;
     # each holds its own model and FAISS structure)
@@ -70,6 +69,24 @@ def serve(
             fail(f"cannot listen on {host}:{port}: the address is in use")
         with lock:
             Supervisor(Listen(host, port, "info", settings.access_log), settings.workers).run()
+
+
+def _serve_one(settings: Settings, host: str, port: int) -> None:
+    """One process: the engine loaded here, then uvicorn on it."""
+    import uvicorn
+
+    from service.app import create_app
+    from service.errors import StartupError
+    from service.state import configure_process, load_engine
+
+    configure_process(settings)
+    try:
+        engine = load_engine(settings)
+    except StartupError as exc:
+        fail(str(exc))
+    err.print(f"serving {', '.join(engine.indexes)} on http://{host}:{port}")
+    uvicorn.run(create_app(settings, engine, own_engine=True), host=host, port=port, log_level="info",
+                access_log=settings.access_log)
 
 
 @app.command()

@@ -10,23 +10,29 @@ queue would have handed them to another worker.
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
 import logging
 import multiprocessing
+import os
 import signal
 import socket
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from types import FrameType
 from typing import IO
 
+from service.config import Settings
+
 log = logging.getLogger(__name__)
 APP = "service.app:app_from_env"  # each worker builds its app from IMSEARCH_* (set by the parent)
 RESTART_PAUSE_S = 1.0  # between restarts of a worker that died: a crash loop must not spin
+PR_SET_PDEATHSIG = 1  # prctl option, linux/prctl.h
 
 
 @dataclass(frozen=True)
@@ -77,9 +83,44 @@ def claim_port(host: str, port: int) -> IO[bytes] | None:
     return lock
 
 
-def _worker(where: Listen) -> None:  # the body of a spawned worker process
+def _load_and_close(settings: Settings) -> tuple[list[str], str]:  # in check_settings' throwaway process
+    from service.errors import StartupError
+    from service.state import configure_process, load_engine
+
+    configure_process(settings)
+    try:
+        engine = load_engine(settings)
+    except StartupError as exc:
+        return [], str(exc)
+    names = list(engine.indexes)
+    engine.close()
+    return names, ""
+
+
+def check_settings(settings: Settings) -> list[str]:
+    """The served index names, after loading the whole engine once in a throwaway process: a bad index
+    or model is refused (ValueError, saying why) before any worker starts, and the supervisor itself
+    never imports torch (about 0.6 GiB of private memory per process here)."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        names, refused = pool.submit(_load_and_close, settings).result()
+    if refused:
+        raise ValueError(refused)
+    return names
+
+
+def exit_with_parent(parent: int) -> None:
+    """Have the kernel send this process SIGTERM when its parent dies, even by SIGKILL: an orphaned
+    worker would go on serving the port and holding its memory with nobody to stop it."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:  # the parent died before the request above took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(where: Listen, parent: int) -> None:  # the body of a spawned worker process
     import uvicorn
 
+    exit_with_parent(parent)
     sock = open_socket(where.host, where.port)
     config = uvicorn.Config(APP, factory=True, host=where.host, port=where.port, log_level=where.log_level,
                             access_log=where.access_log)
@@ -109,7 +150,7 @@ class Supervisor:
         self._shutdown()
 
     def _start(self) -> BaseProcess:
-        proc = self.context.Process(target=_worker, args=(self.where,), name="imsearch-worker")
+        proc = self.context.Process(target=_worker, args=(self.where, os.getpid()), name="imsearch-worker")
         proc.start()
         return proc
 

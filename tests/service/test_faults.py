@@ -191,6 +191,10 @@ def test_worker_processes_answer_are_restarted_and_refuse_to_start_without_redis
     refused = subprocess.run([CLI, "serve", "--index", str(index_dir), "--workers", "2"], env=env,
                              capture_output=True, text=True, timeout=120)
     assert refused.returncode != 0 and "needs Redis" in refused.stderr and "Traceback" not in refused.stderr
+    env["IMSEARCH_REDIS_URL"] = "redis://127.0.0.1:6379/3"
+    missing = subprocess.run([CLI, "serve", "--index", str(index_dir / "nowhere"), "--workers", "2"], env=env,
+                             capture_output=True, text=True, timeout=120)  # checked once, before any worker
+    assert missing.returncode != 0 and "nowhere" in missing.stderr and "Traceback" not in missing.stderr
     port = free_port()
     server = serve(f"scenes={index_dir}", port, {"IMSEARCH_WORKERS": "2", "IMSEARCH_RERANKERS": '["mid"]',
                                                  "IMSEARCH_REDIS_URL": "redis://127.0.0.1:6379/3",
@@ -204,7 +208,8 @@ def test_worker_processes_answer_are_restarted_and_refuse_to_start_without_redis
             return len(seen) == 2
 
         wait_for(both, timeout=120)
-        assert server.pid not in seen  # the parent only supervises
+        assert server.pid not in seen  # the parent only supervises, without torch (its memory stays small)
+        assert "libtorch" not in Path(f"/proc/{server.pid}/maps").read_text()
         for _ in range(6):
             response = httpx.post(f"{url}/v1/search", json={"text": TEXTS[0], "k": 3, "rerank": "mid"}, timeout=30)
             assert response.status_code == 200 and len(response.json()["hits"]) == 3
