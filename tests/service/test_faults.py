@@ -233,5 +233,17 @@ def test_worker_processes_answer_are_restarted_and_refuse_to_start_without_redis
 
         wait_for(restarted, timeout=120)
         assert httpx.post(f"{url}/v1/search", json={"text": TEXTS[1], "k": 2}, timeout=30).status_code == 200
+        live = replaced - {min(seen)}
+        server.kill()  # the supervisor alone, by SIGKILL: its workers must not go on serving as orphans
+        server.wait(timeout=30)
+        wait_for(lambda: not any(_running(pid) for pid in live), timeout=60)
     finally:
         terminate(server)
+
+
+def _running(pid: int) -> bool:
+    """Whether the process exists and is not a zombie waiting to be reaped."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
