@@ -42,6 +42,11 @@ def percentile(values: list[float], q: float) -> float:
 # --- client process --------------------------------------------------------------------------------
 
 
+def host_port(url: str) -> tuple[str, int]:
+    host, port = url.removeprefix("http://").split(":")
+    return host, int(port)
+
+
 def body_length(head: bytes) -> int:
     """Content-Length from a response's lower-cased status line and headers (0 when absent)."""
     at = head.find(b"\r\ncontent-length:")
@@ -71,7 +76,7 @@ async def _client_loop(url: str, texts: list[str], concurrency: int, duration: f
     A bare asyncio HTTP/1.1 client on uvloop, requests prebuilt, each response read in two calls (like
     wrk, it costs the shared cores little per request; httpx added 2.5 ms to every request's latency).
     """
-    host, port = url.removeprefix("http://").split(":")
+    host, port = host_port(url)
     latencies: list[float] = []
     errors = 0
     stop = time.perf_counter() + duration
@@ -80,7 +85,7 @@ async def _client_loop(url: str, texts: list[str], concurrency: int, duration: f
 
     async def worker(offset: int) -> None:
         nonlocal errors
-        reader, writer = await asyncio.open_connection(host, int(port))
+        reader, writer = await asyncio.open_connection(host, port)
         i = offset
         while time.perf_counter() < stop:
             start = time.perf_counter()
@@ -89,7 +94,7 @@ async def _client_loop(url: str, texts: list[str], concurrency: int, duration: f
             except (OSError, ValueError, IndexError, asyncio.IncompleteReadError):
                 ok = False
                 writer.close()
-                reader, writer = await asyncio.open_connection(host, int(port))
+                reader, writer = await asyncio.open_connection(host, port)
             latencies.append((time.perf_counter() - start) * 1000)
             errors += 0 if ok else 1
             i += concurrency
@@ -147,8 +152,7 @@ class BlockingClient:
     the two system calls a request needs (like wrk), so its p50 is the server's and the wire's."""
 
     def __init__(self, url: str):
-        host, port = url.removeprefix("http://").split(":")
-        self.sock = socket.create_connection((host, int(port)))
+        self.sock = socket.create_connection(host_port(url))
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
 
     def exchange(self, request: bytes) -> int:

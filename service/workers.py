@@ -71,9 +71,9 @@ def claim_port(host: str, port: int) -> IO[bytes] | None:
 
     A bind probe finds any socket without SO_REUSEPORT there. Another supervisor's workers would let
     ours join their group and share their traffic, so supervisors also take an exclusive lock per
-    address.
+    port, whatever the host: `localhost`, 127.0.0.1 and 0.0.0.0 name overlapping addresses.
     """
-    lock = (Path(tempfile.gettempdir()) / f"imsearch-{host.replace(':', '_')}-{port}.lock").open("wb")
+    lock = (Path(tempfile.gettempdir()) / f"imsearch-port-{port}.lock").open("wb")
     try:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         open_socket(host, port, listen=False).close()  # not listening: the kernel sends it no connection

@@ -22,7 +22,7 @@ from indexer.scenes import write_scenes
 from indexer.store import current_version
 from service.app import create_app
 from service.config import Settings
-from tests.service.procs import CLI, free_port, serve, terminate, wait_for
+from tests.service.procs import CLI, free_port, running, serve, terminate, wait_for
 
 KEY = {"X-API-Key": "k3y"}
 TEXTS = ["a small red circle on the left", "a large blue square left of a small green cross",
@@ -236,14 +236,7 @@ def test_worker_processes_answer_are_restarted_and_refuse_to_start_without_redis
         live = replaced - {min(seen)}
         server.kill()  # the supervisor alone, by SIGKILL: its workers must not go on serving as orphans
         server.wait(timeout=30)
-        wait_for(lambda: not any(_running(pid) for pid in live), timeout=60)
+        wait_for(lambda: not any(running(pid) for pid in live), timeout=60)
     finally:
         terminate(server)
 
-
-def _running(pid: int) -> bool:
-    """Whether the process exists and is not a zombie waiting to be reaped."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
