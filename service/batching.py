@@ -14,6 +14,7 @@ from typing import Any, Generic, TypeVar
 
 In = TypeVar("In")
 Out = TypeVar("Out")
+Mid = TypeVar("Mid")
 Waiter = Future[Any] | asyncio.Future[Any]  # a blocked thread's future, or an awaiting coroutine's
 
 
@@ -187,3 +188,88 @@ def _resolve(pairs: list[tuple[asyncio.Future[Any], Any]], exc: BaseException | 
             waiter.set_exception(exc)
         else:
             waiter.set_result(value)
+
+
+class StagedBatcher(Generic[In, Mid, Out]):
+    """Heavy per-item work behind a cheap step that batches well: `prepare` runs on a list of items
+    (one encoder forward, one FAISS call for all of them), `finish` on one prepared item at a time,
+    on `workers` threads; coroutines await the items without holding a thread.
+
+    A worker that needs work takes the next prepared item; when none is ready it prepares every item
+    queued meanwhile (up to `max_batch`) at once. So under load the cheap step batches the whole
+    backlog, where a MicroBatcher in front of it would see items one at a time: they arrive paced
+    by the heavy step's completions, a whole heavy step apart. Each item is settled as soon as its
+    own `finish` returns, not at the end of its batch.
+    """
+
+    def __init__(self, prepare: Callable[[list[In]], Sequence[Mid]], finish: Callable[[Mid], Out], workers: int = 1,
+                 max_batch: int = 32, name: str = "staged"):
+        if workers < 1 or max_batch < 1:
+            raise ValueError("workers and max_batch must be at least 1")
+        self.prepare, self.finish, self.max_batch = prepare, finish, max_batch
+        self.stats = BatchStats()  # of the prepare calls
+        self._pending: deque[tuple[In, asyncio.Future[Out]]] = deque()
+        self._ready: deque[tuple[Mid, asyncio.Future[Out]]] = deque()
+        self._cond = threading.Condition()  # guards both queues and _closed
+        self._closed = False
+        self._threads = [threading.Thread(target=self._run, name=f"staged-{name}-{i}", daemon=True)
+                         for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    async def acall(self, item: In) -> Out:
+        waiter: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError("the batcher is closed")
+            self._pending.append((item, waiter))
+            self._cond.notify()
+        return await waiter
+
+    def close(self) -> None:
+        """Stop the workers once every queued item is finished."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _next(self) -> tuple[Mid, asyncio.Future[Out]] | list[tuple[In, asyncio.Future[Out]]] | None:
+        """A prepared item, else the queued items to prepare; None once closed and drained."""
+        with self._cond:
+            while not (self._ready or self._pending or self._closed):
+                self._cond.wait()
+            if self._ready:
+                return self._ready.popleft()
+            if self._pending:
+                return [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+            return None
+
+    def _run(self) -> None:
+        while (work := self._next()) is not None:
+            if isinstance(work, list):
+                self._prepare(work)
+                continue
+            mid, waiter = work
+            if waiter.cancelled():  # the client went away while it queued
+                continue
+            try:
+                _settle([waiter], [self.finish(mid)], None)
+            except BaseException as exc:  # noqa: BLE001 (handed to the waiting caller)
+                _settle([waiter], None, exc)
+
+    def _prepare(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
+        waiters = [w for _, w in batch]
+        try:
+            mids = self.prepare([item for item, _ in batch])
+            if len(mids) != len(batch):
+                raise RuntimeError(f"prepare returned {len(mids)} results for {len(batch)} items")
+        except BaseException as exc:  # noqa: BLE001 (handed to every waiting caller)
+            _settle(list(waiters), None, exc)
+            return
+        self.stats.batches += 1
+        self.stats.items += len(batch)
+        self.stats.largest = max(self.stats.largest, len(batch))
+        with self._cond:
+            self._ready.extend(zip(mids, waiters, strict=True))
+            self._cond.notify_all()

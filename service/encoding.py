@@ -43,6 +43,10 @@ class QueryEncoder:
         """The pooled vector and the tokens a reranker reads."""
         return self._texts((text, True))
 
+    def texts(self, texts: list[str]) -> list[TextEncoding]:
+        """`text` of several, in one forward in the calling thread (for a caller that batched them)."""
+        return self._encode_texts([(text, True) for text in texts])
+
     def pooled(self, text: str) -> np.ndarray:
         """(d,) L2-normalised: the vector alone (a query without rerank)."""
         return self._texts((text, False)).pooled

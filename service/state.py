@@ -23,7 +23,7 @@ from service.encoding import QueryEncoder
 from service.errors import StartupError, UnknownIndex
 from service.jobs import JobQueue, LocalJobs, RQJobs
 from service.metrics import Metrics
-from service.search import RerankQueue, Searcher
+from service.search import RerankedSearch, RerankQueue, Searcher
 from service.swap import IndexSwapper, VersionWatcher
 
 log = logging.getLogger(__name__)
@@ -42,6 +42,7 @@ class Engine:
     queries: QueryEncoder
     swapper: IndexSwapper
     jobs: JobQueue
+    reranked: RerankedSearch  # reranked text queries: batched encode and search, then `slots` rerank threads
     results: ResultStore | None = None  # the result cache, batched for coroutines (None: caching off)
     watcher: VersionWatcher | None = None
     # request work (encode, search, rerank) runs here, off the event loop: a plain executor hands a
@@ -99,6 +100,7 @@ class Engine:
             self.watcher.stop()
         self.jobs.close()
         self.pool.shutdown(wait=True, cancel_futures=False)
+        self.reranked.close()
         self.queries.close()
         if self.results is not None:
             self.results.close()
@@ -163,4 +165,5 @@ def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index]
     # the machine's cores shared by the worker processes (each process sees only its own reranks)
     slots = settings.rerank_slots or max(1, (os.cpu_count() or 1) // settings.workers)
     queued = {tier: RerankQueue(reranker, slots) for tier, reranker in rerankers.items()}
-    return Engine(settings, encoder, queued, cache, metrics, queries, swapper, jobs, results)
+    reranked = RerankedSearch(queries, queued, slots, settings.max_batch)
+    return Engine(settings, encoder, queued, cache, metrics, queries, swapper, jobs, reranked, results)

@@ -77,14 +77,14 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
     invalidates them; a cached answer says `cached: true` and times only the lookup.
     """
     searcher = engine.searcher(body.index)  # the version in the cache key is the version that answers
-    if _tier(engine, body) == "none" and body.image is None:  # no rerank, no image to decode: a few ms
-        return ModelJSON(await _short_search(engine, body, searcher))
+    if body.image is None:  # no image to decode
+        return ModelJSON(await _awaited_search(engine, body, searcher))
     return ModelJSON(await engine.run(_cached_search, engine, body, searcher))
 
 
-async def _short_search(engine: Engine, body: SearchRequest, searcher: Searcher) -> SearchResponse:
-    """A text or embedding query without rerank, on the event loop: the cache lookup, the encode and
-    the search each await their micro-batch (alone, each runs here at once), then the cache store."""
+async def _awaited_search(engine: Engine, body: SearchRequest, searcher: Searcher) -> SearchResponse:
+    """A text or embedding query, on the event loop: the cache lookup, then the stages, each awaited
+    in its batch (without rerank and alone, each runs here at once: a few ms), then the cache store."""
     inline = await engine.alone()
     start = time.perf_counter()
     key = _result_key(engine, body, searcher)
@@ -94,7 +94,10 @@ async def _short_search(engine: Engine, body: SearchRequest, searcher: Searcher)
         if hit is not None:
             return _from_cache(hit, start)
     query = _query(engine, body, None)
-    out = await search_async(engine.queries, searcher, query, COLUMNS, inline)
+    if query.rerank == "none":
+        out = await search_async(engine.queries, searcher, query, COLUMNS, inline)
+    else:
+        out = await engine.reranked.asearch(searcher, query, COLUMNS)
     response = _response(engine, body.index, query, out)
     if key is not None and engine.results is not None:
         await engine.results.put(key, response.model_dump_json(), inline)

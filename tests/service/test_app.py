@@ -20,7 +20,7 @@ from indexer.scenes import write_scenes
 from service.app import create_app
 from service.config import Settings
 from service.errors import StartupError
-from service.routes.search import _short_search
+from service.routes.search import _awaited_search
 from service.schemas import SearchRequest, SearchResponse
 from service.state import load_engine
 
@@ -173,7 +173,7 @@ def test_a_request_alone_is_told_so_and_long_calls_go_to_the_pool(client: TestCl
     assert alone and not busy and pool != loop
 
 
-def test_concurrent_short_searches_await_shared_batches_and_match_one_at_a_time(client: TestClient) -> None:
+def test_concurrent_awaited_searches_await_shared_batches_and_match_one_at_a_time(client: TestClient) -> None:
     engine = client.app.state.engine  # type: ignore[attr-defined]
     texts = [f"a {size} {colour} circle left of a square" for size in ("small", "large")
              for colour in ("red", "blue", "green", "yellow", "purple", "orange", "white", "cyan")]
@@ -183,8 +183,8 @@ def test_concurrent_short_searches_await_shared_batches_and_match_one_at_a_time(
     async def together() -> list[SearchResponse]:
         engine.in_flight += len(texts)  # as if all were being handled: nothing runs inline
         try:
-            return list(await asyncio.gather(*(_short_search(engine, SearchRequest(text=t, k=5), engine.searcher(None))
-                                               for t in texts)))
+            request = [SearchRequest(text=t, k=5) for t in texts]
+            return list(await asyncio.gather(*(_awaited_search(engine, r, engine.searcher(None)) for r in request)))
         finally:
             engine.in_flight -= len(texts)
 
@@ -193,6 +193,27 @@ def test_concurrent_short_searches_await_shared_batches_and_match_one_at_a_time(
         assert [h["score"] for h in alone["hits"]] == pytest.approx([h.score for h in joint.hits], abs=1e-5)
     shared = engine.metrics.registry.get_sample_value("imsearch_batch_size_count", {"batcher": "text"}) - batches
     assert 1 <= shared < len(texts)  # the coroutines met in batches (waiting without a thread each)
+
+
+def test_concurrent_reranked_searches_share_encodes_and_match_one_at_a_time(client: TestClient) -> None:
+    engine = client.app.state.engine  # type: ignore[attr-defined]
+    texts = [f"a {colour} {shape} above a small white circle" for colour in ("red", "blue", "green", "yellow")
+             for shape in ("square", "cross", "triangle")]
+    one_by_one = [client.post("/v1/search", json={"text": t, "k": 5, "rerank": "mid"}).json() for t in texts]
+    batches = engine.metrics.registry.get_sample_value("imsearch_batch_size_count", {"batcher": "text"})
+
+    async def together() -> list[SearchResponse]:
+        request = [SearchRequest(text=t, k=5, rerank="mid") for t in texts]
+        return list(await asyncio.gather(*(_awaited_search(engine, r, engine.searcher(None)) for r in request)))
+
+    for alone, joint in zip(one_by_one, asyncio.run(together()), strict=True):
+        assert joint.rerank == "mid" and [h["id"] for h in alone["hits"]] == [h.id for h in joint.hits]
+        assert [h["rerank_score"] for h in alone["hits"]] == pytest.approx([h.rerank_score for h in joint.hits],
+                                                                           abs=1e-4)
+        stages = joint.timings_ms.encode + joint.timings_ms.search + joint.timings_ms.rerank
+        assert joint.timings_ms.total == pytest.approx(stages, abs=0.01)  # the wait for a slot counts as rerank
+    shared = engine.metrics.registry.get_sample_value("imsearch_batch_size_count", {"batcher": "text"}) - batches
+    assert 1 <= shared < len(texts)  # queued behind a rerank, the texts met in one forward
 
 
 def test_web_page_and_its_static_files(client: TestClient) -> None:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from indexer.encoder import DualEncoder
-from service.batching import MicroBatcher
+from service.batching import MicroBatcher, StagedBatcher
 from service.encoding import QueryEncoder
 
 
@@ -196,3 +196,70 @@ def test_queries_without_rerank_get_the_same_vector_without_tokens(encoder: Dual
     assert asyncio.run(queries.apooled(texts[0], inline=True)) == pytest.approx(expected[0], abs=1e-5)
     assert queries.text(texts[0]).tokens.shape[0] > 0  # who asks for tokens gets them
     queries.close()
+
+
+def test_staged_items_queued_behind_a_finish_are_prepared_together_and_settled_one_by_one() -> None:
+    release, one_back = threading.Event(), threading.Event()
+    prepared: list[list[int]] = []
+    saw_one_back: list[bool] = []
+
+    def finish(item: int) -> int:
+        if item == 0:
+            release.wait(5)  # hold the only worker while the others queue up
+        if item == 2:  # item 1 of the same batch must have reached its caller already
+            saw_one_back.append(one_back.wait(5))
+        return 10 * item
+
+    def prepare(items: list[int]) -> list[int]:
+        prepared.append(items)
+        return items
+
+    staged: StagedBatcher[int, int, int] = StagedBatcher(prepare, finish, workers=1, max_batch=3)
+
+    async def scenario() -> list[int]:
+        first = asyncio.ensure_future(staged.acall(0))
+        while not prepared:
+            await asyncio.sleep(0.001)
+        rest = [asyncio.ensure_future(staged.acall(i)) for i in range(1, 6)]
+        await asyncio.sleep(0.01)
+        release.set()
+        assert await first == 0
+        await rest[0]
+        one_back.set()
+        return [await f for f in rest]
+
+    assert asyncio.run(scenario()) == [10, 20, 30, 40, 50]
+    assert prepared == [[0], [1, 2, 3], [4, 5]]  # the backlog, bounded by max_batch
+    assert saw_one_back == [True]  # not held until the end of its batch
+    staged.close()
+
+
+def test_staged_workers_finish_in_parallel_and_errors_reach_only_their_callers() -> None:
+    both_in = threading.Barrier(2, timeout=5)
+
+    def prepare(items: list[int]) -> list[int]:
+        if 99 in items:
+            raise ValueError("bad batch")
+        return items
+
+    def finish(item: int) -> int:
+        if item < 0:
+            raise KeyError(item)
+        if item in (1, 2):
+            both_in.wait()  # only passes when two finishes run at once
+        return item
+
+    staged: StagedBatcher[int, int, int] = StagedBatcher(prepare, finish, workers=2, max_batch=1)
+
+    async def scenario() -> list[int]:
+        parallel = await asyncio.gather(staged.acall(1), staged.acall(2))
+        with pytest.raises(KeyError):
+            await staged.acall(-1)
+        with pytest.raises(ValueError, match="bad batch"):
+            await staged.acall(99)
+        return [*parallel, await staged.acall(3)]  # the workers survived both errors
+
+    assert asyncio.run(scenario()) == [1, 2, 3]
+    staged.close()
+    with pytest.raises(RuntimeError, match="closed"):
+        asyncio.run(staged.acall(4))
