@@ -40,7 +40,7 @@ class Settings(BaseSettings):
     version_poll_s: float = Field(5.0, gt=0, description="fallback check for new index versions")
     threads: int = Field(1, ge=0, description="intra-op threads per torch/FAISS call (0: library default)")
     workers: int = Field(1, ge=1, description="API processes; more than one needs redis_url (shared jobs)")
-    rerank_slots: int = Field(0, ge=0, description="reranks a process runs at once per tier (0: cores / workers)")
+    rerank_slots: int = Field(0, ge=0, description="reranks a process runs at once, all tiers (0: cores / workers)")
     access_log: bool = Field(True, description="a log line per request (uvicorn's; /metrics counts them either way)")
     max_wait_ms: float = Field(1.0, ge=0.0, le=50.0, description="wait for stragglers, only under load")
 

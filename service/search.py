@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -90,29 +89,6 @@ class Searcher:
         return out
 
 
-class RerankQueue:
-    """A reranker that runs at most `slots` reranks at once; later calls wait their turn (a Reranker itself).
-
-    A rerank is compute-bound (16 candidates are milliseconds of one core): reranks beyond the
-    cores only take turns on them, evicting each other's caches and contending for the GIL, so
-    each one takes longer and none finishes sooner (measured with 2 worker processes on 2 cores, 64
-    clients, on a faster day of this machine: 74 to 94 reranked QPS over runs with one slot per
-    process, 76 with two).
-    """
-
-    def __init__(self, reranker: Reranker, slots: int):
-        self.reranker = reranker
-        self.name, self.fusion_weight = reranker.name, reranker.fusion_weight
-        self._slots = threading.BoundedSemaphore(slots)
-
-    def prepare(self, text: str) -> Query:
-        return self.reranker.prepare(text)
-
-    def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray:
-        with self._slots:
-            return self.reranker.log_match(query, image_tokens)
-
-
 @dataclass
 class _Prepared:
     """A reranked text query after its batch's encode and search: what its own rerank needs."""
@@ -131,9 +107,13 @@ class RerankedSearch:
     and searched in one FAISS call per index, then each is reranked on its own, on `workers` threads.
 
     A rerank costs several times an encode and a search, so under load queries wait for a rerank
-    slot; encoded on arrival, each would run alone (they arrive a rerank apart: 1.06 texts per
-    forward, measured at 64 clients), whereas encoded when a slot frees up, the whole backlog shares
-    one forward. Only the workers hold threads: the waiting queries are coroutines.
+    worker; encoded on arrival, each would run alone (they arrive a rerank apart: 1.06 texts per
+    forward, measured at 64 clients), whereas encoded when a worker frees up, the whole backlog
+    shares one forward. Only the workers hold threads: the waiting queries are coroutines.
+
+    `workers` is the process's share of the cores: a rerank is compute-bound (16 candidates are
+    milliseconds of one core), and reranks beyond the cores only take turns on them, evicting each
+    other's caches and contending for the GIL, so each takes longer and none finishes sooner.
     """
 
     def __init__(self, encoder: QueryEncoder, rerankers: Mapping[str, Reranker], workers: int, max_batch: int = 32):

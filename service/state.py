@@ -23,7 +23,7 @@ from service.encoding import QueryEncoder
 from service.errors import StartupError, UnknownIndex
 from service.jobs import JobQueue, LocalJobs, RQJobs
 from service.metrics import Metrics
-from service.search import RerankedSearch, RerankQueue, Searcher
+from service.search import RerankedSearch, Searcher
 from service.swap import IndexSwapper, VersionWatcher
 
 log = logging.getLogger(__name__)
@@ -36,7 +36,7 @@ class Engine:
 
     settings: Settings
     encoder: DualEncoder
-    rerankers: dict[str, RerankQueue]
+    rerankers: dict[str, Reranker]
     cache: QueryCache
     metrics: Metrics
     queries: QueryEncoder
@@ -164,6 +164,5 @@ def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index]
     results = ResultStore(cache, settings.max_batch) if cache.enabled else None
     # the machine's cores shared by the worker processes (each process sees only its own reranks)
     slots = settings.rerank_slots or max(1, (os.cpu_count() or 1) // settings.workers)
-    queued = {tier: RerankQueue(reranker, slots) for tier, reranker in rerankers.items()}
-    reranked = RerankedSearch(queries, queued, slots, settings.max_batch)
-    return Engine(settings, encoder, queued, cache, metrics, queries, swapper, jobs, reranked, results)
+    reranked = RerankedSearch(queries, rerankers, slots, settings.max_batch)
+    return Engine(settings, encoder, rerankers, cache, metrics, queries, swapper, jobs, reranked, results)

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import threading
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -17,7 +17,7 @@ from indexer.scenes import write_scenes
 from indexer.store import Index
 from reranker.score import Query, Reranker, load_tier
 from service.encoding import QueryEncoder
-from service.search import BadQuery, QueryInput, RerankQueue, Searcher, search
+from service.search import BadQuery, QueryInput, RerankedSearch, Searcher, SearchOutput, search
 
 
 @pytest.fixture(scope="module")
@@ -136,15 +136,22 @@ class _Overlaps:
 
 
 @pytest.mark.parametrize("slots", [1, 2])
-def test_rerank_queue_runs_at_most_its_slots_at_once_with_the_same_scores(index, rerankers, slots: int) -> None:
+def test_reranked_search_runs_at_most_its_workers_reranks_at_once_with_the_same_results(
+        queries, searcher, index, rerankers, slots: int) -> None:
     probe = _Overlaps(rerankers["mid"])
-    queue = RerankQueue(probe, slots)
-    rows = index.metadata(index.ids()[:12])
-    tokens = index.tokens(index.ids()[:16])
-    prepared = [probe.prepare(row["caption"]) for row in rows]
-    with ThreadPoolExecutor(6) as pool:
-        queued = list(pool.map(lambda q: queue.log_match(q, tokens), prepared))
-    assert probe.most == slots  # never more at once, although six threads asked together
-    assert queue.name == "probe" and queue.fusion_weight == 1.0
-    for query, scores in zip(prepared, queued, strict=True):
-        np.testing.assert_allclose(scores, rerankers["mid"].log_match(query, tokens), rtol=1e-5, atol=1e-5)
+    reranked = RerankedSearch(queries, {"mid": probe}, workers=slots, max_batch=4)
+    texts = [row["caption"] for row in index.metadata(index.ids()[:12])]
+    asked = [QueryInput(text=text, k=5, rerank="mid", rerank_k=16) for text in texts]
+
+    async def together() -> list[SearchOutput]:
+        return list(await asyncio.gather(*(reranked.asearch(searcher, q) for q in asked)))
+
+    joint = asyncio.run(together())
+    reranked.close()
+    assert probe.most == slots  # never more at once, although twelve queries asked together
+    for q, out in zip(asked, joint, strict=True):
+        alone = search(queries, searcher, {"mid": probe}, q)  # one query at a time
+        assert [h.id for h in out.hits] == [h.id for h in alone.hits]
+        np.testing.assert_allclose([h.rerank_score for h in out.hits], [h.rerank_score for h in alone.hits],
+                                   rtol=1e-5, atol=1e-5)
+        assert out.timings_ms["total"] >= out.timings_ms["rerank"] > 0
