@@ -26,6 +26,14 @@ class BatchStats:
     items: int = 0
     largest: int = 0
 
+    def record(self, results: Sequence[Any], items: int) -> None:
+        """Count a batch of `items` whose call returned `results` (one per item, or a RuntimeError)."""
+        if len(results) != items:
+            raise RuntimeError(f"batched function returned {len(results)} results for {items} items")
+        self.batches += 1
+        self.items += items
+        self.largest = max(self.largest, items)
+
 
 class MicroBatcher(Generic[In, Out]):
     """Groups items submitted from many threads or awaited on event loops into calls of `fn` on
@@ -151,14 +159,10 @@ class MicroBatcher(Generic[In, Out]):
             return
         try:
             results = self.fn([item for item, _ in live])
-            if len(results) != len(live):
-                raise RuntimeError(f"batched function returned {len(results)} results for {len(live)} items")
+            self.stats.record(results, len(live))
         except BaseException as exc:  # noqa: BLE001 (handed to every waiting caller)
             _settle([w for _, w in live], None, exc)
             return
-        self.stats.batches += 1
-        self.stats.items += len(live)
-        self.stats.largest = max(self.stats.largest, len(live))
         _settle([w for _, w in live], results, None)
 
 
@@ -262,14 +266,10 @@ class StagedBatcher(Generic[In, Mid, Out]):
         waiters = [w for _, w in batch]
         try:
             mids = self.prepare([item for item, _ in batch])
-            if len(mids) != len(batch):
-                raise RuntimeError(f"prepare returned {len(mids)} results for {len(batch)} items")
+            self.stats.record(mids, len(batch))
         except BaseException as exc:  # noqa: BLE001 (handed to every waiting caller)
             _settle(list(waiters), None, exc)
             return
-        self.stats.batches += 1
-        self.stats.items += len(batch)
-        self.stats.largest = max(self.stats.largest, len(batch))
         with self._cond:
             self._ready.extend(zip(mids, waiters, strict=True))
             self._cond.notify_all()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
@@ -89,13 +89,20 @@ class Searcher:
         return out
 
 
-@dataclass
-class _Prepared:
-    """A reranked text query after its batch's encode and search: what its own rerank needs."""
+class _Asked(NamedTuple):
+    """A reranked text query as it waits for a rerank worker."""
 
     searcher: Searcher
     q: QueryInput
     columns: Sequence[str] | None
+    queued: float  # clock mark
+
+
+@dataclass
+class _Prepared:
+    """A reranked text query after its batch's encode and search: what its own rerank needs."""
+
+    asked: _Asked
     query: Query
     scores: np.ndarray
     ids: np.ndarray
@@ -126,30 +133,30 @@ class RerankedSearch:
             raise BadQuery(f"rerank tier {q.rerank!r} is not loaded; available: none, {', '.join(self.rerankers)}")
         if q.text is None:
             raise BadQuery(RERANK_NEEDS_TEXT)
-        return await self._staged.acall((searcher, q, columns, time.perf_counter()))
+        return await self._staged.acall(_Asked(searcher, q, columns, time.perf_counter()))
 
     def close(self) -> None:
         self._staged.close()
 
-    def _prepare(self, items: list[tuple[Searcher, QueryInput, Sequence[str] | None, float]]) -> list[_Prepared]:
+    def _prepare(self, asked: list[_Asked]) -> list[_Prepared]:
         start = time.perf_counter()
-        texts = self.encoder.texts([str(q.text) for _, q, _, _ in items])
+        texts = self.encoder.texts([str(a.q.text) for a in asked])
         encoded = time.perf_counter()
         found: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        for searcher in {id(s): s for s, _, _, _ in items}.values():  # one FAISS call per index version
-            rows = [i for i, (s, _, _, _) in enumerate(items) if s is searcher]
-            results = searcher.search_batch([(texts[i].pooled, max(items[i][1].k, items[i][1].rerank_k)) for i in rows])
+        for searcher in {id(a.searcher): a.searcher for a in asked}.values():  # one FAISS call per index version
+            rows = [i for i, a in enumerate(asked) if a.searcher is searcher]
+            results = searcher.search_batch([(texts[i].pooled, max(asked[i].q.k, asked[i].q.rerank_k)) for i in rows])
             found.update(zip(rows, results, strict=True))
         searched = time.perf_counter()
-        return [_Prepared(s, q, columns, Query(str(q.text), texts[i].tokens, texts[i].mask), *found[i],
-                          (queued, queued + encoded - start, queued + searched - start))
-                for i, (s, q, columns, queued) in enumerate(items)]
+        return [_Prepared(a, Query(str(a.q.text), texts[i].tokens, texts[i].mask), *found[i],
+                          (a.queued, a.queued + encoded - start, a.queued + searched - start))
+                for i, a in enumerate(asked)]
 
     def _finish(self, p: _Prepared) -> SearchOutput:
-        """Rerank, hits, timings: rerank is the time from the search to now (its wait for a slot included)."""
-        index = p.searcher.index
-        scores, ids, reranked = _rerank(self.rerankers[p.q.rerank], index, p.query, p.scores, p.ids, p.q.rerank_k)
-        return _output(index, _hits(index, scores, ids, reranked, p.q, p.columns), (*p.marks, time.perf_counter()))
+        """Rerank, hits, timings: rerank is the time from the search to now (its wait for a worker included)."""
+        q, index = p.asked.q, p.asked.searcher.index
+        scores, ids, reranked = _rerank(self.rerankers[q.rerank], index, p.query, p.scores, p.ids, q.rerank_k)
+        return _output(index, _hits(index, scores, ids, reranked, q, p.asked.columns), (*p.marks, time.perf_counter()))
 
 
 def encode_query(encoder: QueryEncoder, q: QueryInput, dim: int, max_pixels: int) -> tuple[np.ndarray, Query | None]:
