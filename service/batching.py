@@ -108,17 +108,17 @@ class MicroBatcher(Generic[In, Out]):
         return idle
 
     def _inline(self, item: In, claimed: bool = True) -> Out:
-        """Run one item in the calling thread (after _claim_idle, unless closed)."""
-        future: Future[Out] = Future()
+        """Run one item in the calling thread (after _claim_idle, unless closed); `fn`'s errors are raised here."""
         try:
-            self._execute([(item, future)])
+            results = self.fn([item])
+            self.stats.record(results, 1)
+            return results[0]
         finally:
             if claimed:
                 with self._cond:
                     self._running = False
                     if self._pending:  # items queued behind this call; waking the idle worker for nothing
                         self._cond.notify()  # costs a context switch per query (profiled)
-        return future.result()
 
     def close(self) -> None:
         """Stop the worker after the queued items; later calls run in the caller's thread."""
