@@ -166,7 +166,7 @@ class MicroBatcher(Generic[In, Out]):
         _settle([w for _, w in live], results, None)
 
 
-def _settle(waiters: list[Waiter], results: Sequence[Any] | None, exc: BaseException | None) -> None:
+def _settle(waiters: Sequence[Waiter], results: Sequence[Any] | None, exc: BaseException | None) -> None:
     """Hand results (or the exception) to their waiters: thread futures directly, coroutines' futures
     in one call per event loop (an asyncio future may only be touched from its loop's thread)."""
     by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
@@ -268,7 +268,7 @@ class StagedBatcher(Generic[In, Mid, Out]):
             mids = self.prepare([item for item, _ in batch])
             self.stats.record(mids, len(batch))
         except BaseException as exc:  # noqa: BLE001 (handed to every waiting caller)
-            _settle(list(waiters), None, exc)
+            _settle(waiters, None, exc)
             return
         with self._cond:
             self._ready.extend(zip(mids, waiters, strict=True))

@@ -25,6 +25,12 @@ class BadQuery(ValueError):
 RERANK_NEEDS_TEXT = "reranking needs a text query; use rerank='none' for image or embedding queries"
 
 
+def check_tier(rerankers: Mapping[str, Reranker], tier: str) -> None:
+    """BadQuery unless the rerank tier is loaded."""
+    if tier not in rerankers:
+        raise BadQuery(f"rerank tier {tier!r} is not loaded; available: none, {', '.join(rerankers)}")
+
+
 @dataclass
 class QueryInput:
     """Exactly one of text, image (file bytes) or embedding."""
@@ -129,8 +135,7 @@ class RerankedSearch:
 
     async def asearch(self, searcher: Searcher, q: QueryInput, columns: Sequence[str] | None = None) -> SearchOutput:
         """The query reranked by its tier (a text query; BadQuery otherwise), timed as `search` is."""
-        if q.rerank not in self.rerankers:
-            raise BadQuery(f"rerank tier {q.rerank!r} is not loaded; available: none, {', '.join(self.rerankers)}")
+        check_tier(self.rerankers, q.rerank)
         if q.text is None:
             raise BadQuery(RERANK_NEEDS_TEXT)
         return await self._staged.acall(_Asked(searcher, q, columns, time.perf_counter()))
@@ -186,8 +191,8 @@ def search(encoder: QueryEncoder, searcher: Searcher, rerankers: Mapping[str, Re
            max_pixels: int = 40_000_000, columns: Sequence[str] | None = None) -> SearchOutput:
     """Run one query; timings_ms holds encode, search, rerank and total; hits carry the metadata
     `columns` (default: all)."""
-    if q.rerank != "none" and q.rerank not in rerankers:
-        raise BadQuery(f"rerank tier {q.rerank!r} is not loaded; available: none, {', '.join(rerankers)}")
+    if q.rerank != "none":
+        check_tier(rerankers, q.rerank)
     index = searcher.index
     start = time.perf_counter()
     vector, text_query = encode_query(encoder, q, index.dim, max_pixels)

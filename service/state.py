@@ -45,7 +45,7 @@ class Engine:
     reranked: RerankedSearch  # reranked text queries: batched encode and search, then `slots` rerank threads
     results: ResultStore | None = None  # the result cache, batched for coroutines (None: caching off)
     watcher: VersionWatcher | None = None
-    # request work (encode, search, rerank) runs here, off the event loop: a plain executor hands a
+    # blocking request work (image queries, thumbnails) runs here, off the event loop: a plain executor hands a
     # call over in a third of the time of FastAPI's default thread pool (anyio), which showed on 3 ms searches
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(64, "request"))
     in_flight: int = 0  # HTTP requests being handled now (counted by service.app.TimedRoutes)
@@ -60,7 +60,7 @@ class Engine:
         return self.in_flight <= 1
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking call (rerank, image decode, thumbnails) on the request pool and await it."""
+        """Run a blocking call (image queries, thumbnails) on the request pool and await it."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     @property
