@@ -41,6 +41,7 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, o
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Content-Type", "X-API-Key"])
+    app.add_middleware(search.FastSearch)  # innermost: inside the body limit and the timing
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
     app.add_middleware(TimedRoutes)  # added last = outermost: times the 413s too
     install_handlers(app)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import base64
 import binascii
+import inspect
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, UploadFile
+from fastapi import APIRouter, FastAPI, File, Form, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from fastapi.routing import APIRoute
+from pydantic import BaseModel, ValidationError
+from starlette.requests import Request
+from starlette.responses import Response
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.cache import result_key
 from service.deps import ApiKeyDep, EngineDep
@@ -76,10 +81,100 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
     Results are cached in Redis (when configured) under the index version, so a new version
     invalidates them; a cached answer says `cached: true` and times only the lookup.
     """
+    return ModelJSON(await _answer(engine, body))
+
+
+async def _answer(engine: Engine, body: SearchRequest) -> SearchResponse:
     searcher = engine.searcher(body.index)  # the version in the cache key is the version that answers
     if body.image is None:  # no image to decode
-        return ModelJSON(await _awaited_search(engine, body, searcher))
-    return ModelJSON(await engine.run(_cached_search, engine, body, searcher))
+        return await _awaited_search(engine, body, searcher)
+    return await engine.run(_cached_search, engine, body, searcher)
+
+
+class FastSearch:
+    """ASGI middleware: `POST /v1/search` with a valid JSON body, answered without the per-request
+    machinery between the app's middleware and the endpoint.
+
+    There Starlette and FastAPI match the route, build a Request, parse the content type, decode
+    the JSON, validate it, solve the dependencies and wrap the call in three exception and exit-stack
+    layers: a quarter of a millisecond per request, a tenth of a text search (profiled). Here
+    pydantic-core parses and validates the body in one call, and the same endpoint code runs. Any
+    other request, and any body the route would refuse, goes to the app as before (the body
+    replayed), so its 4xx messages stay the route's; errors raised by the search go to the app's
+    exception handlers, as they would from the route.
+    """
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+        self.route = next(r for r in router.routes if isinstance(r, APIRoute) and r.endpoint is search_json)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["path"] != self.route.path or scope["method"] != "POST":
+            await self.app(scope, receive, send)
+            return
+        body, complete = await _read_body(receive)
+        if not complete:  # the client left: nobody to answer
+            return
+        query = _json_query(scope, body)
+        if query is None:
+            await self.app(scope, _replay(body, receive), send)
+            return
+        scope["route"] = self.route  # what the router would have set (TimedRoutes labels by it)
+        app: FastAPI = scope["app"]
+        try:
+            response: Response = ModelJSON(await _answer(app.state.engine, query))
+        except Exception as exc:  # noqa: BLE001 (handed to the app's handler for its type, as the route's would be)
+            response = await _handled(app, Request(scope, receive), exc)
+        await response(scope, receive, send)
+
+
+async def _handled(app: FastAPI, request: Request, exc: Exception) -> Response:
+    """The response of the app's exception handler for the exception's nearest type (as Starlette
+    looks it up; this app has one for Exception itself, a bare 500)."""
+    handler = next((app.exception_handlers[kind] for kind in type(exc).__mro__ if kind in app.exception_handlers), None)
+    if handler is None:
+        raise exc
+    response = handler(request, exc)
+    return await response if inspect.isawaitable(response) else response
+
+
+async def _read_body(receive: Receive) -> tuple[bytes, bool]:
+    """The request body, and False if the client left before sending all of it."""
+    chunks: list[bytes] = []
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body", False):
+            return b"".join(chunks), True
+
+
+def _json_query(scope: Scope, body: bytes) -> SearchRequest | None:
+    """The body as a query when it is declared as JSON and valid; None otherwise (the route decides)."""
+    for name, value in scope["headers"]:
+        if name == b"content-type":
+            if value.split(b";", 1)[0].strip().lower() != b"application/json":
+                return None
+            try:
+                return SearchRequest.model_validate_json(body)
+            except ValidationError:
+                return None
+    return None
+
+
+def _replay(body: bytes, receive: Receive) -> Receive:
+    """A receive that gives the body already read, then whatever the client sends next."""
+    given = False
+
+    async def replayed() -> Message:
+        nonlocal given
+        if given:
+            return await receive()
+        given = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    return replayed
 
 
 async def _awaited_search(engine: Engine, body: SearchRequest, searcher: Searcher) -> SearchResponse:

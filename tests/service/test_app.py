@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import base64
 import io
+import json
 import os
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from fastapi import Request
 from fastapi.testclient import TestClient
 from PIL import Image
 
@@ -19,10 +21,11 @@ from indexer.encoder import DualEncoder
 from indexer.scenes import write_scenes
 from service.app import create_app
 from service.config import Settings
+from service.deps import get_engine
 from service.errors import StartupError
 from service.routes.search import _awaited_search
 from service.schemas import SearchRequest, SearchResponse
-from service.state import load_engine
+from service.state import Engine, load_engine
 
 
 @pytest.fixture(scope="module")
@@ -117,6 +120,33 @@ def test_oversized_body_is_413(client: TestClient) -> None:
     upload = client.post("/v1/search/image", content=multipart(),
                          headers={"Content-Type": "multipart/form-data; boundary=b"})
     assert upload.status_code == 413, upload.text
+
+
+def test_json_queries_skip_fastapis_request_machinery_with_the_routes_answers_and_errors(client: TestClient) -> None:
+    app = client.app
+    solved: list[int] = []
+
+    async def counted(request: Request) -> Engine:  # FastAPI solves this dependency only on the route's way
+        solved.append(1)
+        return await get_engine(request)
+
+    app.dependency_overrides[get_engine] = counted  # type: ignore[attr-defined]
+    try:
+        query = json.dumps({"text": "a large red square right of a small blue circle", "k": 6}).encode()
+        fast = client.post("/v1/search", content=query, headers={"Content-Type": "application/json; charset=utf-8"})
+        assert fast.status_code == 200 and not solved  # answered in front of FastAPI
+        routed = client.post("/v1/search", content=query, headers={"Content-Type": "application/vnd.query+json"})
+        assert routed.status_code == 200 and len(solved) == 1  # another JSON type: the route itself, body replayed
+        assert [h["id"] for h in fast.json()["hits"]] == [h["id"] for h in routed.json()["hits"]]
+        assert [h["score"] for h in fast.json()["hits"]] == pytest.approx([h["score"] for h in routed.json()["hits"]])
+        invalid = client.post("/v1/search", json={"text": "", "k": 3})  # refused by the route, with its message
+        assert invalid.status_code == 422 and invalid.json()["detail"].startswith("text: ") and len(solved) == 2
+        untiered = client.post("/v1/search", json={"text": "a red circle", "rerank": "early"})  # raised by the search
+        assert untiered.status_code == 422 and "'early' is not loaded" in untiered.json()["detail"]
+        unknown = client.post("/v1/search", json={"text": "a red circle", "index": "nope"})
+        assert unknown.status_code == 404 and "nope" in unknown.json()["detail"] and len(solved) == 2
+    finally:
+        app.dependency_overrides.clear()  # type: ignore[attr-defined]
 
 
 def test_health_ready_and_index_info(client: TestClient) -> None:
