@@ -181,7 +181,11 @@ def twin(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
         flipped = "large" if obj.size == "small" else "small"
         return replace(scene, objects=(replace(obj, size=flipped),)), "size_change"
     i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
-    kinds = [k for k, fs in SWAP_FIELDS.items() if any(getattr(objs[i], f) != getattr(objs[j], f) for f in fs)]
+    others = {o.attrs() for k, o in enumerate(objs) if k not in (i, j)}
+    # an attribute swap that turns one of the pair into a copy of a third object would make two
+    # objects alike (and the caption ambiguous); swapping places never does
+    kinds = [k for k, fs in SWAP_FIELDS.items() if any(getattr(objs[i], f) != getattr(objs[j], f) for f in fs)
+             and others.isdisjoint(o.attrs() for o in _swap(objs[i], objs[j], fs))]
     kinds.append("lr_swap" if scene.layout == "horizontal" else "tb_swap")
     kind = kinds[int(rng.integers(len(kinds)))]
     fields = ("colour", "shape", "size") if kind in ("lr_swap", "tb_swap") else SWAP_FIELDS[kind]
