@@ -70,14 +70,23 @@ def _pairwise_accuracy(reranker: TokenReranker, encoder: DualEncoder, seed: int)
     return {name: float((pos > scores[64 * g : 64 * (g + 1)]).mean()) for name, g in groups.items()}
 
 
+def _mean_accuracy(reranker: TokenReranker, encoder: DualEncoder, seeds: tuple[int, ...]) -> dict[str, float]:
+    """_pairwise_accuracy averaged over one batch per seed."""
+    runs = [_pairwise_accuracy(reranker, encoder, seed) for seed in seeds]
+    return {name: float(np.mean([run[name] for run in runs])) for name in runs[0]}
+
+
 @pytest.mark.slow
 def test_short_training_beats_chance_on_compositional_negatives(encoder: DualEncoder) -> None:
     # the lighter recipe (no perturbed images) keeps this run short; the full batch is checked below
-    cfg = RerankTrainConfig(kind="mid", steps=150, batch=32, lr=5e-4, warmup=10, layers=2, width=128,
+    # 300 steps and 256 positives: at 150 steps and 64 the accuracy sat on the threshold (0.50 to 0.67
+    # over six evaluation batches, mean 0.60), so any change to the scene stream could fail it
+    cfg = RerankTrainConfig(kind="mid", steps=300, batch=32, lr=5e-4, warmup=10, layers=2, width=128,
                             image_negatives=False)
-    before = _pairwise_accuracy(TokenReranker(new_matcher(encoder, cfg), encoder), encoder, seed=5)
+    seeds = (5, 6, 7, 8)
+    before = _mean_accuracy(TokenReranker(new_matcher(encoder, cfg), encoder), encoder, seeds)
     model, log = train_reranker(encoder, cfg)
-    after = _pairwise_accuracy(TokenReranker(model, encoder), encoder, seed=5)
+    after = _mean_accuracy(TokenReranker(model, encoder), encoder, seeds)
     losses = log["losses"]
     assert isinstance(losses, list) and np.mean(losses[-20:]) < np.mean(losses[:20])
     assert after["perturbed_text"] > 0.6 and after["perturbed_text"] > before["perturbed_text"], (before, after)
