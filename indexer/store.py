@@ -215,6 +215,7 @@ class Index:
         self.plan = AnnPlan(**self.manifest["index"])
         self.dim: int = int(self.manifest["dim"])
         self.deleted = set(np.load(folder / DELETED).tolist()) if (folder / DELETED).is_file() else set()
+        self._deleted = np.fromiter(self.deleted, np.int64, len(self.deleted))
         self.shards = [_open_shard(folder / SHARDS / s["name"]) for s in self.manifest["shards"]]
         self._build_lookup()
         self.faiss = faiss.read_index(str(folder / INDEX_FILE))
@@ -251,13 +252,14 @@ class Index:
         self._meta = pa.concat_tables([pq.read_table(self.folder / SHARDS / s.name / "meta.parquet")
                                        for s in self.shards]).combine_chunks() if self.shards else None
         self._meta_pos = np.argsort(order, kind="stable")  # position in meta of the i-th sorted id
+        self._columns: dict[str, _Column] = {}
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
 
     def ids(self) -> np.ndarray:
         """All live ids, sorted."""
-        live = ~np.isin(self._ids, np.fromiter(self.deleted, np.int64, len(self.deleted)))
+        live = ~np.isin(self._ids, self._deleted)
         return self._ids[live]
 
     @cached_property
@@ -270,11 +272,16 @@ class Index:
             ids = np.asarray(ids, dtype=np.int64)
         except OverflowError:  # ids are int64: a larger number names no image
             raise UnknownImage(next(i for i in ids if not -(2**63) <= int(i) < 2**63)) from None
-        pos = np.searchsorted(self._ids, ids)
-        pos = np.clip(pos, 0, max(0, len(self._ids) - 1))
-        for i, found in zip(ids, pos, strict=True):
-            if len(self._ids) == 0 or self._ids[found] != i or int(i) in self.deleted:
-                raise UnknownImage(int(i))
+        if len(self._ids) == 0:
+            if len(ids):
+                raise UnknownImage(int(ids[0]))
+            return np.zeros(0, np.int64)
+        pos = np.minimum(np.searchsorted(self._ids, ids), len(self._ids) - 1)
+        unknown = self._ids[pos] != ids
+        if self.deleted:
+            unknown |= np.isin(ids, self._deleted)
+        if unknown.any():
+            raise UnknownImage(int(ids[unknown.argmax()]))
         return pos
 
     def vectors(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
@@ -307,9 +314,16 @@ class Index:
         names = self._meta.column_names if columns is None else list(columns)
         if not names:
             return [{} for _ in pos]
-        rows = pa.array(self._meta_pos[pos])
-        values = [self._meta.column(name).take(rows).to_pylist() for name in names]
+        rows = self._meta_pos[pos]
+        values = [self._column(name).take(rows) for name in names]
         return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+
+    def _column(self, name: str) -> _Column:
+        column = self._columns.get(name)
+        if column is None:
+            assert self._meta is not None
+            column = self._columns[name] = _Column(self._meta.column(name).chunk(0))
+        return column
 
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
                ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
@@ -335,3 +349,38 @@ def _open_shard(folder: Path) -> Shard:
         np.load(folder / "emb.npy", mmap_mode="r"),
         np.load(folder / "tok.npy", mmap_mode="r"),
     )
+
+
+class _Column:
+    """One metadata column, read by row numbers through numpy views of its Arrow buffers.
+
+    A page of hits reads a few values of two columns on every search. Arrow's `take` dispatches
+    through its compute registry, whose code is cold by the time a search has run its forward pass:
+    0.2 ms for ten hits in the service, against 0.05 ms in a hot loop (profiled). Slicing the
+    strings out of the buffers runs a few lines of numpy instead.
+    """
+
+    def __init__(self, array: pa.Array):
+        self.array = array
+        self.valid = np.asarray(array.is_valid()) if array.null_count else None
+        self.offsets: np.ndarray | None = None
+        self.values: np.ndarray | None = None
+        if pa.types.is_string(array.type):
+            _, offsets, data = array.buffers()
+            self.offsets = np.frombuffer(offsets, np.int32, len(array) + 1, array.offset * 4)
+            self.data = memoryview(data) if data is not None else memoryview(b"")
+        elif (pa.types.is_integer(array.type) or pa.types.is_floating(array.type)) and not array.null_count:
+            self.values = array.to_numpy()
+
+    def take(self, rows: np.ndarray) -> list[Any]:
+        """The values at `rows`, as Python objects (None where null)."""
+        if self.offsets is not None:
+            starts, ends = self.offsets[rows].tolist(), self.offsets[rows + 1].tolist()
+            out: list[Any] = [str(self.data[a:b], "utf-8") for a, b in zip(starts, ends, strict=True)]
+        elif self.values is not None:
+            return list(self.values[rows].tolist())
+        else:
+            return list(self.array.take(pa.array(rows)).to_pylist())
+        if self.valid is not None:
+            out = [value if ok else None for value, ok in zip(out, self.valid[rows].tolist(), strict=True)]
+        return out

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
@@ -21,7 +22,7 @@ from indexer.build import BuildError, BuildOptions, build_or_add, remove
 from indexer.cli import app
 from indexer.encoder import DualEncoder, create_embedded
 from indexer.scenes import write_scenes
-from indexer.store import STAGING, Index, list_versions, save_faiss, save_npy
+from indexer.store import STAGING, Index, _Column, list_versions, save_faiss, save_npy
 from tests.indexer.badfiles import awkward_files, broken_files
 
 OPTS = BuildOptions(batch_size=16, workers=0, shard_size=24)
@@ -229,10 +230,23 @@ def test_unknown_ids_are_refused(corpus: Path, tmp_path: Path, encoder: DualEnco
     index = Index.open(tmp_path / "idx")
     with pytest.raises(UnknownImage):
         index.tokens([12345])
-    with pytest.raises(UnknownImage):
-        index.metadata([-1])
+    with pytest.raises(UnknownImage) as refused:
+        index.metadata([int(index.ids()[0]), -1])
+    assert refused.value.args == (-1,)  # the unknown one is named
     with pytest.raises(UnknownImage):  # beyond int64: no such id, not an OverflowError
         index.vectors([int(index.ids()[0]), 2**70])
+
+
+@pytest.mark.parametrize("array", [
+    pa.array(["a/b.png", None, "", "café ☕", "z" * 300]),
+    pa.array(["skipped", "x", None, "ü"]).slice(1),  # an array that starts inside its buffers
+    pa.array([3, 64, -1], pa.int32()),
+    pa.array([3, None, 7], pa.int32()),
+    pa.array([0.5, 2.0]),
+])
+def test_metadata_columns_read_by_row_as_arrow_would(array: pa.Array) -> None:
+    rows = np.array([len(array) - 1, 0, *range(len(array))])
+    assert _Column(array).take(rows) == array.take(pa.array(rows)).to_pylist()
 
 
 def test_save_npy_writes_chunks_as_numpy_would_write_their_concatenation(tmp_path: Path) -> None:
