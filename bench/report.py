@@ -48,7 +48,7 @@ STEPS = (
     Step("tradeoff_seed7", (CLI, "eval", "tradeoff", "--json", "--errors", "--seed", "7", "--ks", "16"),
          "late/mid/early at k 16, seed 7"),
     Step("ann", (PY, "bench/ann.py", "--n", "200000", "--kinds", "auto,hnsw,ivfpq", "--out", "{out}"), "ANN choice"),
-    Step("index_throughput", (PY, "bench/index_throughput.py", "--n", "3000", "--big", "6000", "--rounds", "1",
+    Step("index_throughput", (PY, "bench/index_throughput.py", "--n", "3000", "--big", "6000", "--rounds", "3",
                               "--out", "{out}"), "indexing throughput and memory"),
     Step("service", (PY, "bench/service.py", "--n", "100000", "--n-real", "2000", "--duration", "5",
                      "--out", "{out}"), "HTTP overhead and micro-batching"),
