@@ -357,8 +357,11 @@ class _Column:
     A page of hits reads a few values of two columns on every search. Arrow's `take` dispatches
     through its compute registry, whose code is cold by the time a search has run its forward pass:
     0.2 ms for ten hits in the service, against 0.05 ms in a hot loop (profiled). Slicing the
-    strings out of the buffers runs a few lines of numpy instead.
+    strings out of the buffers runs a few lines of numpy instead. Past a few dozen rows Arrow's
+    per-row work is the cheaper (4x for 1,000 rows), so larger reads go to it.
     """
+
+    FEW = 32  # rows up to which slicing beats Arrow's take (measured: 8 vs 16 us at 10, 49 vs 22 at 100)
 
     def __init__(self, array: pa.Array):
         self.array = array
@@ -374,6 +377,8 @@ class _Column:
 
     def take(self, rows: np.ndarray) -> list[Any]:
         """The values at `rows`, as Python objects (None where null)."""
+        if len(rows) > self.FEW:
+            return list(self.array.take(pa.array(rows)).to_pylist())
         if self.offsets is not None:
             starts, ends = self.offsets[rows].tolist(), self.offsets[rows + 1].tolist()
             out: list[Any] = [str(self.data[a:b], "utf-8") for a, b in zip(starts, ends, strict=True)]

@@ -247,6 +247,8 @@ def test_unknown_ids_are_refused(corpus: Path, tmp_path: Path, encoder: DualEnco
 def test_metadata_columns_read_by_row_as_arrow_would(array: pa.Array) -> None:
     rows = np.array([len(array) - 1, 0, *range(len(array))])
     assert _Column(array).take(rows) == array.take(pa.array(rows)).to_pylist()
+    many = np.arange(_Column.FEW + 1) % len(array)  # read by Arrow itself
+    assert _Column(array).take(many) == array.take(pa.array(many)).to_pylist()
 
 
 def test_save_npy_writes_chunks_as_numpy_would_write_their_concatenation(tmp_path: Path) -> None:
