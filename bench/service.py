@@ -182,11 +182,17 @@ def search_request(text: str, rerank: str) -> bytes:
     return head % len(body) + body
 
 
-def overhead(url: str, encoder, index, texts: list[str], rounds: int = 30, block: int = 40) -> dict:  # noqa: ANN001
+def overhead(url: str, encoder, index, texts: list[str], rounds: int = 90, block: int = 40) -> dict:  # noqa: ANN001
     """HTTP p50 of /v1/search (rerank none, one client) against the in-process p50 of encode + ANN
     search of one text at a time, with all cores and with one thread per call (as the server runs),
     measured in interleaved blocks: this machine's speed drifts by a third over a minute (other
-    tenants), which a baseline measured once, before the server starts, mistakes for overhead."""
+    tenants), which a baseline measured once, before the server starts, mistakes for overhead.
+
+    It switches between a fast and a slow phase every few seconds (block p50s 2.5 vs 3.7 ms
+    in-process, 3.2 vs 4.7 over HTTP), and each p50 falls in whichever phase held slightly more
+    of its blocks. Ninety rounds (36 s) span more switches than thirty: back to back, four runs of
+    30 gave 1.20 to 1.35 and three of 90 gave 1.29 to 1.32.
+    """
     import torch
     from threadpoolctl import threadpool_limits
 
