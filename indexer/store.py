@@ -377,15 +377,13 @@ class _Column:
 
     def take(self, rows: np.ndarray) -> list[Any]:
         """The values at `rows`, as Python objects (None where null)."""
-        if len(rows) > self.FEW:
+        if len(rows) > self.FEW or (self.offsets is None and self.values is None):
             return list(self.array.take(pa.array(rows)).to_pylist())
-        if self.offsets is not None:
-            starts, ends = self.offsets[rows].tolist(), self.offsets[rows + 1].tolist()
-            out: list[Any] = [str(self.data[a:b], "utf-8") for a, b in zip(starts, ends, strict=True)]
-        elif self.values is not None:
+        if self.values is not None:
             return list(self.values[rows].tolist())
-        else:
-            return list(self.array.take(pa.array(rows)).to_pylist())
+        assert self.offsets is not None
+        starts, ends = self.offsets[rows].tolist(), self.offsets[rows + 1].tolist()
+        out: list[Any] = [str(self.data[a:b], "utf-8") for a, b in zip(starts, ends, strict=True)]
         if self.valid is not None:
             out = [value if ok else None for value, ok in zip(out, self.valid[rows].tolist(), strict=True)]
         return out
