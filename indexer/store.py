@@ -215,7 +215,6 @@ class Index:
         self.plan = AnnPlan(**self.manifest["index"])
         self.dim: int = int(self.manifest["dim"])
         self.deleted = set(np.load(folder / DELETED).tolist()) if (folder / DELETED).is_file() else set()
-        self._deleted = np.fromiter(self.deleted, np.int64, len(self.deleted))
         self.shards = [_open_shard(folder / SHARDS / s["name"]) for s in self.manifest["shards"]]
         self._build_lookup()
         self.faiss = faiss.read_index(str(folder / INDEX_FILE))
@@ -248,6 +247,8 @@ class Index:
         row_of = np.concatenate([np.arange(len(s.ids)) for s in self.shards]) if self.shards else all_ids
         order = np.argsort(all_ids, kind="stable")
         self._ids, self._shard, self._row = all_ids[order], shard_of[order], row_of[order]
+        # deleted, per sorted id: a lookup checks its ids in O(k), whatever the number of deletions
+        self._dead = np.isin(self._ids, np.fromiter(self.deleted, np.int64, len(self.deleted)))
         # one chunk per column: a hit's fields are then a take on one array each (see metadata)
         self._meta = pa.concat_tables([pq.read_table(self.folder / SHARDS / s.name / "meta.parquet")
                                        for s in self.shards]).combine_chunks() if self.shards else None
@@ -259,8 +260,7 @@ class Index:
 
     def ids(self) -> np.ndarray:
         """All live ids, sorted."""
-        live = ~np.isin(self._ids, self._deleted)
-        return self._ids[live]
+        return self._ids[~self._dead]
 
     @cached_property
     def live_rows(self) -> list[dict[str, Any]]:
@@ -277,9 +277,7 @@ class Index:
                 raise UnknownImage(int(ids[0]))
             return np.zeros(0, np.int64)
         pos = np.minimum(np.searchsorted(self._ids, ids), len(self._ids) - 1)
-        unknown = self._ids[pos] != ids
-        if self.deleted:
-            unknown |= np.isin(ids, self._deleted)
+        unknown = (self._ids[pos] != ids) | self._dead[pos]
         if unknown.any():
             raise UnknownImage(int(ids[unknown.argmax()]))
         return pos

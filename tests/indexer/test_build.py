@@ -22,7 +22,7 @@ from indexer.build import BuildError, BuildOptions, build_or_add, remove
 from indexer.cli import app
 from indexer.encoder import DualEncoder, create_embedded
 from indexer.scenes import write_scenes
-from indexer.store import STAGING, Index, _Column, list_versions, save_faiss, save_npy
+from indexer.store import STAGING, Index, UnknownImage, _Column, list_versions, save_faiss, save_npy
 from tests.indexer.badfiles import awkward_files, broken_files
 
 OPTS = BuildOptions(batch_size=16, workers=0, shard_size=24)
@@ -136,6 +136,9 @@ def test_add_dedupes_by_content_and_remove_round_trips(corpus: Path, tmp_path: P
     final = Index.open(root)
     _check_consistent(final)
     assert victims[0] not in {m["path"] for m in final.metadata(final.ids())}
+    removed = int(after.ids()[-1])
+    with pytest.raises(UnknownImage):  # a removed id names no image, though its rows stay in the shards
+        final.metadata([int(final.ids()[0]), removed])
     with pytest.raises(BuildError, match="nothing to remove"):
         remove(root, ids=[10_000])
     assert list_versions(root) == ["v000001", "v000002", "v000003"]
@@ -224,8 +227,6 @@ def test_readers_see_whole_versions_while_publishing(corpus: Path, tmp_path: Pat
 
 
 def test_unknown_ids_are_refused(corpus: Path, tmp_path: Path, encoder: DualEncoder) -> None:
-    from indexer.store import UnknownImage
-
     build_or_add(corpus, tmp_path / "idx", encoder, OPTS, "build")
     index = Index.open(tmp_path / "idx")
     with pytest.raises(UnknownImage):
