@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -27,6 +28,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -182,30 +184,51 @@ def search_request(text: str, rerank: str) -> bytes:
     return head % len(body) + body
 
 
-def overhead(url: str, encoder, index, texts: list[str], rounds: int = 90, block: int = 40) -> dict:  # noqa: ANN001
+def overhead(url: str, encoder, index, texts: list[str], pgid: int, rounds: int = 90,  # noqa: ANN001
+             block: int = 40) -> dict:
     """HTTP p50 of /v1/search (rerank none, one client) against the in-process p50 of encode + ANN
-    search of one text at a time, with all cores and with one thread per call (as the server runs),
-    measured in interleaved blocks: this machine's speed drifts by a third over a minute (other
-    tenants), which a baseline measured once, before the server starts, mistakes for overhead.
+    search of one text at a time, in interleaved blocks, twice: with the server's processes and
+    this one on one shared core (the figure), then free to run on any core.
 
-    It switches between a fast and a slow phase every few seconds (block p50s 2.5 vs 3.7 ms
-    in-process, 3.2 vs 4.7 over HTTP), and each p50 falls in whichever phase held slightly more
-    of its blocks. Ninety rounds (36 s) span more switches than thirty: back to back, four runs of
-    30 gave 1.20 to 1.35 and three of 90 gave 1.29 to 1.32.
+    Interleaved: this machine switches between a fast and a slow phase every few seconds (block
+    p50s 2.5 vs 3.7 ms in-process, 3.2 vs 4.7 over HTTP), which a baseline measured once, before the
+    server starts, would count as overhead; ninety rounds (36 s) span many switches.
+
+    One core: free, each response wakes the client's core, halted by the hypervisor through the
+    whole search, and the server's; on this 2-vCPU KVM guest such a wake costs 0.1 to 1 ms,
+    depending on the other tenants (stretches where only the HTTP blocks slow down, and runs from
+    1.29 to 1.58 with the same code). On one core the hand-offs are context switches, and the
+    client's own work is charged to the HTTP side; the in-process side runs there too, one thread,
+    as the server runs a call.
     """
+    requests = [search_request(text, "none") for text in texts]
+    cores = max(1, os.cpu_count() or 1)
+    free = _interleaved(url, requests, encoder, index, texts, {"all_cores": cores, "serve_threads": 1}, rounds, block)
+    with pinned(group_pids(pgid) + [os.getpid()], max(os.sched_getaffinity(0))):
+        one = _interleaved(url, requests, encoder, index, texts, {"one_core": 1}, rounds, block)
+    baseline = min(free["all_cores"], free["serve_threads"])  # the ratio is against the faster of the two
+    return {"in_process_p50_ms": round(one["one_core"], 3), "http_p50_ms": round(one["http"], 3),
+            "overhead_ratio": round(one["http"] / one["one_core"], 3),
+            "unpinned": {"in_process_by_threads": {k: round(free[k], 3) for k in ("all_cores", "serve_threads")},
+                         "http_p50_ms": round(free["http"], 3), "overhead_ratio": round(free["http"] / baseline, 3)},
+            "overhead_rounds": rounds, "overhead_block": block}
+
+
+def _interleaved(url: str, requests: list[bytes], encoder, index, texts: list[str],  # noqa: ANN001
+                 threads: dict[str, int], rounds: int, block: int) -> dict[str, float]:
+    """p50 ms of each in-process setting (name → torch/BLAS threads) and of HTTP, in interleaved
+    blocks; the first round is warm-up."""
     import torch
     from threadpoolctl import threadpool_limits
 
     client = BlockingClient(url)
-    requests = [search_request(text, "none") for text in texts]
-    cores = max(1, os.cpu_count() or 1)
-    times: dict[str, list[float]] = {"all_cores": [], "serve_threads": [], "http": []}
+    times: dict[str, list[float]] = {name: [] for name in [*threads, "http"]}
     i = 0
     for _ in range(rounds):
         for name in times:
-            threads = 1 if name == "serve_threads" else cores
-            torch.set_num_threads(threads)
-            with threadpool_limits(threads):
+            n = threads.get(name, 1)
+            torch.set_num_threads(n)
+            with threadpool_limits(n):
                 for _ in range(block):
                     start = time.perf_counter()
                     if name == "http":
@@ -216,12 +239,25 @@ def overhead(url: str, encoder, index, texts: list[str], rounds: int = 90, block
                     times[name].append((time.perf_counter() - start) * 1000)
                     i += 1
     client.close()
-    p50 = {name: statistics.median(values[block:]) for name, values in times.items()}  # round 1: warm-up
-    baseline = min(p50["all_cores"], p50["serve_threads"])  # the ratio is against the faster of the two
-    return {"in_process_p50_ms": round(baseline, 3),
-            "in_process_by_threads": {k: round(p50[k], 3) for k in ("all_cores", "serve_threads")},
-            "http_p50_ms": round(p50["http"], 3), "overhead_ratio": round(p50["http"] / baseline, 3),
-            "overhead_rounds": rounds, "overhead_block": block}
+    return {name: statistics.median(values[block:]) for name, values in times.items()}
+
+
+@contextlib.contextmanager
+def pinned(pids: list[int], cpu: int) -> Iterator[None]:
+    """Every thread of these processes on one CPU, then back on all of this process's CPUs."""
+    everywhere = os.sched_getaffinity(0)
+    _set_affinity(pids, {cpu})
+    try:
+        yield
+    finally:
+        _set_affinity(pids, everywhere)
+
+
+def _set_affinity(pids: list[int], cpus: set[int]) -> None:
+    for pid in pids:
+        for task in Path(f"/proc/{pid}/task").glob("*"):
+            with contextlib.suppress(OSError):  # a thread or process that ended meanwhile
+                os.sched_setaffinity(int(task.name), cpus)
 
 
 def get(url: str) -> bytes:
@@ -252,16 +288,27 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
     proc.wait(timeout=60)
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """User + system CPU seconds of every live process in a process group (from /proc)."""
-    total = 0
+def _group_stats(pgid: int) -> dict[int, list[str]]:
+    """pid → its /proc stat fields after "(comm)" (which may hold spaces), for every live process
+    of a process group: state, ppid, pgrp, ..., utime (11), stime (12)."""
+    out = {}
     for stat in Path("/proc").glob("[0-9]*/stat"):
         try:
-            fields = stat.read_text().rpartition(")")[2].split()  # after "(comm)", which may hold spaces
+            fields = stat.read_text().rpartition(")")[2].split()
         except OSError:
             continue
-        if int(fields[2]) == pgid:  # fields: state, ppid, pgrp, ..., utime (11), stime (12)
-            total += int(fields[11]) + int(fields[12])
+        if int(fields[2]) == pgid:
+            out[int(stat.parent.name)] = fields
+    return out
+
+
+def group_pids(pgid: int) -> list[int]:
+    return list(_group_stats(pgid))
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of every live process in a process group (from /proc)."""
+    total = sum(int(f[11]) + int(f[12]) for f in _group_stats(pgid).values())
     return total / os.sysconf("SC_CLK_TCK")
 
 
@@ -321,7 +368,7 @@ def bench(args: argparse.Namespace) -> dict:
     url = f"http://127.0.0.1:{port}"
     try:
         run_client(url, texts_file, 4 * args.workers, 2.0, "mid")  # warm-up, every worker
-        measured = overhead(url, encoder, index, texts)
+        measured = overhead(url, encoder, index, texts, server.pid)
         rows = [loaded(url, texts_file, c, args.duration, rerank, server.pid)
                 for rerank in ("none", "mid") for c in (1, 16, 64)]
         batches = mean_batches(url)
