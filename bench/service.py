@@ -9,7 +9,7 @@ one per core; several need the Redis at 127.0.0.1:6379, caching and access log o
 client processes (a bare asyncio HTTP/1.1 client), one per setting.
 
 (1) overhead: HTTP p50 of /v1/search (rerank none, one client) / in-process p50 of encode + search,
-    in interleaved blocks (see `overhead`).
+    in interleaved blocks, on one core shared by the server and the benchmark (see `overhead`).
 (2) throughput: QPS and p50/p95/p99 at 1, 16 and 64 concurrent clients, rerank none and mid.
 """
 
@@ -194,12 +194,11 @@ def overhead(url: str, encoder, index, texts: list[str], pgid: int, rounds: int 
     p50s 2.5 vs 3.7 ms in-process, 3.2 vs 4.7 over HTTP), which a baseline measured once, before the
     server starts, would count as overhead; ninety rounds (36 s) span many switches.
 
-    One core: free, each response wakes the client's core, halted by the hypervisor through the
-    whole search, and the server's; on this 2-vCPU KVM guest such a wake costs 0.1 to 1 ms,
-    depending on the other tenants (stretches where only the HTTP blocks slow down, and runs from
-    1.29 to 1.58 with the same code). On one core the hand-offs are context switches, and the
-    client's own work is charged to the HTTP side; the in-process side runs there too, one thread,
-    as the server runs a call.
+    On one core: run free, each response must wake the client's core, which the hypervisor halted
+    through the whole search; on this 2-vCPU KVM guest that wake costs 0.1 to 1 ms, depending on
+    the other tenants (stretches where only the HTTP blocks slow down: runs of the same code gave
+    1.29 to 1.58). On one core the hand-offs are context switches and the client's own work is
+    charged to the HTTP side; the in-process side runs there too, one thread, as the server runs a call.
     """
     requests = [search_request(text, "none") for text in texts]
     cores = max(1, os.cpu_count() or 1)
