@@ -45,7 +45,7 @@ def in_process(encoder: DualEncoder, src: Path, out: Path, batch: int, workers: 
 
 def pipeline(src: Path, out: Path, batch: int, workers: int) -> tuple[dict[str, float], int]:
     """Run `imsearch index build` in a child process; returns its JSON summary and peak RSS (KiB)."""
-    cmd = [sys.executable, "-m", "indexer.cli", "index", "build", str(src), "--out", str(out), "--device", "cpu",
+    cmd = [sys.executable, "-m", "indexer.cli", "index", "build", str(src), "--index", str(out), "--device", "cpu",
            "--batch-size", str(batch), "--workers", str(workers), "--json"]
     before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     proc = subprocess.run(cmd, capture_output=True, text=True, check=True)

@@ -21,14 +21,24 @@ import torch
 from indexer.ann import PQ_MIN_TRAIN, AnnPlan, build_index, plan_index
 from indexer.distributed import EncodedBatch, RayOptions
 from indexer.encoder import DualEncoder
-from indexer.reader import DEFAULT_MAX_PIXELS, Decoded, ImageDataset, SourceItem, list_source, make_loader
+from indexer.reader import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_EXTENSIONS,
+    Decoded,
+    ImageDataset,
+    SourceItem,
+    list_source,
+    make_loader,
+)
 from indexer.store import (
     DELETED,
     FAILURES,
     INDEX_FILE,
     SHARDS,
     STAGING,
+    VERSIONS,
     Index,
+    current_version,
     link_shard,
     mutation_lock,
     publish,
@@ -65,6 +75,8 @@ class BuildOptions:
     max_pixels: int = DEFAULT_MAX_PIXELS
     keep_versions: int = 3
     ray: RayOptions | None = None  # encode on a Ray cluster instead of this process
+    replace: bool = False  # a build may replace the folder's published index (else it is refused)
+    roots: tuple[str, ...] = ()  # when set (indexing jobs), only files that resolve under these are read
 
 
 @dataclass
@@ -79,10 +91,15 @@ class BuildReport:
     index_type: str
     version: str
     count: int
+    failures_file: str | None = None  # every skipped file of this run with its reason (None: none, or unpublished)
+    first_failures: list[dict[str, str]] = field(default_factory=list)  # the first few, for the summary
 
     def to_json(self) -> dict[str, Any]:
         rate = self.indexed / self.seconds if self.seconds > 0 else 0.0
         return {**asdict(self), "seconds": round(self.seconds, 3), "images_per_s": round(rate, 1)}
+
+
+SHOWN_FAILURES = 5  # skipped files a summary names (all of them are in failures.jsonl)
 
 
 def model_info(encoder: DualEncoder) -> dict[str, Any]:
@@ -116,6 +133,15 @@ def disk_errors(out: Path) -> Iterator[None]:
         free = shutil.disk_usage(out if out.exists() else out.parent).free
         raise BuildError(f"No space left on device while writing a new version of {out} ({free} bytes free); "
                          "the served version is unchanged: free some space and run it again") from None
+
+
+def check_replace(out: Path, opts: BuildOptions) -> None:
+    """A build never replaces a published index by surprise: only with `replace`."""
+    version = current_version(out)
+    if version is not None and not opts.replace:
+        raise BuildError(f"{out} already holds an index (version {version}): use `imsearch index add` to extend "
+                         "it, or pass --replace to build a new collection in its place (the old versions are "
+                         "kept as the --keep setting says)")
 
 
 def check_model(parent: Index, encoder: DualEncoder) -> None:
@@ -153,12 +179,15 @@ def _batches(items: list[SourceItem], encoder: DualEncoder,
              opts: BuildOptions) -> Iterator[tuple[list[Decoded], EncodedBatch | None]]:
     """Decoded batches in source order: DataLoader workers here, or already encoded on Ray."""
     if opts.ray is None:
-        loader = make_loader(ImageDataset(items, encoder.preprocess, opts.max_pixels), opts.batch_size, opts.workers)
+        dataset = ImageDataset(items, encoder.preprocess, opts.max_pixels, opts.roots)
+        loader = make_loader(dataset, opts.batch_size, opts.workers)
         for batch in loader:
             yield batch, None
         return
     from indexer.distributed import ray_batches
 
+    if opts.roots:
+        raise BuildError("encoding on Ray does not check allowed roots; run indexing jobs without Ray")
     shape = (3, *encoder.model.visual.image_size)
     for encoded in ray_batches(items, encoder.spec, encoder.preprocess, shape, opts.batch_size, opts.max_pixels,
                                opts.ray):
@@ -239,16 +268,28 @@ def _manifest(plan: AnnPlan, count: int, shard_dirs: list[Path], encoder_info: d
 # --- the three mutations --------------------------------------------------------------------------
 
 
+def list_images(src: Path) -> list[SourceItem]:
+    """The source's items; BuildError when it holds none (an empty version is never published)."""
+    items = list_source(src)
+    if not items:
+        where = "" if src.is_file() else f" (looked for {', '.join(sorted(IMAGE_EXTENSIONS))})"
+        raise BuildError(f"{src} {'lists' if src.is_file() else 'holds'} no images{where}; nothing to index")
+    return items
+
+
 def build_or_add(src: Path, out: Path, encoder: DualEncoder, opts: BuildOptions, mode: str = "build",
-                 progress: Progress | None = None) -> BuildReport:
-    """Index `src` into `out`: `build` starts a new collection, `add` extends the current version.
+                 progress: Progress | None = None, items: list[SourceItem] | None = None) -> BuildReport:
+    """Index `src` (its `items`, when already listed) into `out`: `build` starts a new collection, `add`
+    extends the current version.
 
     Re-running after a crash resumes from the last completed shard of the same run.
     """
     start = time.perf_counter()
-    items = list_source(src)
+    items = items if items is not None else list_images(src)
     check_writable(out)
     with mutation_lock(out), disk_errors(out):
+        if mode == "build":
+            check_replace(out, opts)
         return _ingest_locked(src, out, encoder, opts, mode, progress, items, start)
 
 
@@ -302,8 +343,10 @@ def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptio
     indexed = sum(len(s.ids) for s in shards)
     next_id = _next_id(parent, shards)
     counts = {"indexed": indexed, "skipped": len(failures) - dups, "duplicates": dups, "removed": 0}
+    shown = [{"path": f.path, "reason": f.reason} for f in failures[:SHOWN_FAILURES]]
     if parent is not None and indexed == 0 and deleted == parent.deleted:  # nothing changed: no new version
-        return BuildReport(0, counts["skipped"], dups, 0, 0.0, parent.plan.kind, parent.version, len(parent))
+        return BuildReport(0, counts["skipped"], dups, 0, 0.0, parent.plan.kind, parent.version, len(parent),
+                           None, shown)
     result: dict[str, Any] = {}
 
     def fill(tmp: Path, name: str) -> dict[str, Any]:
@@ -313,7 +356,9 @@ def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptio
                          parent.version if parent else None, counts, next_id)
 
     version = publish(out, fill, keep=opts.keep_versions)
-    return BuildReport(indexed, counts["skipped"], dups, 0, 0.0, result["plan"].kind, version, result["count"])
+    listed = str(out / VERSIONS / version / FAILURES) if failures else None
+    return BuildReport(indexed, counts["skipped"], dups, 0, 0.0, result["plan"].kind, version, result["count"],
+                       listed, shown)
 
 
 def remove(index_dir: Path, paths: list[str] | None = None, ids: list[int] | None = None,

@@ -5,11 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Callable
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from indexer.scenes import EVAL_SEED, TRAIN_SEED
@@ -24,18 +26,43 @@ app.add_typer(eval_app, name="eval")
 app.add_typer(index_app, name="index")
 err = Console(stderr=True)
 
+
+def _print_version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        sys.stdout.write(f"imsearch {version('imsearch')}\n")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
+                                               help="print the version and exit")] = False) -> None:
+    """Image search: scenes, dual encoder, index, rerank, serve."""
+
 ModelOpt = Annotated[
     str, typer.Option(help="open_clip architecture (tiny, ViT-B-32, ...), local-dir:PATH or a JSON config")
 ]
 PretrainedOpt = Annotated[
     str | None, typer.Option(help="pretrained tag (laion2b_s34b_b79k) or weights file; default: embedded checkpoint")
 ]
-DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda or auto")]
+
+
+def _device(value: str) -> str:
+    from indexer.encoder import check_device
+
+    try:
+        return check_device(value)
+    except ValueError as exc:
+        fail(str(exc))  # one line, before any model or image is loaded
+
+
+DeviceOpt = Annotated[str, typer.Option(help="cpu, cuda, cuda:N or auto", callback=_device)]
 
 
 def fail(message: str, code: int = 2) -> NoReturn:
     """Print a clear error (no traceback) and exit."""
-    err.print(f"[bold red]error:[/] {message}", highlight=False)
+    err.print(f"[bold red]error:[/] {escape(message)}", highlight=False, soft_wrap=True)
     raise typer.Exit(code)
 
 
@@ -125,6 +152,17 @@ def eval_encoder_cmd(
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print a JSON summary at the end")]
+IndexDirOpt = Annotated[Path, typer.Option("--index", "-i", help="index directory")]
+
+
+class IndexType(StrEnum):
+    """FAISS index types `--index-type` accepts (auto: chosen by size and memory budget)."""
+
+    auto = "auto"
+    flat = "flat"
+    hnsw = "hnsw"
+    ivf = "ivf"
+    ivfpq = "ivfpq"
 
 
 def _index_progress(description: str) -> Progress:
@@ -138,11 +176,14 @@ def _run_ingest(src: Path, out: Path, mode: str, model: str, pretrained: str | N
                 opts: Any, as_json: bool) -> None:
     import time
 
-    from indexer.build import build_or_add
+    from indexer.build import build_or_add, check_replace, list_images
     from indexer.encoder import EncoderSpec, load_encoder
 
     if not src.exists():
         fail(f"source {src} does not exist")
+    items = guarded(lambda: list_images(src))  # what can be refused is refused before any model loads
+    if mode == "build":
+        guarded(lambda: check_replace(out, opts))
     encoder = guarded(lambda: load_encoder(EncoderSpec(model, pretrained, device)))
     start = time.perf_counter()
     with _index_progress(mode) as bar:
@@ -152,34 +193,43 @@ def _run_ingest(src: Path, out: Path, mode: str, model: str, pretrained: str | N
             rate = indexed / max(1e-9, time.perf_counter() - start)
             bar.update(task, completed=done, total=total, rate=rate)
 
-        report = guarded(lambda: build_or_add(src, out, encoder, opts, mode, progress))
+        report = guarded(lambda: build_or_add(src, out, encoder, opts, mode, progress, items))
     _print_report(report, as_json)
 
 
 def _print_report(report: Any, as_json: bool) -> None:
+    """The summary on stderr (or one JSON object on stdout): counts, then where the skipped files are listed."""
     summary = report.to_json()
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
-    else:
-        err.print(", ".join(f"{k}={v}" for k, v in summary.items()))
+        return
+    shown = {k: v for k, v in summary.items() if k not in ("failures_file", "first_failures")}
+    err.print(", ".join(f"{k}={v}" for k, v in shown.items()), highlight=False, markup=False)
+    if report.skipped or report.duplicates:
+        where = f"all listed in {report.failures_file}" if report.failures_file else "no new version was published"
+        err.print(f"skipped {report.skipped + report.duplicates} files ({where}); the first:", highlight=False,
+                  markup=False)
+        for failure in report.first_failures:
+            err.print(f"  {failure['path']}: {failure['reason']}", highlight=False, markup=False, soft_wrap=True)
 
 
-def _options(batch_size: int, workers: int | None, index: str, shard_size: int, max_pixels: int,
-             memory_budget_mb: int | None, keep: int, ray: str | None = None) -> Any:
+def _options(batch_size: int, workers: int | None, index_type: IndexType, shard_size: int, max_pixels: int,
+             memory_budget_mb: int | None, keep: int, ray: str | None = None, replace: bool = False) -> Any:
     from indexer.build import BuildOptions, default_workers
     from indexer.distributed import RayOptions
 
     budget = memory_budget_mb * 1024 * 1024 if memory_budget_mb else None
     cluster = None if ray is None else RayOptions(address=None if ray == "local" else ray)
-    return BuildOptions(batch_size, default_workers() if workers is None else workers, shard_size, index, budget,
-                        max_pixels, keep, cluster)
+    return BuildOptions(batch_size, default_workers() if workers is None else workers, shard_size, index_type.value,
+                        budget, max_pixels, keep, cluster, replace)
 
 
+SrcArg = Annotated[Path, typer.Argument(help="folder, .txt of paths, or .jsonl/.parquet with a path column")]
 BatchOpt = Annotated[int, typer.Option(min=1, max=4096, help="images per encoder batch")]
 WorkersOpt = Annotated[
     int | None, typer.Option(min=0, max=64, help="decoding processes (0: in this process; default: cores - 2)")
 ]
-KindOpt = Annotated[str, typer.Option("--index", help="auto, flat, hnsw, ivf or ivfpq")]
+IndexTypeOpt = Annotated[IndexType, typer.Option("--index-type", case_sensitive=False, help="FAISS index type")]
 ShardOpt = Annotated[int, typer.Option(min=1, help="images per shard (the resume granularity)")]
 PixelsOpt = Annotated[int, typer.Option(min=1, help="larger images are refused as decompression bombs")]
 BudgetOpt = Annotated[int | None, typer.Option(help="memory for the ANN index in MiB (tight: IVF-PQ)")]
@@ -190,35 +240,35 @@ RayOpt = Annotated[str | None, typer.Option(
 
 @index_app.command("build")
 def index_build(
-    src: Annotated[Path, typer.Argument(help="folder, .txt of paths, or .jsonl/.parquet with a path column")],
-    out: Annotated[Path, typer.Option(help="index directory")],
+    src: SrcArg, index_dir: IndexDirOpt,
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 64, workers: WorkersOpt = None, index: KindOpt = "auto", shard_size: ShardOpt = 2048,
-    max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None, keep: KeepOpt = 3,
-    ray: RayOpt = None, as_json: JsonOpt = False,
+    batch_size: BatchOpt = 64, workers: WorkersOpt = None, index_type: IndexTypeOpt = IndexType.auto,
+    shard_size: ShardOpt = 2048, max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None,
+    keep: KeepOpt = 3, ray: RayOpt = None,
+    replace: Annotated[bool, typer.Option(help="replace the index already published in the folder")] = False,
+    as_json: JsonOpt = False,
 ) -> None:
-    """Encode every image of SRC into a new index version at OUT (resumable; on Ray with --ray)."""
-    opts = _options(batch_size, workers, index, shard_size, max_pixels, memory_budget_mb, keep, ray)
-    _run_ingest(src, out, "build", model, pretrained, device, opts, as_json)
+    """Encode every image of SRC into a new index (resumable; on Ray with --ray)."""
+    opts = _options(batch_size, workers, index_type, shard_size, max_pixels, memory_budget_mb, keep, ray, replace)
+    _run_ingest(src, index_dir, "build", model, pretrained, device, opts, as_json)
 
 
 @index_app.command("add")
 def index_add(
-    src: Annotated[Path, typer.Argument(help="folder, .txt of paths, or .jsonl/.parquet with a path column")],
-    index_dir: Annotated[Path, typer.Option("--index", help="index directory")],
+    src: SrcArg, index_dir: IndexDirOpt,
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
-    batch_size: BatchOpt = 64, workers: WorkersOpt = None, index_kind: KindOpt = "auto", shard_size: ShardOpt = 2048,
-    max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None, keep: KeepOpt = 3,
-    ray: RayOpt = None, as_json: JsonOpt = False,
+    batch_size: BatchOpt = 64, workers: WorkersOpt = None, index_type: IndexTypeOpt = IndexType.auto,
+    shard_size: ShardOpt = 2048, max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None,
+    keep: KeepOpt = 3, ray: RayOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Add new images (content-hash dedupe) and publish a new version."""
-    opts = _options(batch_size, workers, index_kind, shard_size, max_pixels, memory_budget_mb, keep, ray)
+    opts = _options(batch_size, workers, index_type, shard_size, max_pixels, memory_budget_mb, keep, ray)
     _run_ingest(src, index_dir, "add", model, pretrained, device, opts, as_json)
 
 
 @index_app.command("remove")
 def index_remove(
-    index_dir: Annotated[Path, typer.Option("--index", help="index directory")],
+    index_dir: IndexDirOpt,
     paths: Annotated[list[str] | None, typer.Option("--paths", help="image paths to remove")] = None,
     ids: Annotated[list[int] | None, typer.Option("--ids", help="image ids to remove")] = None,
     keep: KeepOpt = 3, as_json: JsonOpt = False,
@@ -233,12 +283,24 @@ def index_remove(
 
 
 @index_app.command("info")
-def index_info(index_dir: Annotated[Path, typer.Argument(help="index directory")]) -> None:
-    """Print the current version's manifest."""
-    from indexer.store import Index
+def index_info(index_dir: IndexDirOpt,
+               as_json: Annotated[bool, typer.Option("--json", help="print the whole manifest as JSON")] = False,
+               ) -> None:
+    """What the current version holds: count, model, index type, versions (the manifest with --json)."""
+    from indexer.store import Index, list_versions
 
     index = guarded(lambda: Index.open(index_dir))
-    sys.stdout.write(json.dumps(index.manifest, indent=2) + "\n")
+    manifest = index.manifest
+    if as_json:
+        sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
+        return
+    plan = manifest["index"]
+    lines = [f"{index_dir}: version {index.version} of {', '.join(list_versions(index_dir))}",
+             f"images   {manifest['count']} ({len(index.deleted)} removed)",
+             f"model    {manifest['model']['id']} (dim {manifest['dim']})",
+             f"index    {plan['kind']}" + (f", {plan['nlist']} lists" if plan.get("nlist") else ""),
+             f"source   {manifest['source']}", f"created  {manifest['created']}"]
+    sys.stdout.write("\n".join(lines) + "\n")
 
 
 def main() -> None:

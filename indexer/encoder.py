@@ -6,6 +6,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,7 +58,22 @@ def register_embedded_configs() -> None:
         open_clip.add_model_config(CONFIG_DIR)
 
 
+DEVICE_FORMS = "cpu, cuda, cuda:N or auto"
+
+
+def check_device(device: str) -> str:
+    """The device name when it is one this project runs on (cpu, cuda, cuda:N, auto); else ValueError."""
+    if re.fullmatch(r"cpu|auto|cuda(:\d+)?", device) is None:
+        raise ValueError(f"unknown device {device!r}: use {DEVICE_FORMS}")
+    return device
+
+
 def resolve_device(device: str) -> torch.device:
+    """The torch device for a name; EncoderUnavailable for an unknown name or a missing GPU."""
+    try:
+        check_device(device)
+    except ValueError as exc:
+        raise EncoderUnavailable(str(exc)) from None
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if device.startswith("cuda") and not torch.cuda.is_available():

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import json
 import os
+import socket
+import sys
 import tempfile
+from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from indexer.cli import app, err, eval_app, fail, train_app
+from indexer.cli import DeviceOpt, IndexDirOpt, ModelOpt, PretrainedOpt, app, err, eval_app, fail, train_app
 from reranker.cli import register
 
 register(train_app, eval_app)
@@ -48,6 +51,11 @@ def serve(
     if not settings.redis_url:
         fail("--workers above 1 needs Redis (IMSEARCH_REDIS_URL): the worker processes share indexing jobs, "
              "caches and new index versions through it")
+    lock = claim_port(host, port) if reuse_port_supported() else None
+    if reuse_port_supported() and lock is None:
+        fail(f"cannot listen on {host}:{port}: the address is in use")
+    if lock is None:
+        _bind(host, port).close()  # uvicorn's workers bind it themselves: refuse a taken port before loading
     try:
         names = check_settings(settings)  # a bad index or model is refused here, once
     except ValueError as exc:
@@ -60,33 +68,110 @@ def serve(
                        for k, v in given.items() if v})
     with tempfile.TemporaryDirectory(prefix="imsearch-metrics-") as shared:
         os.environ[MULTIPROC_ENV] = shared  # /metrics sums what every worker writes there
-        if not reuse_port_supported():  # uvicorn's workers then share one socket (see service.workers)
+        if lock is None:  # uvicorn's workers then share one socket (see service.workers)
             uvicorn.run(APP, factory=True, workers=settings.workers, host=host, port=port, log_level="info",
                         access_log=settings.access_log)
             return
-        lock = claim_port(host, port)
-        if lock is None:
-            fail(f"cannot listen on {host}:{port}: the address is in use")
         with lock:
             Supervisor(Listen(host, port, "info", settings.access_log), settings.workers).run()
 
 
+def _bind(host: str, port: int) -> socket.socket:
+    """A socket bound to host:port, or a one-line error when the address is taken or not ours."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+    return sock
+
+
 def _serve_one(settings: Settings, host: str, port: int) -> None:
-    """One process: the engine loaded here, then uvicorn on it."""
+    """One process: the port taken first (a busy one is refused before any model loads), then the
+    engine, then uvicorn on that socket."""
     import uvicorn
 
     from service.app import create_app
     from service.errors import StartupError
     from service.state import configure_process, load_engine
 
+    sock = _bind(host, port)
     configure_process(settings)
     try:
         engine = load_engine(settings)
     except StartupError as exc:
         fail(str(exc))
     err.print(f"serving {', '.join(engine.indexes)} on http://{host}:{port}")
-    uvicorn.run(create_app(settings, engine, own_engine=True), host=host, port=port, log_level="info",
-                access_log=settings.access_log)
+    config = uvicorn.Config(create_app(settings, engine, own_engine=True), host=host, port=port, log_level="info",
+                            access_log=settings.access_log)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+@app.command()
+def search(
+    index_dir: IndexDirOpt,
+    text: Annotated[str | None, typer.Argument(help="what to look for, in words")] = None,
+    image: Annotated[Path | None, typer.Option(help="search by this image file instead of text")] = None,
+    k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="how many results")] = 10,
+    rerank: Annotated[str, typer.Option(help="rerank tier: none, mid or early")] = "none",
+    rerank_k: Annotated[int, typer.Option(min=1, max=256, help="candidates the reranker rescores")] = 16,
+    model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Search an index from the terminal: rank, score and path of the best matches."""
+    from service.config import Settings
+    from service.errors import StartupError
+    from service.search import BadQuery, QueryInput
+    from service.search import search as run_search
+    from service.state import load_engine
+
+    if (text is None) == (image is None):
+        fail("give a text to search for, or --image FILE (one of them)")
+    if text is not None and not text.strip():
+        fail("the text is empty")
+    query = QueryInput(text=text, image=_read_query_image(image) if image else None, k=k, rerank=rerank,
+                       rerank_k=rerank_k)
+    settings = Settings(indexes=[str(index_dir)], model=model, pretrained=pretrained, device=device,
+                        rerankers=[] if rerank == "none" else [rerank], redis_url=None, threads=0)
+    try:
+        engine = load_engine(settings)
+    except StartupError as exc:
+        fail(str(exc))
+    try:
+        if rerank in engine.failed_tiers:
+            fail(f"rerank tier {rerank!r} is unavailable: {engine.failed_tiers[rerank]}")
+        out = run_search(engine.queries, engine.searcher(None), engine.rerankers, query, settings.max_pixels)
+    except BadQuery as exc:
+        fail(str(exc))
+    finally:
+        engine.close()
+    _print_hits(out, as_json)
+
+
+def _read_query_image(path: Path) -> bytes:
+    from indexer.reader import DEFAULT_MAX_BYTES, read_regular_file
+
+    try:
+        return read_regular_file(path, DEFAULT_MAX_BYTES)
+    except OSError as exc:
+        fail(f"cannot read {path}: {exc.strerror or exc}")
+
+
+def _print_hits(out: Any, as_json: bool) -> None:
+    """rank, score and path per hit (tab-separated, for pipes) on stdout; the timings on stderr."""
+    if as_json:
+        hits = [{"rank": r, "id": h.id, "score": h.score, "similarity": h.similarity, "rerank_score": h.rerank_score,
+                 **h.meta} for r, h in enumerate(out.hits, 1)]
+        sys.stdout.write(json.dumps({"hits": hits, "timings_ms": out.timings_ms,
+                                     "index_version": out.index_version}) + "\n")
+        return
+    for rank, hit in enumerate(out.hits, 1):
+        sys.stdout.write(f"{rank}\t{hit.score:.4f}\t{hit.meta.get('path')}\n")
+    err.print(f"{len(out.hits)} hits in {out.timings_ms['total']:.1f} ms (index version {out.index_version})",
+              highlight=False)
 
 
 @app.command()

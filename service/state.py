@@ -48,6 +48,7 @@ class Engine:
     # blocking request work (image queries, thumbnails) runs here, off the event loop: a plain executor hands a
     # call over in a third of the time of FastAPI's default thread pool (anyio), which showed on 3 ms searches
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(64, "request"))
+    failed_tiers: dict[str, str] = field(default_factory=dict)  # configured rerank tiers that did not load, and why
     in_flight: int = 0  # HTTP requests being handled now (counted by service.app.TimedRoutes)
 
     async def alone(self) -> bool:
@@ -136,13 +137,28 @@ def load_engine(settings: Settings) -> Engine:
         if built != encoder.model_id:
             raise StartupError(f"index {name!r} was built with model {built}, but the service is configured "
                                f"with {encoder.model_id}; set IMSEARCH_MODEL/IMSEARCH_PRETRAINED to match")
+    rerankers, failed = load_tiers(settings.rerankers, encoder)
+    default = settings.default_rerank
+    if default != "none" and default not in rerankers:
+        why = failed.get(default, "it is not in IMSEARCH_RERANKERS")
+        raise StartupError(f"IMSEARCH_DEFAULT_RERANK is {default!r}, but that tier is not loaded ({why}); "
+                           f"loaded tiers: none{''.join(', ' + t for t in rerankers)}")
+    engine = assemble(settings, encoder, indexes, rerankers)
+    engine.failed_tiers = failed
+    return engine
+
+
+def load_tiers(tiers: list[str], encoder: DualEncoder) -> tuple[dict[str, Reranker], dict[str, str]]:
+    """(loaded tier → reranker, failed tier → why): a tier that cannot load is served without, and reported."""
     rerankers: dict[str, Reranker] = {}
-    for tier in settings.rerankers:
+    failed: dict[str, str] = {}
+    for tier in tiers:
         try:
             rerankers[tier] = load_tier(tier, encoder)
         except (FileNotFoundError, ValueError) as exc:
             log.warning("rerank tier %s unavailable: %s", tier, exc)
-    return assemble(settings, encoder, indexes, rerankers)
+            failed[tier] = str(exc)
+    return rerankers, failed
 
 
 def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index],

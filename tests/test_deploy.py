@@ -18,14 +18,14 @@ from typer.testing import CliRunner
 from service.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
-COMPOSE_WHEELS = Path(sys.prefix) / "share" / "compose"  # downloaded by `make install`
+COMPOSE_WHEELS = Path(sys.prefix) / "share" / "compose"  # downloaded by `make dev` (make test)
 DOCKERFILES = sorted((ROOT / "docker").glob("Dockerfile.*"))
 
 
 def compose_schema() -> dict[str, Any]:
     wheels = sorted(COMPOSE_WHEELS.glob("docker_compose-*.whl"))
     if not wheels:
-        pytest.fail(f"no docker-compose wheel in {COMPOSE_WHEELS}: run `make install`")
+        pytest.fail(f"no docker-compose wheel in {COMPOSE_WHEELS}: run `make dev`")
     with zipfile.ZipFile(wheels[-1]) as wheel:
         return json.loads(wheel.read("compose/config/compose_spec.json"))
 

@@ -21,10 +21,13 @@ def healthz() -> dict[str, Any]:
 
 @router.get("/readyz")
 def readyz(engine: EngineDep) -> dict[str, Any]:
-    """Model, indexes and rerankers loaded; a configured but unreachable Redis reports `degraded`."""
+    """Model, indexes and rerankers loaded: `ready`; `degraded` (still 200: searches are answered) when a
+    configured Redis is unreachable or a configured rerank tier failed to load (`failed_rerankers` says why)."""
     cache = "disabled" if not engine.cache.enabled else ("ok" if engine.cache.healthy() else "degraded")
-    return {"status": "ready" if cache != "degraded" else "degraded", "cache": cache,
-            "model": engine.encoder.model_id, "indexes": list(engine.indexes), "rerankers": ["none", *engine.rerankers]}
+    healthy = cache != "degraded" and not engine.failed_tiers
+    return {"status": "ready" if healthy else "degraded", "cache": cache, "model": engine.encoder.model_id,
+            "indexes": list(engine.indexes), "rerankers": ["none", *engine.rerankers],
+            "failed_rerankers": engine.failed_tiers}
 
 
 @router.get("/v1/index")

@@ -155,22 +155,22 @@ def test_add_with_another_model_is_refused(corpus: Path, tmp_path: Path, encoder
 
 def test_cli_build_json_and_clear_errors(corpus: Path, tmp_path: Path) -> None:
     runner = CliRunner()
-    result = runner.invoke(app, ["index", "build", str(corpus), "--out", str(tmp_path / "idx"), "--workers", "0",
+    result = runner.invoke(app, ["index", "build", str(corpus), "--index", str(tmp_path / "idx"), "--workers", "0",
                                  "--device", "cpu", "--json"])
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     assert summary["indexed"] == 60 and summary["skipped"] == 0 and summary["index_type"] == "flat"
     assert summary["version"] == "v000001" and summary["images_per_s"] > 0
-    missing = runner.invoke(app, ["index", "build", str(tmp_path / "nope"), "--out", str(tmp_path / "x")])
+    missing = runner.invoke(app, ["index", "build", str(tmp_path / "nope"), "--index", str(tmp_path / "x")])
     assert missing.exit_code == 2 and "does not exist" in missing.output
     blocker = tmp_path / "file"
     blocker.write_text("")
-    unwritable = runner.invoke(app, ["index", "build", str(corpus), "--out", str(blocker / "idx")])
+    unwritable = runner.invoke(app, ["index", "build", str(corpus), "--index", str(blocker / "idx")])
     assert unwritable.exit_code == 2 and "cannot write the index" in unwritable.output
 
 
 def _build_cmd(src: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "indexer.cli", "index", "build", str(src), "--out", str(out), "--workers", "0",
+    return [sys.executable, "-m", "indexer.cli", "index", "build", str(src), "--index", str(out), "--workers", "0",
             "--batch-size", "8", "--shard-size", "16", "--device", "cpu", "--json"]
 
 
