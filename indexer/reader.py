@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import io
 import json
+import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -159,16 +162,59 @@ class Decoded:
     error: str | None = None
 
 
-def read_item(path: str, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int,
-              max_bytes: int = DEFAULT_MAX_BYTES, position: int = 0) -> Decoded:
-    """Read, hash, decode and preprocess one file; never raises for a bad file."""
+class UnreadableFile(OSError):
+    """A path that is not a regular file of bounded size; the message is the reason reported."""
+
+
+def read_regular_file(path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of a regular file of at most `max_bytes`, never through a symbolic link.
+
+    Opened non-blocking (a FIFO cannot hang the reader) and refused unless fstat says regular file
+    (a device such as /dev/zero would be read without end); the read stops one byte past the limit
+    whatever the size claimed. Raises UnreadableFile or OSError with the reason.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | os.O_CLOEXEC)
     try:
-        size = Path(path).stat().st_size
-        if size > max_bytes:
-            return Decoded(position, None, error=f"file too large: {size} bytes (limit {max_bytes})")
-        data = Path(path).read_bytes()
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise UnreadableFile("not a regular file")
+        if info.st_size > max_bytes:
+            raise UnreadableFile(f"file too large: {info.st_size} bytes (limit {max_bytes})")
+        chunks, left = [], max_bytes + 1
+        while left > 0 and (chunk := os.read(fd, min(left, 1 << 20))):
+            chunks.append(chunk)
+            left -= len(chunk)
+    finally:
+        os.close(fd)
+    if left <= 0:
+        raise UnreadableFile(f"file too large: over the limit of {max_bytes} bytes")
+    return b"".join(chunks)
+
+
+def within(path: str | Path, roots: Sequence[str | Path]) -> bool:
+    """Whether the path, every link in it resolved, lies under one of the roots (each resolved too)."""
+    try:
+        resolved = Path(path).resolve(strict=True)
+    except (OSError, RuntimeError):
+        return False
+    return any(resolved.is_relative_to(Path(root).expanduser().resolve()) for root in roots)
+
+
+def read_item(path: str, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int,
+              max_bytes: int = DEFAULT_MAX_BYTES, position: int = 0, roots: Sequence[str] = ()) -> Decoded:
+    """Read, hash, decode and preprocess one file; never raises for a bad file.
+
+    With `roots` (an indexing job), a file is read only when it resolves under one of them.
+    """
+    if roots and not (os.path.realpath(path) == path and within(path, roots)):
+        return Decoded(position, None, error="outside the allowed roots (IMSEARCH_JOB_ROOTS), or a link")
+    try:
+        data = read_regular_file(path, max_bytes)
+    except UnreadableFile as exc:
+        return Decoded(position, None, error=str(exc))
     except OSError as exc:
-        return Decoded(position, None, error=f"cannot read file: {exc.strerror or exc}")
+        reason = "a symbolic link" if exc.errno == errno.ELOOP else exc.strerror or exc
+        return Decoded(position, None, error=f"cannot read file: {reason}")
     digest = hashlib.sha256(data).hexdigest()
     try:
         image = decode_image(data, max_pixels)
@@ -181,16 +227,18 @@ class ImageDataset(Dataset[Decoded]):
     """Map-style dataset over source items; decoding happens in the worker that fetches an item."""
 
     def __init__(self, items: Sequence[SourceItem], preprocess: Callable[[Image.Image], torch.Tensor],
-                 max_pixels: int = DEFAULT_MAX_PIXELS):
+                 max_pixels: int = DEFAULT_MAX_PIXELS, roots: Sequence[str] = ()):
         self.items = items
         self.preprocess = preprocess
         self.max_pixels = max_pixels
+        self.roots = roots
 
     def __len__(self) -> int:
         return len(self.items)
 
     def __getitem__(self, position: int) -> Decoded:
-        return read_item(self.items[position].path, self.preprocess, self.max_pixels, position=position)
+        return read_item(self.items[position].path, self.preprocess, self.max_pixels, position=position,
+                         roots=self.roots)
 
 
 def collate(batch: list[Decoded]) -> list[Decoded]:

@@ -24,7 +24,7 @@ from rq.serializers import JSONSerializer  # job payloads and results are JSON: 
 
 from indexer.build import BuildOptions, build_or_add, remove
 from indexer.encoder import DualEncoder, EncoderSpec, load_encoder
-from indexer.reader import list_source
+from indexer.reader import list_source, within
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +70,7 @@ class JobRequest(BaseModel):
     mode: Literal["build", "add", "remove"] = "add"
     index: str | None = Field(None, min_length=1, max_length=200, description="a served index (default: the first)")
     job_id: str | None = Field(None, pattern=r"^[A-Za-z0-9_.-]{1,64}$", description="idempotency key")
+    replace: bool = Field(False, description="a build replaces the served index: say so explicitly")
     options: JobOptions = Field(default_factory=JobOptions)
 
 
@@ -86,6 +87,7 @@ class JobSpec:
     model: str
     pretrained: str | None
     device: str  # "" lets the worker choose (its IMSEARCH_DEVICE)
+    roots: list[str] = field(default_factory=list)  # every file the job reads must resolve under one of these
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)
@@ -105,7 +107,10 @@ class JobInfo:
 
 
 def check_source(source: str, roots: list[str]) -> Path:
-    """The source, resolved (symlinks too), when it lies under an allowed root; else JobRejected."""
+    """The source, resolved (symlinks too), when it lies under an allowed root; else JobRejected.
+
+    Only the source itself: each file it lists is checked again when the job reads it (indexer.reader).
+    """
     if not roots:
         raise JobRejected("indexing jobs are disabled: set IMSEARCH_JOB_ROOTS to the folders jobs may read", 403)
     if "\0" in source:
@@ -115,10 +120,9 @@ def check_source(source: str, roots: list[str]) -> Path:
         resolved = path.resolve(strict=True)
     except (OSError, RuntimeError):
         raise JobRejected(f"source {source} does not exist") from None
-    for root in roots:
-        if resolved.is_relative_to(Path(root).expanduser().resolve()):
-            return resolved
-    raise JobRejected(f"source {source} is outside the allowed roots", 403)
+    if not within(resolved, roots):
+        raise JobRejected(f"source {source} is outside the allowed roots", 403)
+    return resolved
 
 
 # --- running a job (in a worker process or the in-process fallback) --------------------------------
@@ -138,9 +142,12 @@ def _encoder(spec: JobSpec) -> DualEncoder:
 
 def execute(spec: JobSpec, report: Callable[[dict[str, float]], None]) -> dict[str, Any]:
     """Run one indexing job; `report` gets throttled progress and may raise JobCancelled."""
+    if not spec.roots:  # never unchecked: a job reads only under the roots its source was checked against
+        raise JobRejected("the job names no allowed roots (IMSEARCH_JOB_ROOTS)", 403)
     opts = BuildOptions(batch_size=spec.options["batch_size"], shard_size=spec.options["shard_size"],
                         index_kind=spec.options["index_kind"],
-                        memory_budget=(spec.options["memory_budget_mb"] or 0) * 2**20 or None)
+                        memory_budget=(spec.options["memory_budget_mb"] or 0) * 2**20 or None,
+                        replace=spec.mode == "build", roots=tuple(spec.roots))
     start, last = time.perf_counter(), 0.0
 
     def progress(done: int, total: int, indexed: int) -> None:

@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from service.deps import ApiKeyDep, EngineDep
-from service.jobs import JobRequest, JobSpec, check_source, new_job_id
+from service.jobs import JobRejected, JobRequest, JobSpec, check_source, new_job_id
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
 
@@ -23,10 +23,13 @@ async def start_index_job(body: JobRequest, engine: EngineDep) -> JSONResponse:
     """
     name, folder = engine.index_dir(body.index)
     source = check_source(body.source, engine.settings.job_roots)
+    if body.mode == "build" and not body.replace:
+        raise JobRejected(f"a build replaces index {name!r} with a new collection: pass \"replace\": true, "
+                          "or use mode \"add\"", 409)
     settings = engine.settings
     spec = JobSpec(body.job_id or new_job_id(), str(source), body.mode, name, str(folder),
                    body.options.model_dump(), settings.model, settings.pretrained,
-                   settings.device if engine.jobs.in_process else "")
+                   settings.device if engine.jobs.in_process else "", list(settings.job_roots))
     info, created = await run_in_threadpool(engine.jobs.submit, spec)
     return JSONResponse(status_code=202 if created else 200, content=asdict(info))
 
