@@ -34,12 +34,14 @@ from indexer.store import (
     DELETED,
     FAILURES,
     INDEX_FILE,
+    MANIFEST,
     SHARDS,
     STAGING,
     VERSIONS,
     Index,
     current_version,
     link_shard,
+    list_versions,
     mutation_lock,
     publish,
     save_faiss,
@@ -301,7 +303,7 @@ def _ingest_locked(src: Path, out: Path, encoder: DualEncoder, opts: BuildOption
     staging = _staging_dir(out, mode, src, encoder, parent.version if parent else None)
     staged = read_staged(staging)
     known = _known_hashes(parent, staged)
-    next_id = _next_id(parent, staged)
+    next_id = _next_id(out, staged)
     done = {p for s in staged for p in s.processed}
     todo = [it for it in items if it.path not in done]
     writer = ShardWriter(staging, staging.name, next_id, opts.shard_size, first_seq=len(staged))
@@ -313,9 +315,13 @@ def _ingest_locked(src: Path, out: Path, encoder: DualEncoder, opts: BuildOption
     return report
 
 
-def _next_id(parent: Index | None, shards: list[StagedShard]) -> int:
-    """Ids are never reused: past the parent's counter and every staged shard."""
-    candidates = [int(parent.manifest["next_id"])] if parent else [0]
+def _next_id(out: Path, shards: list[StagedShard]) -> int:
+    """Ids are never reused within an index folder, a rebuild (--replace) included: past every kept
+    version's counter and every staged shard. So an id names one image, whichever version it came from."""
+    candidates = [0]
+    for version in list_versions(out):
+        with contextlib.suppress(OSError, ValueError, KeyError):  # a damaged version: the others still count
+            candidates.append(int(json.loads((out / VERSIONS / version / MANIFEST).read_text())["next_id"]))
     return max(candidates + [int(s.ids.max()) + 1 for s in shards if len(s.ids)])
 
 
@@ -341,7 +347,7 @@ def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptio
         new_paths = {p for s in shards for p in s.processed if p not in failed}
         deleted |= {int(r["id"]) for r in parent.live_rows if r["path"] in new_paths}
     indexed = sum(len(s.ids) for s in shards)
-    next_id = _next_id(parent, shards)
+    next_id = _next_id(out, shards)
     counts = {"indexed": indexed, "skipped": len(failures) - dups, "duplicates": dups, "removed": 0}
     shown = [{"path": f.path, "reason": f.reason} for f in failures[:SHOWN_FAILURES]]
     if parent is not None and indexed == 0 and deleted == parent.deleted:  # nothing changed: no new version

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,9 +20,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from service.config import Settings
 from service.errors import install_handlers
 from service.routes import clip_back, health, images, jobs, page, search
-from service.routes.page import STATIC_DIR
+from service.routes.page import DOCS_ASSETS, DOCS_URL, STATIC_DIR
 from service.schemas import ErrorResponse
 from service.state import Engine, configure_process, load_engine
+
+log = logging.getLogger(__name__)
 
 
 def create_app(settings: Settings | None = None, engine: Engine | None = None, own_engine: bool = False) -> FastAPI:
@@ -32,24 +36,37 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, o
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = engine or load_engine(settings)
         app.state.engine.start()
+        log_write_policy(settings)
         yield
         if engine is None or own_engine:
             app.state.engine.close()
 
-    app = FastAPI(title="imsearch", version="0.1.0", lifespan=lifespan)
+    app = FastAPI(title="imsearch", version="0.1.0", lifespan=lifespan, docs_url=None, redoc_url=None)
     app.state.settings = settings
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Content-Type", "X-API-Key"])
     app.add_middleware(search.FastSearch)  # innermost: inside the body limit and the timing
-    app.add_middleware(BodyLimit, limit=settings.max_body_bytes)
+    app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(TimedRoutes)  # added last = outermost: times the 413s too
     install_handlers(app)
     for router in (search.router, images.router, jobs.router, health.router, clip_back.router, page.router):
         app.include_router(router)
+    app.mount(DOCS_URL, StaticFiles(directory=DOCS_ASSETS), name="docs-assets")  # page.py: /docs, /redoc offline
     app.mount("/static", StaticFiles(directory=STATIC_DIR), name="static")
     app.openapi = partial(_openapi, app)  # type: ignore[method-assign]
     return app
+
+
+def log_write_policy(settings: Settings) -> None:
+    """Say at startup who may call the mutating routes (jobs, cache flush)."""
+    if settings.api_key:
+        log.info("mutating routes (jobs, DELETE /v1/cache) need the API key (X-API-Key)")
+    elif settings.open_writes:
+        log.warning("IMSEARCH_OPEN_WRITES is on and no API key is set: ANYONE who reaches this port may start "
+                    "indexing jobs and flush the cache")
+    else:
+        log.info("mutating routes (jobs, DELETE /v1/cache) are closed: set IMSEARCH_API_KEY to use them")
 
 
 def app_from_env() -> FastAPI:
@@ -117,10 +134,11 @@ class TimedRoutes:
 
 
 class BodyLimit:
-    """413 for a body over `limit` bytes, whether it declares its length or streams in chunks."""
+    """413 for a body over `limit` bytes, whether it declares its length or streams in chunks; 408 for
+    a body still incomplete `timeout_s` after its first read (a client dribbling it holds a worker)."""
 
-    def __init__(self, app: ASGIApp, limit: int):
-        self.app, self.limit = app, limit
+    def __init__(self, app: ASGIApp, limit: int, timeout_s: float = 30.0):
+        self.app, self.limit, self.timeout_s = app, limit, timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,16 +146,23 @@ class BodyLimit:
             return
         length = dict(scope["headers"]).get(b"content-length", b"")
         if length.isdigit() and int(length) > self.limit:
-            await self._refuse(scope, receive, send)
+            await _refuse(413, f"request body over {self.limit} bytes", scope, receive, send)
             return
-        seen, started = 0, False
+        seen, started, complete, deadline = 0, False, False, 0.0
 
         async def counted() -> Message:
-            nonlocal seen
-            message = await receive()
+            nonlocal seen, complete, deadline
+            if complete:  # after the body: a wait for the client to leave, which has no deadline
+                return await receive()
+            deadline = deadline or time.monotonic() + self.timeout_s
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - time.monotonic()))
+            except TimeoutError:
+                raise _Refused(408, f"the request body did not arrive within {self.timeout_s:g} s") from None
             seen += len(message.get("body", b""))
+            complete = not message.get("more_body", False)
             if seen > self.limit:
-                raise _TooLarge(413, f"request body over {self.limit} bytes")
+                raise _Refused(413, f"request body over {self.limit} bytes")
             return message
 
         async def track(message: Message) -> None:
@@ -147,15 +172,16 @@ class BodyLimit:
 
         try:
             await self.app(scope, counted, track)
-        except _TooLarge:
+        except _Refused as exc:
             if not started:
-                await self._refuse(scope, receive, send)
-
-    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
-        response = JSONResponse(status_code=413, content={"detail": f"request body over {self.limit} bytes"})
-        await response(scope, receive, send)
+                await _refuse(exc.status_code, str(exc.detail), scope, receive, send)
 
 
-class _TooLarge(HTTPException):
-    """Raised inside the app's receive when a streamed body passes the limit (an HTTPException, so
-    FastAPI's body parsing passes it on as a 413 instead of calling it a parse error)."""
+async def _refuse(status: int, message: str, scope: Scope, receive: Receive, send: Send) -> None:
+    headers = {"Connection": "close"} if status == 408 else None
+    await JSONResponse(status_code=status, content={"detail": message}, headers=headers)(scope, receive, send)
+
+
+class _Refused(HTTPException):
+    """Raised inside the app's receive when a body passes the limit or its deadline (an HTTPException,
+    so FastAPI's body parsing passes it on instead of calling it a parse error)."""

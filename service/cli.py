@@ -38,6 +38,7 @@ def serve(
 
     from service.config import Settings
     from service.metrics import MULTIPROC_ENV
+    from service.server import protocol
     from service.workers import APP, Listen, Supervisor, check_settings, claim_port, reuse_port_supported
 
     given: dict[str, Any] = {"indexes": index, "model": model, "pretrained": pretrained, "workers": workers}
@@ -70,10 +71,10 @@ def serve(
         os.environ[MULTIPROC_ENV] = shared  # /metrics sums what every worker writes there
         if lock is None:  # uvicorn's workers then share one socket (see service.workers)
             uvicorn.run(APP, factory=True, workers=settings.workers, host=host, port=port, log_level="info",
-                        access_log=settings.access_log)
+                        access_log=settings.access_log, http=protocol(settings.header_timeout_s))
             return
         with lock:
-            Supervisor(Listen(host, port, "info", settings.access_log), settings.workers).run()
+            Supervisor(Listen(host, port, settings.header_timeout_s, settings.access_log), settings.workers).run()
 
 
 def _bind(host: str, port: int) -> socket.socket:
@@ -96,6 +97,7 @@ def _serve_one(settings: Settings, host: str, port: int) -> None:
 
     from service.app import create_app
     from service.errors import StartupError
+    from service.server import server_config
     from service.state import configure_process, load_engine
 
     sock = _bind(host, port)
@@ -105,8 +107,8 @@ def _serve_one(settings: Settings, host: str, port: int) -> None:
     except StartupError as exc:
         fail(str(exc))
     err.print(f"serving {', '.join(engine.indexes)} on http://{host}:{port}")
-    config = uvicorn.Config(create_app(settings, engine, own_engine=True), host=host, port=port, log_level="info",
-                            access_log=settings.access_log)
+    config = server_config(create_app(settings, engine, own_engine=True), host, port, settings.header_timeout_s,
+                           settings.access_log)
     uvicorn.Server(config).run(sockets=[sock])
 
 
@@ -183,7 +185,7 @@ def worker(
     import logging
 
     from service.config import Settings
-    from service.jobs import run_worker
+    from service.worker import run_worker
 
     url = redis_url or Settings().redis_url
     if not url:

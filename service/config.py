@@ -29,8 +29,13 @@ class Settings(BaseSettings):
     default_rerank_k: int = Field(16, ge=1)
     redis_url: str | None = None
     api_key: str | None = None
+    open_writes: bool = Field(False, description="without api_key, let anyone call the mutating routes (a local demo)")
+    hit_paths: Literal["relative", "absolute"] = Field(
+        "relative", description="hits show file paths relative to the folder they were indexed from, or as on disk")
     cors_origins: list[str] = Field(default_factory=list)
     max_body_bytes: int = Field(10 * 1024 * 1024, ge=1024)
+    header_timeout_s: float = Field(10.0, gt=0, description="a request's headers must arrive within this")
+    body_timeout_s: float = Field(30.0, gt=0, description="a request's body must arrive within this (else 408)")
     max_pixels: int = Field(40_000_000, ge=1)
     cache: bool = Field(True, description="cache text embeddings and results in Redis (when redis_url is set)")
     cache_ttl_s: int = Field(3600, ge=1)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import redis
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -49,6 +50,19 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return _detail(404, f"no job with id {exc.args[0]}")
+
+    @app.exception_handler(RecursionError)
+    async def too_deep(_: Request, exc: RecursionError) -> JSONResponse:
+        # only a body nested thousands deep gets here (the JSON decoders recurse per level)
+        return _detail(400, "the request body is nested too deeply")
+
+    @app.exception_handler(redis.RedisError)
+    async def redis_down(_: Request, exc: redis.RedisError) -> JSONResponse:
+        # the job queue lives in Redis (searches never get here: the cache treats Redis as optional)
+        log.warning("job queue unavailable: %s", exc)
+        response = _detail(503, "the job queue (Redis) is unavailable right now; retry in a few seconds")
+        response.headers["Retry-After"] = "5"
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, exc: RequestValidationError) -> JSONResponse:

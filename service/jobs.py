@@ -2,13 +2,10 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
 import signal
-import socket
-import sys
 import threading
 import time
 import uuid
@@ -25,13 +22,13 @@ from rq.serializers import JSONSerializer  # job payloads and results are JSON: 
 from indexer.build import BuildOptions, build_or_add, remove
 from indexer.encoder import DualEncoder, EncoderSpec, load_encoder
 from indexer.reader import list_source, within
+from service.workers import signal_on_parent_death
 
 log = logging.getLogger(__name__)
 
 QUEUE = "imsearch-index"
 VERSIONS_CHANNEL = "imsearch:versions"  # pub/sub: {"index_dir", "version"} after every publish
 PROGRESS_EVERY_S = 0.5
-PR_SET_PDEATHSIG = 1
 RETRIES = 2  # a job whose worker died is run again (the indexer resumes from its last shard)
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
@@ -176,29 +173,23 @@ def announce(client: redis.Redis | None, index_dir: str, version: str) -> None:
         log.warning("could not announce version %s of %s: %s", version, index_dir, exc)
 
 
-def die_with_parent() -> None:
-    """Linux: this process gets SIGKILL when its parent dies. RQ runs each job in a forked process of
-    its own process group, which would otherwise outlive a killed worker and race the retried job."""
-    if not sys.platform.startswith("linux"):
-        return
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the worker died before the call took effect
-        os._exit(1)
-
-
 def rq_job(payload: dict[str, Any]) -> dict[str, Any]:
     """The function RQ workers run (importable by name): progress goes to the job's meta."""
     from rq import get_current_job
 
-    die_with_parent()
+    # RQ runs each job in a forked process of its own process group, which would otherwise outlive a
+    # killed worker and race the retried job
+    signal_on_parent_death(signal.SIGKILL, os.getppid())
     job = get_current_job()
     spec = JobSpec(**payload)
 
     def report(progress: dict[str, float]) -> None:
         if job is not None:
-            job.meta["progress"] = progress
-            job.save_meta()
+            try:
+                job.meta["progress"] = progress
+                job.save_meta()
+            except redis.RedisError as exc:  # Redis away: the indexing goes on, the progress waits
+                log.warning("job %s: progress not saved: %s", spec.job_id, exc)
 
     result = execute(spec, report)
     announce(job.connection if job is not None else None, spec.index_dir, str(result["version"]))
@@ -236,6 +227,17 @@ def new_job_id() -> str:
     return uuid.uuid4().hex
 
 
+def enqueue(queue: Any, payload: dict[str, Any], timeout_s: int) -> Any:
+    """Put a job (a JobSpec's JSON) on the RQ queue under its id, with its retries and TTLs."""
+    from rq import Retry
+
+    job = queue.enqueue(rq_job, payload, job_id=payload["job_id"], job_timeout=timeout_s, retry=Retry(max=RETRIES),
+                        result_ttl=7 * 86400, failure_ttl=7 * 86400, meta={"spec": payload},
+                        description=f"{payload['mode']} {payload['source']}")
+    queue.connection.zadd(f"{QUEUE}:recent", {payload["job_id"]: time.time()})
+    return job
+
+
 class RQJobs:
     """Jobs on an RQ queue; `imsearch worker` processes run them (as many as you like)."""
 
@@ -248,12 +250,12 @@ class RQJobs:
     def __init__(self, url: str, timeout_s: int, queue: str = QUEUE):
         from rq import Queue
 
-        self.connection = redis.Redis.from_url(url)
+        # bounded waits: a hung Redis answers the jobs routes with a 503 (service.errors), never a hang
+        self.connection = redis.Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2)
         self.queue = Queue(queue, connection=self.connection, serializer=JSONSerializer)
         self.timeout_s = timeout_s
 
     def submit(self, spec: JobSpec) -> tuple[JobInfo, bool]:
-        from rq import Retry
         from rq.exceptions import NoSuchJobError
         from rq.job import Job
 
@@ -261,11 +263,7 @@ class RQJobs:
             return self._info(Job.fetch(spec.job_id, connection=self.connection, serializer=JSONSerializer)), False
         except NoSuchJobError:
             pass
-        job = self.queue.enqueue(rq_job, spec.to_json(), job_id=spec.job_id, job_timeout=self.timeout_s,
-                                 retry=Retry(max=RETRIES), result_ttl=7 * 86400, failure_ttl=7 * 86400,
-                                 meta={"spec": spec.to_json()}, description=f"{spec.mode} {spec.source}")
-        self.connection.zadd(f"{QUEUE}:recent", {spec.job_id: time.time()})
-        return self._info(job), True
+        return self._info(enqueue(self.queue, spec.to_json(), self.timeout_s)), True
 
     def _fetch(self, job_id: str) -> Any:
         from rq.exceptions import NoSuchJobError
@@ -387,60 +385,3 @@ class LocalJobs:
     def close(self) -> None:
         self.cancelled.update(self.jobs)
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-# --- the worker process --------------------------------------------------------------------------------
-
-
-def worker_name() -> str:
-    """host.pid, so a restarted worker can tell which abandoned jobs were its host's."""
-    return f"{socket.gethostname()}.{os.getpid()}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def recover_abandoned(connection: redis.Redis, queue_name: str = QUEUE) -> list[str]:
-    """Requeue jobs left 'started' by dead workers of this host (RQ itself does so for any host, but
-    only once the dead worker's heartbeat expires, a minute and a half later)."""
-    from rq import Queue
-    from rq.job import Job
-    from rq.registry import StartedJobRegistry
-
-    queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
-    registry = StartedJobRegistry(queue=queue)
-    host = socket.gethostname()
-    recovered = []
-    for job_id, execution_id in registry.get_job_and_execution_ids(cleanup=False):
-        job = Job.fetch(job_id, connection=connection, serializer=JSONSerializer)
-        owner, _, pid = (job.worker_name or "").rpartition(".")
-        if owner != host or not pid.isdigit() or _alive(int(pid)):
-            continue
-        with connection.pipeline() as pipe:
-            pipe.zrem(registry.key, f"{job_id}:{execution_id}")  # RQ's registry entry is job:execution
-            if job.retries_left:
-                job.retry(queue, pipe)
-            else:
-                job.requeue()
-            pipe.execute()
-        recovered.append(job_id)
-    return recovered
-
-
-def run_worker(url: str, burst: bool = False, queue_name: str = QUEUE) -> None:
-    """An RQ worker for indexing jobs; forks a process per job, so a cancel can kill it."""
-    from rq import Queue, Worker
-
-    connection = redis.Redis.from_url(url)
-    for job_id in recover_abandoned(connection, queue_name):
-        log.warning("requeued job %s, abandoned by a dead worker", job_id)
-    queue = Queue(queue_name, connection=connection, serializer=JSONSerializer)
-    worker = Worker([queue], connection=connection, name=worker_name(), serializer=JSONSerializer)
-    worker.work(burst=burst, with_scheduler=True)

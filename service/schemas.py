@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class SearchRequest(BaseModel):
@@ -21,6 +21,13 @@ class SearchRequest(BaseModel):
     min_similarity: float | None = Field(None, ge=-1.0, le=1.0)
     index: str | None = Field(None, min_length=1, max_length=200)
 
+    @field_validator("text")
+    @classmethod
+    def _words(cls, value: str | None) -> str | None:
+        if value is not None and not value.strip():
+            raise ValueError("text is empty: it holds only whitespace")
+        return value
+
     @model_validator(mode="after")
     def _exactly_one_query(self) -> SearchRequest:
         given = [name for name in ("text", "image", "embedding") if getattr(self, name) is not None]
@@ -31,11 +38,11 @@ class SearchRequest(BaseModel):
 
 class HitOut(BaseModel):
     id: int
-    score: float
-    similarity: float
-    rerank_score: float | None = None
-    url: str
-    path: str | None = None
+    score: float = Field(description="the ranking score: hits are in descending order of it")
+    similarity: float = Field(description="the dual encoder's cosine")
+    rerank_score: float | None = Field(None, description="the reranker's log p(match); null past rerank_k")
+    url: str = Field(description="the image, from the index version that answered (add ?thumb=N for a JPEG)")
+    path: str | None = Field(None, description="the file, relative to the folder it was indexed from")
     caption: str | None = None
 
 

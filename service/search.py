@@ -5,12 +5,13 @@ from __future__ import annotations
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, NamedTuple
 
 import faiss
 import numpy as np
 
-from indexer.reader import decode_image
+from indexer.reader import LIST_EXTENSIONS, decode_image
 from indexer.store import Index
 from reranker.score import Query, Reranker, rerank_order
 from service.batching import MicroBatcher, StagedBatcher
@@ -51,6 +52,25 @@ class Hit:
     similarity: float
     rerank_score: float | None
     meta: dict[str, Any]
+
+
+def source_roots(manifest: Mapping[str, Any]) -> list[str]:
+    """The folders an index's files were listed from ('/'-terminated): a folder source itself, or the
+    folder holding a list file (its paths are relative to it)."""
+    roots = []
+    for source in manifest.get("roots") or [manifest.get("source") or ""]:
+        folder = Path(source).parent if Path(source).suffix.lower() in LIST_EXTENSIONS else Path(source)
+        roots.append(str(folder).rstrip("/") + "/")
+    return roots
+
+
+def shown_path(path: str | None, roots: Sequence[str]) -> str | None:
+    """A stored path as a client sees it: relative to the folder it was indexed from, else its file name
+    (the server's own layout is not the client's business)."""
+    if path is None:
+        return None
+    root = next((r for r in roots if path.startswith(r)), None)
+    return path[len(root):] if root else Path(path).name
 
 
 @dataclass
@@ -240,26 +260,31 @@ def _output(index: Index, hits: list[Hit], marks: tuple[float, float, float, flo
 
 def _rerank(reranker: Reranker, index: Index, query: Query, cosine: np.ndarray, ids: np.ndarray,
             k: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Reorder the top k by fused score; the rest keep the dual encoder's order below them."""
+    """Reorder the top k by fused score; the rest keep the dual encoder's order below them.
+
+    Returns (cosine, ids, (log p(match), score)) in the new order: log p is NaN past k, and the score
+    goes on below the lowest fused score there, falling as the cosine falls, so that it is
+    non-increasing in rank throughout (a client may sort on it).
+    """
     head = ids[:k]
     order, log_p, fused = rerank_order(reranker, query, index.tokens(head), cosine[:k])
-    tail = np.full(len(ids) - len(head), np.nan)
+    tail_cos = cosine[k:]
+    tail_score = (fused.min() - (cosine[:k].min() - tail_cos)) if len(head) else tail_cos
     new_ids = np.concatenate([head[order], ids[k:]])
-    new_cos = np.concatenate([cosine[:k][order], cosine[k:]])
-    return new_cos, new_ids, (np.concatenate([log_p[order], tail]), np.concatenate([fused[order], tail]))
+    new_cos = np.concatenate([cosine[:k][order], tail_cos])
+    log_p = np.concatenate([log_p[order], np.full(len(tail_cos), np.nan)])
+    return new_cos, new_ids, (log_p, np.concatenate([fused[order], tail_score]))
 
 
 def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: tuple[np.ndarray, np.ndarray] | None,
           q: QueryInput, columns: Sequence[str] | None) -> list[Hit]:
-    """The first k hits (after min_similarity); score is the fused score where reranked, else cosine."""
+    """The first k hits (after min_similarity); score is the ranking score of _rerank, else the cosine."""
     keep = np.ones(len(ids), bool) if q.min_similarity is None else cosine >= q.min_similarity
     ids, cosine = ids[keep][: q.k], cosine[keep][: q.k]
-    log_p, fused = (r[keep][: q.k] for r in reranked) if reranked else (None, None)
+    log_p, score = (r[keep][: q.k] for r in reranked) if reranked else (None, cosine)
     metas = index.metadata(ids, columns) if len(ids) else []
     hits = []
     for i, (image_id, sim, meta) in enumerate(zip(ids, cosine, metas, strict=True)):
-        done = log_p is not None and fused is not None and not np.isnan(fused[i])
-        score = float(fused[i]) if done and fused is not None else float(sim)
-        rerank = float(log_p[i]) if done and log_p is not None else None
-        hits.append(Hit(int(image_id), score, float(sim), rerank, meta))
+        rerank = None if log_p is None or np.isnan(log_p[i]) else float(log_p[i])
+        hits.append(Hit(int(image_id), float(score[i]), float(sim), rerank, meta))
     return hits

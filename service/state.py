@@ -84,6 +84,13 @@ class Engine:
             raise UnknownIndex(f"unknown index {key!r}; served: {', '.join(self.swapper.searchers)}")
         return searcher
 
+    def image_source(self, name: str | None, version: str | None) -> Index:
+        """The index version whose metadata answers an image URL: the version named there while it is
+        kept (a hit fetched just before a swap), else the version served now."""
+        key = name or self.default_index
+        self.searcher(key)
+        return self.swapper.version(key, version)
+
     def index_dir(self, name: str | None) -> tuple[str, Path]:
         """(name, folder) of a served index; UnknownIndex for any other name."""
         key = name or self.default_index
@@ -111,13 +118,17 @@ class Engine:
 
 
 def configure_process(settings: Settings) -> None:
-    """Per-call thread counts for an API process.
+    """Logging and per-call thread counts for an API process.
+
+    The service's own log lines (versions swapped in, tiers unavailable, who may write) go to stderr
+    at INFO, beside uvicorn's.
 
     Queries are small (one text, tens of candidates): splitting one forward over cores gains little,
     and between forwards the idle OpenMP workers spin, taking the core that the thread holding the
     next request needs (a 3 ms hand-off on 2 cores). With one thread per call, concurrent requests
     and pipeline stages run side by side on separate cores instead.
     """
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
     if settings.threads:
         torch.set_num_threads(settings.threads)  # every thread torch runs in follows this
         threadpool_limits(settings.threads)  # numpy's and FAISS's BLAS (OpenMP: this thread; see Searcher)

@@ -16,6 +16,7 @@ from service.search import Searcher
 
 log = logging.getLogger(__name__)
 RETIRE_AFTER_S = 30.0  # an old version's batcher stops this long after the swap (later calls run inline)
+KEEP_OLD_S = 300.0  # a swapped-out version still answers its hits' image URLs this long
 
 
 class IndexSwapper:
@@ -32,6 +33,20 @@ class IndexSwapper:
         self.make_searcher = make_searcher
         self.lock = threading.Lock()
         self.swaps = 0
+        self.old: dict[tuple[str, str], Index] = {}  # (name, version) → a version swapped out less than KEEP_OLD_S ago
+
+    def version(self, name: str, version: str | None) -> Index:
+        """The named version of a served index while it is current or recently swapped out, else the
+        current one (ids are never reused within an index folder, so an id there is the same image)."""
+        current = self.searchers[name].index
+        kept = self.old.get((name, version or ""))
+        return kept if kept is not None and version != current.version else current
+
+    def _keep_old(self, name: str, index: Index) -> None:
+        self.old[(name, index.version)] = index
+        timer = threading.Timer(KEEP_OLD_S, self.old.pop, ((name, index.version), None))
+        timer.daemon = True
+        timer.start()
 
     def refresh(self) -> list[str]:
         """Open the CURRENT version of every served folder that moved on; returns the names swapped."""
@@ -47,6 +62,7 @@ class IndexSwapper:
                     log.warning("could not open the new version of index %s: %s", name, exc)
                     continue
                 self.searchers[name] = new
+                self._keep_old(name, old.index)
                 self.swaps += 1
                 swapped.append(name)
                 log.info("index %s: now serving version %s (was %s)", name, new.index.version, old.index.version)

@@ -41,7 +41,7 @@ class Listen:
 
     host: str
     port: int
-    log_level: str = "info"
+    header_timeout_s: float = 10.0
     access_log: bool = True
 
 
@@ -108,22 +108,25 @@ def check_settings(settings: Settings) -> list[str]:
     return names
 
 
-def exit_with_parent(parent: int) -> None:
-    """Have the kernel send this process SIGTERM when its parent dies, even by SIGKILL: an orphaned
-    worker would go on serving the port and holding its memory with nobody to stop it."""
+def signal_on_parent_death(sig: int, parent: int) -> None:
+    """Have the kernel send this process `sig` when its parent dies, even by SIGKILL (Linux; elsewhere
+    nothing): an orphan would go on serving the port, or indexing beside the job's retry."""
+    if not sys.platform.startswith("linux"):
+        return
     libc = ctypes.CDLL(None, use_errno=True)
-    libc.prctl(PR_SET_PDEATHSIG, signal.SIGTERM)
-    if os.getppid() != parent:  # the parent died before the request above took effect
-        os.kill(os.getpid(), signal.SIGTERM)
+    libc.prctl(PR_SET_PDEATHSIG, sig)
+    if os.getppid() != parent or parent == 1:  # the parent died before the request above took effect
+        os.kill(os.getpid(), sig)
 
 
 def _worker(where: Listen, parent: int) -> None:  # the body of a spawned worker process
     import uvicorn
 
-    exit_with_parent(parent)
+    from service.server import server_config
+
+    signal_on_parent_death(signal.SIGTERM, parent)
     sock = open_socket(where.host, where.port)
-    config = uvicorn.Config(APP, factory=True, host=where.host, port=where.port, log_level=where.log_level,
-                            access_log=where.access_log)
+    config = server_config(APP, where.host, where.port, where.header_timeout_s, where.access_log, factory=True)
     uvicorn.Server(config).run(sockets=[sock])
 
 

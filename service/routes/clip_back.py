@@ -4,16 +4,17 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
 from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Request
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from indexer.reader import BadImage
 from indexer.store import Index, UnknownImage
 from service.deps import EngineDep
-from service.routes.images import thumbnail_jpeg
+from service.routes.images import read_indexed, thumbnail_jpeg
+from service.routes.search import image_url, path_view
 from service.search import BadQuery, QueryInput, search
 from service.state import Engine
 
@@ -51,10 +52,13 @@ class KnnRequest(BaseModel):
         return value
 
 
+MAX_METADATA_IDS = 256  # each id costs a thumbnail: a page of the web front, not the whole index at once
+
+
 class MetadataRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ids: list[Annotated[int, Field(ge=0, lt=2**63)]] = Field(..., max_length=10_000)  # ids are int64
+    ids: list[Annotated[int, Field(ge=0, lt=2**63)]] = Field(..., max_length=MAX_METADATA_IDS)  # ids are int64
     indice_name: str | None = None
 
 
@@ -65,6 +69,8 @@ async def _json_body(request: Request) -> Any:
         return json.loads(raw)
     except (UnicodeDecodeError, json.JSONDecodeError):
         raise BadQuery("the request body must be JSON") from None
+    except RecursionError:
+        raise BadQuery("the request body is JSON nested too deeply") from None
 
 
 def _parse(model: type[KnnRequest] | type[MetadataRequest], data: Any) -> Any:
@@ -113,20 +119,20 @@ def _deduplicate(index: Index, ids: list[int]) -> list[int]:
     return [ids[i] for i in kept]
 
 
-def _preview(path: str | None) -> str | None:
-    """A base64 JPEG of the indexed file (at most 256 px a side), as the reference's `image` column."""
-    if not path or not Path(path).is_file():
-        return None
+def _preview(image_id: int, row: dict[str, Any], max_pixels: int) -> str | None:
+    """A base64 JPEG of the indexed file (at most 256 px a side), as the reference's `image` column;
+    None when the file is no longer the one indexed (see images.read_indexed)."""
     try:
-        return base64.b64encode(thumbnail_jpeg(Path(path), PREVIEW_SIDE)).decode()
-    except (OSError, ValueError):
+        return base64.b64encode(thumbnail_jpeg(read_indexed(image_id, row), PREVIEW_SIDE, max_pixels)).decode()
+    except (UnknownImage, BadImage):
         return None
 
 
-def _metadata(name: str, image_id: int, row: dict[str, Any]) -> dict[str, Any]:
-    meta = {"url": f"/v1/images/{image_id}?index={name}", "image_path": row.get("path"), "caption": row.get("caption")}
+def _metadata(engine: Engine, name: str, index: Index, image_id: int, row: dict[str, Any]) -> dict[str, Any]:
+    meta = {"url": image_url(name, image_id, index.version), "image_path": path_view(engine, index)(row.get("path")),
+            "caption": row.get("caption")}
     meta = {k: v for k, v in meta.items() if v is not None}
-    preview = _preview(row.get("path"))
+    preview = _preview(image_id, row, engine.settings.max_pixels)
     if preview is not None:
         meta["image"] = preview
     return meta
@@ -166,7 +172,7 @@ def _knn(engine: Engine, body: KnnRequest) -> list[dict[str, Any]]:
     for rank, image_id in enumerate(ids):
         item: dict[str, Any] = {"id": image_id, "similarity": similarity[image_id]}
         if rank < body.num_images:
-            item.update(_metadata(name, image_id, rows[image_id]))
+            item.update(_metadata(engine, name, searcher.index, image_id, rows[image_id]))
         results.append(item)
     return results
 
@@ -187,5 +193,5 @@ def _metadata_rows(engine: Engine, body: MetadataRequest) -> list[dict[str, Any]
             row = index.metadata([image_id])[0]
         except UnknownImage:
             continue
-        out.append({"id": image_id, "metadata": _metadata(name, image_id, row)})
+        out.append({"id": image_id, "metadata": _metadata(engine, name, index, image_id, row)})
     return out

@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
-from pathlib import Path
-from typing import Annotated
+import mimetypes
+import os
+from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request, Response
 from fastapi import Path as PathParam
-from fastapi.responses import FileResponse
-from PIL import Image
 
+from indexer.reader import DEFAULT_MAX_BYTES, BadImage, decode_image, read_regular_file
 from indexer.store import UnknownImage
 from service.deps import EngineDep
 
@@ -18,10 +19,26 @@ router = APIRouter(prefix="/v1", tags=["images"])
 CACHE_CONTROL = "public, max-age=86400"
 
 
-def thumbnail_jpeg(path: Path, side: int) -> bytes:
-    """A JPEG of the file with its longest side at most `side` pixels."""
-    with Image.open(path) as opened:
-        rgb = opened.convert("RGB")
+def read_indexed(image_id: int, row: dict[str, Any], max_bytes: int = DEFAULT_MAX_BYTES) -> bytes:
+    """The bytes of an indexed file, only while it is still the file that was indexed: a regular file
+    reached without any symbolic link, whose size and sha256 match the index; UnknownImage otherwise
+    (a file replaced by a link to /etc/passwd, or edited since, is not served)."""
+    path = str(row["path"])
+    if os.path.realpath(path) != path:  # a link in some folder of the path: stored paths are resolved
+        raise UnknownImage(image_id)
+    try:
+        data = read_regular_file(path, max_bytes)
+    except OSError:
+        raise UnknownImage(image_id) from None
+    size = row.get("bytes")
+    if (size is not None and len(data) != size) or hashlib.sha256(data).hexdigest() != row["sha256"]:
+        raise UnknownImage(image_id)
+    return data
+
+
+def thumbnail_jpeg(data: bytes, side: int, max_pixels: int) -> bytes:
+    """A JPEG of the image with its longest side at most `side` pixels (BadImage when it does not decode)."""
+    rgb = decode_image(data, max_pixels)
     rgb.thumbnail((side, side))
     buf = io.BytesIO()
     rgb.save(buf, format="JPEG", quality=85)
@@ -33,21 +50,22 @@ def thumbnail_jpeg(path: Path, side: int) -> bytes:
     304: {"description": "not modified (If-None-Match matched the ETag)"}})
 def image(image_id: Annotated[int, PathParam(ge=0, lt=2**63, description="an id from a search")], request: Request,
           engine: EngineDep, index: str | None = None,
+          version: Annotated[str | None, Query(max_length=32, description="the index version of the hit")] = None,
           thumb: Annotated[int | None, Query(ge=16, le=1024, description="longest side of a JPEG thumbnail")] = None,
           ) -> Response:
-    """The indexed file of an id (or its thumbnail), with an ETag; 404 for ids the index does not hold."""
-    row = engine.index(index).metadata([image_id])[0]
+    """The indexed file of an id (or its thumbnail), with an ETag; 404 for ids the index does not hold,
+    or whose file is no longer the one indexed."""
+    row = engine.image_source(index, version).metadata([image_id])[0]
     etag = f'"{row["sha256"]}{f"-t{thumb}" if thumb else ""}"'
     if request.headers.get("if-none-match") == etag:
         return Response(status_code=304, headers={"ETag": etag})
-    path = Path(row["path"])
-    if not path.is_file():
-        raise UnknownImage(image_id)
-    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL}
+    data = read_indexed(image_id, row)
+    headers = {"ETag": etag, "Cache-Control": CACHE_CONTROL, "X-Content-Type-Options": "nosniff"}
     if thumb is None:
-        return FileResponse(path, headers=headers)
+        kind = mimetypes.guess_type(str(row["path"]))[0] or "application/octet-stream"
+        return Response(data, media_type=kind, headers=headers)
     try:
-        data = thumbnail_jpeg(path, thumb)
-    except (OSError, ValueError):
-        raise UnknownImage(image_id) from None  # the file changed since indexing into something unreadable
+        data = thumbnail_jpeg(data, thumb, engine.settings.max_pixels)
+    except BadImage:
+        raise UnknownImage(image_id) from None
     return Response(data, media_type="image/jpeg", headers=headers)

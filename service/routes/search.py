@@ -6,6 +6,8 @@ import base64
 import binascii
 import inspect
 import time
+from collections.abc import Callable
+from functools import partial
 from typing import Annotated, Any
 
 from fastapi import APIRouter, FastAPI, File, Form, UploadFile
@@ -16,10 +18,11 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from indexer.store import Index
 from service.cache import result_key
 from service.deps import ApiKeyDep, EngineDep
 from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
-from service.search import BadQuery, QueryInput, Searcher, SearchOutput, search, search_async
+from service.search import BadQuery, QueryInput, Searcher, SearchOutput, search, search_async, shown_path, source_roots
 from service.state import Engine
 
 router = APIRouter(prefix="/v1", tags=["search"])
@@ -35,18 +38,34 @@ def _decode_base64(data: str) -> bytes:
 
 def _respond(engine: Engine, name: str | None, query: QueryInput, searcher: Searcher | None = None) -> SearchResponse:
     """Run the query on `searcher` (taken once per request, so one index version serves all of it)."""
-    out: SearchOutput = search(engine.queries, searcher or engine.searcher(name), engine.rerankers, query,
-                               engine.settings.max_pixels, COLUMNS)
-    return _response(engine, name, query, out)
+    searcher = searcher or engine.searcher(name)
+    out: SearchOutput = search(engine.queries, searcher, engine.rerankers, query, engine.settings.max_pixels, COLUMNS)
+    return _response(engine, name, query, out, searcher)
 
 
-def _response(engine: Engine, name: str | None, query: QueryInput, out: SearchOutput) -> SearchResponse:
+def path_view(engine: Engine, index: Index) -> Callable[[str | None], str | None]:
+    """How hits of this index show their paths: relative to the folder each was indexed from, unless
+    IMSEARCH_HIT_PATHS=absolute."""
+    if engine.settings.hit_paths == "absolute":
+        return lambda path: path
+    return partial(shown_path, roots=source_roots(index.manifest))
+
+
+def image_url(name: str, image_id: int, version: str) -> str:
+    """The image of a hit, from the version that answered (it stays reachable for a while after a swap)."""
+    return f"/v1/images/{image_id}?index={name}&version={version}"
+
+
+def _response(engine: Engine, name: str | None, query: QueryInput, out: SearchOutput,
+              searcher: Searcher) -> SearchResponse:
     engine.metrics.observe_search(out.timings_ms, query.rerank)
+    name = name or engine.default_index
+    shown = path_view(engine, searcher.index)
     hits = [HitOut(id=h.id, score=h.score, similarity=h.similarity, rerank_score=h.rerank_score,
-                   url=f"/v1/images/{h.id}?index={name or engine.default_index}", path=h.meta.get("path"),
+                   url=image_url(name, h.id, out.index_version), path=shown(h.meta.get("path")),
                    caption=h.meta.get("caption")) for h in out.hits]
     return SearchResponse(hits=hits, timings_ms=Timings(**out.timings_ms), index_version=out.index_version,
-                          index=name or engine.default_index, rerank=query.rerank)
+                          index=name, rerank=query.rerank)
 
 
 def _tier(engine: Engine, body: SearchRequest) -> str:
@@ -193,7 +212,7 @@ async def _awaited_search(engine: Engine, body: SearchRequest, searcher: Searche
         out = await search_async(engine.queries, searcher, query, COLUMNS, inline)
     else:
         out = await engine.reranked.asearch(searcher, query, COLUMNS)
-    response = _response(engine, body.index, query, out)
+    response = _response(engine, body.index, query, out, searcher)
     if key is not None and engine.results is not None:
         await engine.results.put(key, response.model_dump_json(), inline)
     return response

@@ -55,20 +55,20 @@ def test_text_search_with_and_without_rerank(client: TestClient) -> None:
     assert deep["timings_ms"]["rerank"] > 0
 
 
-def test_image_queries_base64_and_upload_find_the_image(client: TestClient) -> None:
+def test_image_queries_base64_and_upload_find_the_image(client: TestClient, index_dir: Path) -> None:
     hit = client.post("/v1/search", json={"text": "a large green cross", "k": 1}).json()["hits"][0]
-    data = Path(hit["path"]).read_bytes()
+    data = (index_dir.parent / "src" / hit["path"]).read_bytes()
     by_b64 = client.post("/v1/search", json={"image": base64.b64encode(data).decode(), "k": 1}).json()
     assert by_b64["hits"][0]["id"] == hit["id"]
     upload = client.post("/v1/search/image", files={"file": ("q.png", data, "image/png")}, data={"k": "1"})
     assert upload.status_code == 200 and upload.json()["hits"][0]["id"] == hit["id"]
 
 
-def test_images_route_serves_indexed_files_only(client: TestClient) -> None:
+def test_images_route_serves_indexed_files_only(client: TestClient, index_dir: Path) -> None:
     hit = client.post("/v1/search", json={"text": "a small blue square", "k": 1}).json()["hits"][0]
     image = client.get(hit["url"])
     assert image.status_code == 200 and image.headers["content-type"] == "image/png"
-    assert image.content == Path(hit["path"]).read_bytes()
+    assert image.content == (index_dir.parent / "src" / hit["path"]).read_bytes()
     again = client.get(hit["url"], headers={"If-None-Match": image.headers["etag"]})
     assert again.status_code == 304
     thumb = client.get(hit["url"] + "&thumb=32")
