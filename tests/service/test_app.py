@@ -7,6 +7,7 @@ import base64
 import io
 import json
 import os
+import shutil
 import threading
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from PIL import Image
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
 from indexer.scenes import write_scenes
+from indexer.store import Index
 from service.app import create_app
 from service.config import Settings
 from service.deps import get_engine
@@ -92,6 +94,8 @@ def test_images_route_serves_indexed_files_only(client: TestClient, index_dir: P
         ({"image": base64.b64encode(b"plain text").decode()}, 422),
         ({"text": "a", "index": "nope"}, 404),
         ({"text": "a", "unknown_field": 1}, 422),
+        ({"text": "   "}, 422),
+        ({"text": "\t\n"}, 422),
     ],
 )
 def test_bad_requests_are_clear_4xx(client: TestClient, body: dict, status: int) -> None:
@@ -149,6 +153,35 @@ def test_json_queries_skip_fastapis_request_machinery_with_the_routes_answers_an
         app.dependency_overrides.clear()  # type: ignore[attr-defined]
 
 
+def test_scores_follow_the_order_when_only_the_head_is_reranked(client: TestClient) -> None:
+    body = client.post("/v1/search", json={"text": "a small red circle left of a large blue square", "k": 30,
+                                           "rerank": "mid", "rerank_k": 8}).json()
+    hits = body["hits"]
+    scores = [h["score"] for h in hits]
+    assert len(hits) == 30 and scores == sorted(scores, reverse=True)
+    assert all(h["rerank_score"] is not None for h in hits[:8]) and all(h["rerank_score"] is None for h in hits[8:])
+    tail = [h["similarity"] for h in hits[8:]]
+    assert tail == sorted(tail, reverse=True)  # past rerank_k, the dual encoder's order
+    gaps = [a - b for a, b in zip(scores[8:], scores[9:], strict=False)]
+    assert gaps == pytest.approx([a - b for a, b in zip(tail, tail[1:], strict=False)], abs=1e-5)
+
+
+def test_a_hit_url_still_answers_after_its_image_is_removed_by_a_swap(index_dir: Path, tmp_path: Path) -> None:
+    from indexer.build import remove
+
+    folder = tmp_path / "idx"
+    shutil.copytree(index_dir, folder)
+    with TestClient(create_app(Settings(indexes=[f"scenes={folder}"], rerankers=[]))) as client:
+        hit = client.post("/v1/search", json={"text": "a large green cross", "k": 1}).json()["hits"][0]
+        assert hit["url"].endswith(f"&version={Index.open(folder).version}")
+        remove(folder, ids=[hit["id"]])
+        assert client.app.state.engine.swapper.refresh() == ["scenes"]  # type: ignore[attr-defined]
+        assert client.get(hit["url"]).status_code == 200  # the version that answered still serves it
+        assert client.get(f"/v1/images/{hit['id']}?index=scenes").status_code == 404  # the current one does not
+        after = client.post("/v1/search", json={"text": "a large green cross", "k": 5}).json()
+        assert hit["id"] not in [h["id"] for h in after["hits"]]
+
+
 def test_health_ready_and_index_info(client: TestClient) -> None:
     assert client.get("/healthz").json() == {"status": "ok", "pid": os.getpid()}  # the app runs in this process
     ready = client.get("/readyz").json()
@@ -167,6 +200,15 @@ def test_service_refuses_an_index_of_another_model(index_dir: Path, tmp_path: Pa
         load_engine(Settings(indexes=[str(index_dir)], pretrained=str(weights)))
     with pytest.raises(StartupError, match="no index configured"):
         load_engine(Settings())
+
+
+def test_a_tier_that_fails_to_load_is_reported_and_the_default_tier_must_load(index_dir: Path) -> None:
+    with TestClient(create_app(Settings(indexes=[str(index_dir)], rerankers=["mid", "deepest"]))) as client:
+        ready = client.get("/readyz").json()
+    assert ready["status"] == "degraded" and ready["rerankers"] == ["none", "mid"]
+    assert "deepest" in ready["failed_rerankers"] and "unknown rerank tier" in ready["failed_rerankers"]["deepest"]
+    with pytest.raises(StartupError, match="IMSEARCH_DEFAULT_RERANK is 'early'.*not in IMSEARCH_RERANKERS"):
+        load_engine(Settings(indexes=[str(index_dir)], rerankers=["mid"], default_rerank="early"))
 
 
 def test_metrics_count_stages_per_rerank_tier_and_http_routes(client: TestClient) -> None:
@@ -241,7 +283,7 @@ def test_concurrent_reranked_searches_share_encodes_and_match_one_at_a_time(clie
         assert [h["rerank_score"] for h in alone["hits"]] == pytest.approx([h.rerank_score for h in joint.hits],
                                                                            abs=1e-4)
         stages = joint.timings_ms.encode + joint.timings_ms.search + joint.timings_ms.rerank
-        assert joint.timings_ms.total == pytest.approx(stages, abs=0.01)  # the wait for a slot counts as rerank
+        assert joint.timings_ms.total == pytest.approx(stages, abs=0.5)  # the wait for a slot counts as rerank
     shared = engine.metrics.registry.get_sample_value("imsearch_batch_size_count", {"batcher": "text"}) - batches
     assert 1 <= shared < len(texts)  # queued behind a rerank, the texts met in one forward
 

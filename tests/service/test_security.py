@@ -163,8 +163,8 @@ def test_a_job_reads_only_regular_files_under_its_roots(built: Path, tmp_path: P
     listing.write_text(f"batch/scene_0000001.png\n../outside/scene_0000001.png\n{outside / 'scene_0000000_twin.png'}\n"
                        f"/dev/zero\n{fifo}\n{root / 'batch' / 'link.png'}\n")
     jsonl = root / "rows.jsonl"
-    jsonl.write_text(json.dumps({"path": "/dev/zero"}) + "\n" + json.dumps({"path": "../outside/scene_0000001_twin.png"})
-                     + "\n")
+    rows = [{"path": "/dev/zero"}, {"path": "../outside/scene_0000001_twin.png"}]
+    jsonl.write_text("".join(json.dumps(row) + "\n" for row in rows))
     with _jobs_client(built, root) as client:
         before = len(Index.open(built / "idx"))
         for source, job_id in ((root / "batch", "folder"), (listing, "list"), (jsonl, "rows")):
