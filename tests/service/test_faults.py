@@ -3,6 +3,7 @@ requests in flight. Each against real processes and files; searches must keep an
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -19,7 +20,7 @@ from fastapi.testclient import TestClient
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
 from indexer.scenes import write_scenes
-from indexer.store import current_version
+from indexer.store import Index, current_version
 from service.app import create_app
 from service.config import Settings
 from tests.service.procs import CLI, free_port, running, serve, terminate, wait_for
@@ -240,3 +241,75 @@ def test_worker_processes_answer_are_restarted_and_refuse_to_start_without_redis
     finally:
         terminate(server)
 
+
+
+def test_jobs_routes_answer_503_while_redis_is_down_or_hung(scenes: tuple[Path, Path]) -> None:
+    index_dir, incoming = scenes
+    redis_port = free_port()
+    redis_proc = _redis_server(redis_port)
+    settings = Settings(indexes=[f"scenes={index_dir}"], rerankers=[], api_key="k3y", job_roots=[str(incoming)],
+                        redis_url=f"redis://127.0.0.1:{redis_port}/0")
+    job = {"source": str(incoming / "more"), "mode": "add", "job_id": "outage"}
+    try:
+        with TestClient(create_app(settings)) as client:
+            assert client.get("/v1/jobs", headers=KEY).status_code == 200
+            os.killpg(redis_proc.pid, signal.SIGSTOP)  # hung: connections open, nothing answers
+            try:
+                start = time.monotonic()
+                hung = client.post("/v1/jobs/index", headers=KEY, json=job)
+                assert hung.status_code == 503 and "Redis" in hung.json()["detail"] and time.monotonic() - start < 30
+                assert hung.headers["retry-after"]
+            finally:
+                os.killpg(redis_proc.pid, signal.SIGCONT)
+            redis_proc.kill()
+            redis_proc.wait(timeout=10)
+            for response in (client.get("/v1/jobs", headers=KEY), client.get("/v1/jobs/outage", headers=KEY),
+                             client.post("/v1/jobs/index", headers=KEY, json=job)):
+                assert response.status_code == 503 and "retry" in response.json()["detail"]
+            assert client.post("/v1/search", json={"text": TEXTS[0], "k": 3}).status_code == 200
+    finally:
+        if redis_proc.poll() is None:
+            redis_proc.kill()
+            redis_proc.wait(timeout=10)
+
+
+def test_a_worker_outlives_a_redis_restart_and_its_job_is_run_again(scenes: tuple[Path, Path], tmp_path: Path) -> None:
+    from service.jobs import JobInfo, JobNotFound, JobSpec, RQJobs
+
+    index_dir, incoming = scenes
+    served = tmp_path / "idx"
+    shutil.copytree(index_dir, served)
+    redis_port = free_port()
+    url = f"redis://127.0.0.1:{redis_port}/0"
+    redis_proc = _redis_server(redis_port)
+    worker = subprocess.Popen([CLI, "worker", "--redis-url", url], start_new_session=True,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    spec = JobSpec("survivor", str(incoming / "more"), "add", "scenes", str(served),
+                   {"shard_size": 8, "batch_size": 4, "index_kind": "auto", "memory_budget_mb": None},
+                   "tiny", None, "cpu", [str(incoming)])
+    try:
+        RQJobs(url, 600).submit(spec)
+        wait_for(lambda: RQJobs(url, 600).get("survivor").status == "running", timeout=120, every=0.05)
+        redis_proc.kill()  # mid-job; it keeps nothing on disk: the job's record is gone with it
+        redis_proc.wait(timeout=10)
+        time.sleep(3)
+        assert worker.poll() is None  # the worker waits for Redis instead of exiting
+        redis_proc = _redis_server(redis_port)
+
+        def ended() -> JobInfo | None:
+            with contextlib.suppress(JobNotFound):  # until the worker gives the job back
+                info = RQJobs(url, 600).get("survivor")
+                return info if info.status in ("succeeded", "failed") else None
+            return None
+
+        done = wait_for(ended, timeout=180)
+        assert done.status == "succeeded", done
+        index = Index.open(served)
+        assert len(index) == 40 + 80 and len({row["sha256"] for row in index.live_rows}) == 120  # each once
+        assert worker.poll() is None
+    finally:
+        terminate(worker)
+        if worker.stderr:
+            worker.stderr.close()
+        redis_proc.kill()
+        redis_proc.wait(timeout=10)
