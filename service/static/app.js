@@ -2,165 +2,348 @@
 "use strict";
 
 const $ = (sel) => document.querySelector(sel);
-const state = { text: null, image: null, fastIds: [] };
-const TIER_NAMES = { mid: "mid fusion (ITM cross-attention)", early: "early fusion (single stream)" };
+const TIER_NAMES = {
+  mid: "mid fusion (ITM cross-attention)", early: "early fusion (single stream)", none: "none (no reranking)",
+};
+// one size per screen density rather than per tile, so the tiles of every search share cached thumbnails
+const THUMB_SIDE = Math.min(1024, 256 * Math.ceil(window.devicePixelRatio || 1));
+const QUERY_IMAGE_SIDE = 512;  // the encoders see 64-224 px: never fetch the original to search by it
+const IMAGE_ONLY = "Reranking matches a text against images; image queries use the dual encoder only.";
 
-async function post(body) {
-  const response = await fetch("/v1/search", {
-    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body),
-  });
-  const data = await response.json().catch(() => ({ detail: response.statusText }));
-  if (!response.ok) throw new Error(data.detail || `HTTP ${response.status}`);
-  return data;
+const columns = { fast: column("fast"), deep: column("deep") };
+// query: what the columns show ({text} or {image: Blob, name}, with k and index); ticket: bumped by
+// every new query, so an image still being fetched for an older one is dropped
+const state = { query: null, fastIds: Promise.resolve(null), preview: null, ticket: 0 };
+
+function column(name) {
+  return { el: document.getElementById(name), tab: document.getElementById(`tab-${name}`), seq: 0, controller: null };
 }
 
-function timingChips(column, result) {
-  const box = column.querySelector(".timings");
-  box.replaceChildren();
+async function send(url, init) {
+  const response = await fetch(url, init);
+  if (response.ok) return response.json();
+  const error = await response.json().catch(() => ({}));
+  throw new Error(error.detail || `HTTP ${response.status} ${response.statusText}`);
+}
+
+function searchRequest(query, extra, signal) {
+  if (query.image) {  // multipart: the file's bytes as they are, no base64
+    const form = new FormData();
+    form.append("file", query.image, query.name);
+    form.append("k", query.k);
+    if (query.index) form.append("index", query.index);
+    return send("/v1/search/image", { method: "POST", body: form, signal });
+  }
+  const body = { text: query.text, k: query.k, ...extra };
+  if (query.index) body.index = query.index;
+  return send("/v1/search", {
+    method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
+  });
+}
+
+function setBusy(col, busy) {
+  col.el.setAttribute("aria-busy", String(busy));
+  col.tab.classList.toggle("busy", busy);
+}
+
+// Makes the column's pending request stale; returns the number the next one will carry.
+function cancel(col) {
+  col.controller?.abort();
+  col.controller = null;
+  setBusy(col, false);
+  return ++col.seq;
+}
+
+// Only a column's latest request may render: older ones are aborted, and an answer that comes anyway
+// (the abort lost the race) is dropped.
+async function latest(col, request, show) {
+  const seq = cancel(col);
+  const controller = new AbortController();
+  col.controller = controller;
+  setBusy(col, true);
+  try {
+    const result = await request(controller.signal);
+    if (seq === col.seq) show(result);
+  } catch (err) {
+    if (seq === col.seq) showNote(col, err.message, "error");
+  } finally {
+    if (seq === col.seq) setBusy(col, false);
+  }
+}
+
+function timingChips(col, result) {
   const chips = result.cached ? [["cached", result.timings_ms.total]]
     : ["encode", "search", "rerank", "total"].map((s) => [s, result.timings_ms[s]]);
-  for (const [stage, ms] of chips) {
-    const chip = document.createElement("span");
-    chip.className = `timing ${stage}`;
+  col.el.querySelector(".timings").replaceChildren(...chips.map(([stage, ms]) => {
+    const chip = element("span", `timing ${stage}`, `${stage} ${ms.toFixed(1)} ms`);
     chip.dataset.stage = stage;
-    chip.textContent = `${stage} ${ms.toFixed(1)} ms`;
-    box.append(chip);
-  }
+    return chip;
+  }));
+}
+
+function element(tag, className, text) {
+  const node = document.createElement(tag);
+  node.className = className;
+  if (text !== undefined) node.textContent = text;
+  return node;
+}
+
+function sized(url, side) {
+  const thumb = new URL(url, location.href);  // the hit's own parameters (index, version) kept
+  thumb.searchParams.set("thumb", side);
+  return thumb.href;
+}
+
+function baseName(path) {
+  return (path || "").split(/[\\/]/).pop();
+}
+
+function moveMarker(rank, previousRank) {
+  if (previousRank < 0) return Object.assign(element("span", "move up", "new"), { title: "not in the fast top k" });
+  const up = previousRank > rank;
+  const places = Math.abs(previousRank - rank);
+  const marker = element("span", `move ${up ? "up" : "down"}`, `${up ? "↑" : "↓"}${places}`);
+  marker.title = `${places} ${up ? "higher" : "lower"} than in the fast column`;
+  return marker;
 }
 
 function hitItem(hit, rank, previousRank) {
-  const li = document.createElement("li");
-  li.className = "hit";
+  const li = element("li", "hit");
   li.dataset.id = hit.id;
-  li.title = "search by this image";
-  const img = document.createElement("img");
-  img.src = hit.url;
-  img.alt = hit.caption || `image ${hit.id}`;
+  const button = element("button", "hit-button");
+  button.type = "button";
+  button.title = "search by this image";
+  const img = element("img", "thumb");
+  img.src = sized(hit.url, THUMB_SIDE);
+  img.alt = "";  // the caption beside it names the image
   img.loading = "lazy";
-  const caption = document.createElement("p");
-  caption.className = "caption";
-  caption.textContent = hit.caption || hit.path || `#${hit.id}`;
-  const score = document.createElement("div");
-  score.className = "score";
-  score.textContent = hit.rerank_score == null ? `cos ${hit.similarity.toFixed(3)}`
+  const score = hit.rerank_score == null ? `cos ${hit.similarity.toFixed(3)}`
     : `cos ${hit.similarity.toFixed(3)} · p(match) ${Math.exp(hit.rerank_score).toFixed(2)}`;
-  li.append(img, caption, score);
-  if (previousRank !== undefined && previousRank !== rank) {
-    const move = document.createElement("span");
-    const up = previousRank < 0 || previousRank > rank;
-    move.className = `move ${up ? "up" : "down"}`;
-    move.textContent = previousRank < 0 ? "new" : `${up ? "↑" : "↓"}${Math.abs(previousRank - rank)}`;
-    li.append(move);
-  }
-  li.addEventListener("click", () => searchByImage(hit));
+  button.append(img, element("span", "caption", hit.caption || baseName(hit.path) || `#${hit.id}`),
+    element("span", "score", score));
+  if (previousRank !== undefined && previousRank !== rank) button.append(moveMarker(rank, previousRank));
+  button.addEventListener("click", () => searchByHit(hit));
+  li.append(button);
   return li;
 }
 
-function render(column, result, compareTo) {
-  timingChips(column, result);
-  const list = column.querySelector(".hits");
-  list.replaceChildren();
-  result.hits.forEach((hit, rank) => {
-    const previous = compareTo ? compareTo.indexOf(hit.id) : undefined;
-    list.append(hitItem(hit, rank, previous));
-  });
+function render(col, result, compareTo) {
+  timingChips(col, result);
+  col.el.querySelector(".hits").replaceChildren(...result.hits.map((hit, rank) =>
+    hitItem(hit, rank, compareTo ? compareTo.indexOf(hit.id) : undefined)));
 }
 
-function note(column, message) {
-  column.querySelector(".timings").replaceChildren();
-  const li = document.createElement("li");
-  li.className = "note";
-  li.textContent = message;
-  column.querySelector(".hits").replaceChildren(li);
+function showNote(col, message, kind = "") {
+  col.el.querySelector(".timings").replaceChildren();
+  const li = element("li", `note ${kind}`, message);
+  if (kind === "error") li.setAttribute("role", "alert");
+  col.el.querySelector(".hits").replaceChildren(li);
 }
 
-function common() {
-  const body = { k: Number($("#k").value) || 12 };
-  if ($("#index").value) body.index = $("#index").value;
-  if (state.image) body.image = state.image; else body.text = state.text;
-  return body;
+function note(col, message) {
+  cancel(col);
+  showNote(col, message);
 }
 
-async function runFast() {
-  const result = await post({ ...common(), rerank: "none" });
-  state.fastIds = result.hits.map((h) => h.id);
-  render($("#fast"), result);
+function runFast(query) {
+  let done;
+  state.fastIds = new Promise((resolve) => { done = resolve; });
+  latest(columns.fast, (signal) => searchRequest(query, { rerank: "none" }, signal), (result) => {
+    render(columns.fast, result);
+    done(result.hits.map((h) => h.id));
+  }).finally(() => done(null));
 }
 
-async function runDeep() {
+function runDeep(query) {
   const tier = $("#tier").value;
-  if (!tier) {
-    note($("#deep"), "No reranker is loaded in this service.");
-    return;
-  }
+  const col = columns.deep;
+  col.el.dataset.tier = tier;
   $("#deep-what").textContent = TIER_NAMES[tier] || tier;
-  $("#deep").dataset.tier = tier;
-  if (state.image) {
-    note($("#deep"), "Reranking matches a text against images; image queries use the dual encoder only.");
-    return;
+  if (query.image) return note(col, IMAGE_ONLY);
+  if (tier === "none") {
+    const loaded = $("#tier").options.length > 1;
+    return note(col, loaded ? "No reranking (tier none): the fast column is the whole answer."
+      : "No reranker is loaded in this service.");
   }
-  const result = await post({ ...common(), rerank: tier, rerank_k: Number($("#rerank-k").value) || 16 });
-  render($("#deep"), result, state.fastIds);
+  const extra = { rerank: tier, rerank_k: numberIn($("#rerank-k").value, 1, 256, 16) };
+  const fastIds = state.fastIds;  // the fast answer to this same query, for the move markers
+  latest(col, (signal) => Promise.all([searchRequest(query, extra, signal), fastIds]),
+    ([result, ids]) => render(col, result, ids));
 }
 
-async function run(which) {
+function search(query) {
+  state.ticket += 1;
+  state.query = query;
   $("#status").textContent = "";
-  document.body.dataset.busy = "1";
-  try {
-    if (which === "deep") await runDeep(); else { await runFast(); await runDeep(); }
-  } catch (err) {
-    $("#status").textContent = err.message;
-  } finally {
-    delete document.body.dataset.busy;
+  showImageQuery(query);
+  writeUrl();
+  runFast(query);
+  runDeep(query);
+}
+
+function numberIn(text, low, high, fallback) {
+  const value = Math.round(Number(text));
+  return text && Number.isFinite(value) ? Math.min(high, Math.max(low, value)) : fallback;
+}
+
+function formQuery() {
+  return { text: $("#query").value.trim(), k: numberIn($("#k").value, 1, 100, 12), index: $("#index").value || null };
+}
+
+function sameQuery(a, b) {
+  return Boolean(b) && !b.image && a.text === b.text && a.k === b.k && a.index === b.index;
+}
+
+function writeUrl() {
+  const params = new URLSearchParams();
+  if (state.query?.text) params.set("q", state.query.text);
+  params.set("rerank", $("#tier").value);
+  params.set("k", state.query?.k ?? $("#k").value);
+  if (!$("#index-field").hidden && state.query?.index) params.set("index", state.query.index);
+  history.replaceState(null, "", `${location.pathname}?${params}`);
+}
+
+function choose(select, value) {
+  if ([...select.options].some((option) => option.value === value)) select.value = value;
+}
+
+function readUrl() {
+  const params = new URLSearchParams(location.search);
+  choose($("#tier"), params.get("rerank"));
+  choose($("#index"), params.get("index"));
+  if (params.has("k")) $("#k").value = numberIn(params.get("k"), 1, 100, 12);
+  const text = (params.get("q") || "").trim();
+  if (text) {
+    $("#query").value = text;
+    search(formQuery());
   }
 }
 
-async function searchByImage(hit) {
-  const blob = await (await fetch(hit.url)).blob();
-  const dataUrl = await new Promise((resolve) => {
-    const reader = new FileReader();
-    reader.onload = () => resolve(reader.result);
-    reader.readAsDataURL(blob);
-  });
-  state.image = String(dataUrl).split(",", 2)[1];
-  state.text = null;
-  $("#image-query").hidden = false;
-  $("#image-query-thumb").src = hit.url;
-  await run("both");
+function showImageQuery(query) {
+  if (state.preview) URL.revokeObjectURL(state.preview);
+  state.preview = query.image ? URL.createObjectURL(query.image) : null;
+  $("#image-query").hidden = !query.image;
+  $("#image-query-thumb").src = state.preview || "";
+  $("#image-query-name").textContent = query.image ? query.name : "";
+}
+
+function searchImage(blob, name) {
+  $("#query").value = "";  // the box shows what the columns answer: now the image
+  const { k, index } = formQuery();
+  search({ image: blob, name, k, index });
+}
+
+async function searchByHit(hit) {
+  const ticket = ++state.ticket;
+  try {
+    const response = await fetch(sized(hit.url, QUERY_IMAGE_SIDE));
+    if (!response.ok) throw new Error(`image ${hit.id}: HTTP ${response.status}`);
+    const blob = await response.blob();
+    if (ticket === state.ticket) searchImage(blob, hit.caption || baseName(hit.path) || `image ${hit.id}`);
+  } catch (err) {
+    if (ticket === state.ticket) $("#status").textContent = err.message;
+  }
+}
+
+function clearImage() {
+  state.ticket += 1;
+  state.query = null;
+  showImageQuery({});
+  for (const col of Object.values(columns)) {
+    cancel(col);
+    col.el.querySelector(".timings").replaceChildren();
+    col.el.querySelector(".hits").replaceChildren();
+  }
+  writeUrl();
+  $("#query").focus();
+}
+
+function showTab(name) {
+  $("main").dataset.show = name;
+  for (const [key, col] of Object.entries(columns)) {
+    col.tab.setAttribute("aria-selected", String(key === name));
+    col.tab.tabIndex = key === name ? 0 : -1;
+  }
+}
+
+function onTabKey(event) {
+  if (event.key !== "ArrowLeft" && event.key !== "ArrowRight") return;
+  const next = $("main").dataset.show === "fast" ? "deep" : "fast";
+  showTab(next);
+  columns[next].tab.focus();
+}
+
+function droppedImage(event) {
+  return [...(event.dataTransfer?.files || [])].find((file) => file.type.startsWith("image/"));
+}
+
+function onDrop(event) {
+  document.body.classList.remove("dropping");
+  if (!event.dataTransfer?.types.includes("Files")) return;  // text dropped into the box stays text
+  event.preventDefault();
+  const file = droppedImage(event);
+  if (file) searchImage(file, file.name); else $("#status").textContent = "Drop an image file to search by it.";
+}
+
+function onDragOver(event) {
+  if (!event.dataTransfer?.types.includes("Files")) return;
+  event.preventDefault();  // allows the drop
+  document.body.classList.add("dropping");
 }
 
 async function loadTiers() {
-  const ready = await (await fetch("/readyz")).json();
-  const tiers = (ready.rerankers || []).filter((t) => t !== "none");
-  $("#tier").replaceChildren(...tiers.map((tier) => {
-    const option = document.createElement("option");
+  const ready = await send("/readyz");
+  const loaded = (ready.rerankers || []).filter((tier) => tier !== "none");
+  $("#tier").replaceChildren(...[...loaded, "none"].map((tier) => {
+    const option = element("option", "", TIER_NAMES[tier] || tier);
     option.value = tier;
-    option.textContent = TIER_NAMES[tier] || tier;
     return option;
   }));
 }
 
 async function loadIndexes() {
-  const names = await (await fetch("/indices-list")).json();
-  for (const name of names) {
-    const option = document.createElement("option");
-    option.value = option.textContent = name;
-    $("#index").append(option);
-  }
-  $("#index").hidden = names.length < 2;
+  const names = await send("/indices-list");
+  $("#index").replaceChildren(...names.map((name) => Object.assign(element("option", "", name), { value: name })));
+  $("#index-field").hidden = names.length < 2;
+}
+
+function onTierChange() {
+  const query = formQuery();
+  if (query.text && !sameQuery(query, state.query)) return search(query);  // the box's text, as it is now
+  if (!state.query) return;
+  writeUrl();
+  runDeep(state.query);
+}
+
+function onIndexChange() {
+  const query = formQuery();
+  if (query.text) search(query);
+  else if (state.query?.image) search({ ...state.query, k: query.k, index: query.index });
 }
 
 $("#search-form").addEventListener("submit", (event) => {
   event.preventDefault();
-  state.text = $("#query").value.trim();
-  state.image = null;
-  $("#image-query").hidden = true;
-  if (state.text) run("both");
+  const query = formQuery();
+  if (query.text) search(query);
 });
-$("#tier").addEventListener("change", () => { if (state.text || state.image) run("deep"); });
-$("#clear-image").addEventListener("click", () => { state.image = null; $("#image-query").hidden = true; });
+$("#tier").addEventListener("change", onTierChange);
+$("#index").addEventListener("change", onIndexChange);
+$("#clear-image").addEventListener("click", clearImage);
+$("#image-file").addEventListener("change", (event) => {
+  const [file] = event.target.files;
+  if (file) searchImage(file, file.name);
+  event.target.value = "";  // choosing the same file again is a new search
+});
+for (const [name, col] of Object.entries(columns)) {
+  col.tab.addEventListener("click", () => showTab(name));
+  col.tab.addEventListener("keydown", onTabKey);
+}
+document.addEventListener("dragover", onDragOver);
+document.addEventListener("dragleave", (event) => {
+  if (!event.relatedTarget) document.body.classList.remove("dropping");
+});
+document.addEventListener("drop", onDrop);
 Promise.all([loadIndexes(), loadTiers()]).then(() => {
   document.body.dataset.ready = "1";
-  const initial = new URLSearchParams(location.search).get("q");
-  if (initial) { $("#query").value = initial; state.text = initial; run("both"); }
-});
+  readUrl();
+}).catch((err) => { $("#status").textContent = `The service did not answer: ${err.message}`; });
