@@ -204,11 +204,11 @@ def _print_report(report: Any, as_json: bool) -> None:
         sys.stdout.write(json.dumps(summary) + "\n")
         return
     shown = {k: v for k, v in summary.items() if k not in ("failures_file", "first_failures")}
-    err.print(", ".join(f"{k}={v}" for k, v in shown.items()), highlight=False, markup=False)
+    err.print(", ".join(f"{k}={v}" for k, v in shown.items()), highlight=False, markup=False, soft_wrap=True)
     if report.skipped or report.duplicates:
         where = f"all listed in {report.failures_file}" if report.failures_file else "no new version was published"
         err.print(f"skipped {report.skipped + report.duplicates} files ({where}); the first:", highlight=False,
-                  markup=False)
+                  markup=False, soft_wrap=True)
         for failure in report.first_failures:
             err.print(f"  {failure['path']}: {failure['reason']}", highlight=False, markup=False, soft_wrap=True)
 

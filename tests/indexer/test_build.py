@@ -22,7 +22,16 @@ from indexer.build import BuildError, BuildOptions, build_or_add, remove
 from indexer.cli import app
 from indexer.encoder import DualEncoder, create_embedded
 from indexer.scenes import write_scenes
-from indexer.store import STAGING, Index, UnknownImage, _Column, list_versions, save_faiss, save_npy
+from indexer.store import (
+    STAGING,
+    Index,
+    UnknownImage,
+    _Column,
+    current_version,
+    list_versions,
+    save_faiss,
+    save_npy,
+)
 from tests.indexer.badfiles import awkward_files, broken_files
 
 OPTS = BuildOptions(batch_size=16, workers=0, shard_size=24)
@@ -167,6 +176,62 @@ def test_cli_build_json_and_clear_errors(corpus: Path, tmp_path: Path) -> None:
     blocker.write_text("")
     unwritable = runner.invoke(app, ["index", "build", str(corpus), "--index", str(blocker / "idx")])
     assert unwritable.exit_code == 2 and "cannot write the index" in unwritable.output
+
+
+def test_a_build_never_replaces_an_index_unless_told_and_ids_are_never_reused(corpus: Path, tmp_path: Path,
+                                                                              encoder: DualEncoder) -> None:
+    out = tmp_path / "idx"
+    first = build_or_add(corpus, out, encoder, OPTS, "build")
+    few = tmp_path / "few"
+    few.mkdir()
+    for png in sorted(corpus.glob("*.png"))[:5]:
+        (few / png.name).write_bytes(png.read_bytes())
+    with pytest.raises(BuildError, match="already holds an index.*--replace"):
+        build_or_add(few, out, encoder, OPTS, "build")
+    assert len(Index.open(out)) == 60 and current_version(out) == first.version
+    replaced = build_or_add(few, out, encoder, BuildOptions(batch_size=16, workers=0, replace=True), "build")
+    index = Index.open(out)
+    assert len(index) == 5 and replaced.version == "v000002"
+    assert int(index.ids().min()) >= int(Index.open(out, first.version).ids().max()) + 1  # a new collection, new ids
+    result = CliRunner().invoke(app, ["index", "build", str(few), "--index", str(out), "--device", "cpu"])
+    assert result.exit_code == 2 and "--replace" in result.output and "Traceback" not in result.output
+
+
+def test_an_empty_source_is_refused_and_skipped_files_are_named(tmp_path: Path, corpus: Path) -> None:
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "empty.txt").write_text("# nothing here\n")
+    runner = CliRunner()
+    for source in (tmp_path / "empty", tmp_path / "empty.txt"):
+        result = runner.invoke(app, ["index", "build", str(source), "--index", str(tmp_path / "idx")])
+        assert result.exit_code == 2 and "no images" in result.output, result.output
+    assert not (tmp_path / "idx" / "CURRENT").exists()
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    for png in sorted(corpus.glob("*.png"))[:3]:
+        (mixed / png.name).write_bytes(png.read_bytes())
+    (mixed / "broken.png").write_bytes(b"\x89PNG not really")
+    (mixed / "empty.jpg").write_bytes(b"")
+    result = runner.invoke(app, ["index", "build", str(mixed), "--index", str(tmp_path / "idx"), "--workers", "0",
+                                 "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    listed = tmp_path / "idx" / "versions" / "v000001" / "failures.jsonl"
+    flat = " ".join(result.output.split())  # the console may wrap long lines
+    assert f"all listed in {listed}" in flat and "broken.png" in flat and "empty.jpg" in flat
+    assert len(listed.read_text().splitlines()) == 2
+    report = json.loads(runner.invoke(app, ["index", "add", str(mixed), "--index", str(tmp_path / "idx"),
+                                            "--device", "cpu", "--json"]).stdout.strip().splitlines()[-1])
+    assert report["first_failures"] and all({"path", "reason"} <= set(f) for f in report["first_failures"])
+
+
+def test_a_typo_in_the_index_type_or_device_is_refused_before_encoding(corpus: Path, tmp_path: Path) -> None:
+    runner = CliRunner()
+    typo = runner.invoke(app, ["index", "build", str(corpus), "--index", str(tmp_path / "idx"), "--index-type", "ivfp"])
+    assert typo.exit_code == 2 and "ivfp" in typo.output and not (tmp_path / "idx").exists()
+    cmd = [sys.executable, "-m", "service.cli", "index", "build", str(corpus), "--index", str(tmp_path / "idx"),
+           "--device", "gpu"]
+    device = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert device.returncode == 2 and "Traceback" not in device.stderr
+    assert device.stderr.strip().count("\n") == 0 and "unknown device 'gpu'" in device.stderr
 
 
 def _build_cmd(src: Path, out: Path) -> list[str]:
