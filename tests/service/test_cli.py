@@ -1,0 +1,76 @@
+"""The `imsearch` command line as a user runs it: search from a terminal, --version, serve's refusals."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+from pathlib import Path
+
+import pytest
+from click.testing import Result
+from typer.testing import CliRunner
+
+from indexer.build import BuildOptions, build_or_add
+from indexer.encoder import DualEncoder
+from indexer.scenes import write_scenes
+from service.cli import app
+from tests.service.procs import CLI, free_port
+
+
+@pytest.fixture(scope="module")
+def index_dir(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("cli")
+    write_scenes(root / "src", 10, seed=141, twins=True)
+    build_or_add(root / "src" / "captions.jsonl", root / "idx", encoder, BuildOptions(workers=0), "build")
+    return root / "idx"
+
+
+def _run(*args: str) -> Result:
+    """The command in this process (the real CLI, without a new interpreter's torch import each time)."""
+    return CliRunner().invoke(app, list(args))
+
+
+def test_search_prints_rank_score_and_path(index_dir: Path) -> None:
+    fast = _run("search", "a small red circle", "--index", str(index_dir), "-k", "4")
+    assert fast.exit_code == 0, fast.output
+    rows = [line.split("\t") for line in fast.stdout.splitlines()]
+    assert [int(r[0]) for r in rows] == [1, 2, 3, 4]
+    scores = [float(r[1]) for r in rows]
+    assert scores == sorted(scores, reverse=True) and all(Path(r[2]).is_file() for r in rows)
+    deep = _run("search", "a small red circle", "--index", str(index_dir), "-k", "3", "--rerank", "mid", "--json")
+    answer = json.loads(deep.stdout)
+    assert deep.exit_code == 0 and len(answer["hits"]) == 3
+    assert all(h["rerank_score"] is not None for h in answer["hits"]) and answer["timings_ms"]["rerank"] > 0
+    by_image = _run("search", "--image", rows[0][2], "--index", str(index_dir), "-k", "1")
+    assert by_image.exit_code == 0 and by_image.stdout.split("\t")[2].strip() == rows[0][2]
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    (("search", "--index", "IDX"), "give a text"),
+    (("search", "   ", "--index", "IDX"), "empty"),
+    (("search", "x", "--index", "IDX", "--rerank", "deepest"), "unknown rerank tier"),
+    (("search", "--index", "IDX", "--image", "/dev/zero"), "not a regular file"),
+    (("search", "x", "--index", "/nowhere"), "no published index"),
+])
+def test_search_errors_are_one_clear_line(index_dir: Path, args: tuple[str, ...], message: str) -> None:
+    done = _run(*(str(index_dir) if a == "IDX" else a for a in args))
+    assert done.exit_code == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.output
+    assert done.exception is None or isinstance(done.exception, SystemExit)
+
+
+def test_version() -> None:
+    done = subprocess.run([CLI, "--version"], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stdout.strip().startswith("imsearch 0.")
+
+
+def test_serve_refuses_a_busy_port_before_loading_anything(index_dir: Path) -> None:
+    port = free_port()
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", port))
+        taken.listen()
+        env_model = "IMSEARCH_MODEL=no-such-model"  # loading models first would fail on this instead
+        done = subprocess.run(["env", env_model, CLI, "serve", "--index", str(index_dir), "--port", str(port)],
+                              capture_output=True, text=True, timeout=120)
+    assert done.returncode == 2 and f"127.0.0.1:{port}" in done.stderr and "in use" in done.stderr
+    assert "no-such-model" not in done.stderr and "Traceback" not in done.stderr
