@@ -39,15 +39,18 @@ from indexer.store import (
     STAGING,
     VERSIONS,
     Index,
+    check_shard,
     current_version,
     link_shard,
     list_versions,
     mutation_lock,
     publish,
+    read_manifest,
+    read_npy,
     save_faiss,
     save_npy,
 )
-from indexer.writer import Failure, Row, ShardWriter, StagedShard, read_staged
+from indexer.writer import Failure, Row, ShardWriter, StagedShard, read_staged, recorded_files
 
 Progress = Callable[[int, int, int], None]  # (items done, items total, images indexed)
 
@@ -228,12 +231,14 @@ def _row(item: SourceItem, d: Decoded) -> Row:
 
 
 def _live_vectors(shard_dirs: Iterable[Path], deleted: set[int]) -> tuple[np.ndarray, np.ndarray]:
+    """(n, d) float32 vectors and (n,) ids of the live rows. Read, not mapped: a parent shard cut short
+    is an IndexCorrupt naming its file, where a mapped page past its end would be a SIGBUS."""
     vecs, ids = [], []
     for folder in shard_dirs:
-        shard_ids = np.load(folder / "ids.npy")
+        shard_ids = read_npy(folder / "ids.npy")
         keep = ~np.isin(shard_ids, np.fromiter(deleted, np.int64, len(deleted)))
         if len(shard_ids):
-            vecs.append(np.load(folder / "emb.npy", mmap_mode="r")[keep])
+            vecs.append(read_npy(folder / "emb.npy")[keep])
             ids.append(shard_ids[keep])
     if not vecs:
         return np.zeros((0, 0), np.float32), np.zeros(0, np.int64)
@@ -243,7 +248,8 @@ def _live_vectors(shard_dirs: Iterable[Path], deleted: set[int]) -> tuple[np.nda
 def _write_version(tmp: Path, shard_dirs: list[Path], deleted: set[int], failures: list[Failure],
                    opts: BuildOptions, dim: int) -> tuple[AnnPlan, int]:
     """Link shards, build the FAISS index over live vectors, write tombstones and failures."""
-    for folder in shard_dirs:
+    for folder, entry in zip(shard_dirs, _shard_entries(shard_dirs), strict=True):
+        check_shard(folder, entry)  # a shard damaged since it was written is never linked into a new version
         link_shard(folder, tmp / SHARDS)
     vectors, ids = _live_vectors(shard_dirs, deleted)
     if len(ids) == 0:
@@ -259,12 +265,35 @@ def _write_version(tmp: Path, shard_dirs: list[Path], deleted: set[int], failure
 
 def _manifest(plan: AnnPlan, count: int, shard_dirs: list[Path], encoder_info: dict[str, Any], source: str,
               parent: str | None, counts: dict[str, int], next_id: int) -> dict[str, Any]:
-    shards = [{"name": f.name, "rows": len(np.load(f / "ids.npy"))} for f in shard_dirs]
     return {
         "model": encoder_info, "dim": encoder_info["embed_dim"], "count": count, "next_id": next_id,
         "index": plan.to_dict(), "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": source, "parent": parent, "counts": counts, "shards": shards,
+        "source": source, "parent": parent, "counts": counts, "shards": _shard_entries(shard_dirs),
     }
+
+
+def _shard_entries(shard_dirs: list[Path]) -> list[dict[str, Any]]:
+    """Manifest entries {name, rows, files} of the shards: a parent version's are copied from its
+    manifest (sizes and checksums are never recomputed), a new shard's come from its writer's marker."""
+    parents: dict[Path, dict[str, dict[str, Any]]] = {}
+    entries = []
+    for folder in shard_dirs:
+        version = folder.parent.parent
+        if (version / MANIFEST).is_file():
+            if version not in parents:
+                parents[version] = {s["name"]: s for s in read_manifest(version)["shards"]}
+            entries.append(dict(parents[version].get(folder.name) or _new_shard_entry(folder)))
+        else:
+            entries.append(_new_shard_entry(folder))
+    return entries
+
+
+def _new_shard_entry(folder: Path) -> dict[str, Any]:
+    entry: dict[str, Any] = {"name": folder.name, "rows": len(read_npy(folder / "ids.npy"))}
+    files = recorded_files(folder)
+    if files:  # a shard staged before sizes and checksums were recorded has none
+        entry["files"] = files
+    return entry
 
 
 # --- the three mutations --------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexer.store import fsync_tree, save_npy
+from indexer.store import FileDigest, corrupt, file_digest, fsync_tree, save_npy
 
 META_SCHEMA = pa.schema([
     ("id", pa.int64()), ("path", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
@@ -112,10 +112,12 @@ class ShardWriter:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         ids = np.arange(self.next_id, self.next_id + len(self.rows), dtype=np.int64)
-        self._write_arrays(tmp, ids)
+        files = self._write_arrays(tmp, ids)
         pq.write_table(_meta_table(ids, self.rows), tmp / "meta.parquet")
+        files["meta.parquet"] = file_digest(tmp / "meta.parquet")
+        # the files' sizes and sha256, hashed once here: every version that links the shard copies them
         marker = {"rows": len(ids), "processed": self.processed, "sha256": [r.sha256 for r in self.rows],
-                  "failures": [{"path": f.path, "reason": f.reason} for f in self.failures]}
+                  "failures": [{"path": f.path, "reason": f.reason} for f in self.failures], "files": files}
         (tmp / DONE).write_text(json.dumps(marker))
         fsync_tree(tmp)
         os.rename(tmp, self.folder / name)
@@ -125,14 +127,27 @@ class ShardWriter:
         self.seq += 1
         self._reset()
 
-    def _write_arrays(self, folder: Path, ids: np.ndarray) -> None:
-        save_npy(folder / "ids.npy", ids)
+    def _write_arrays(self, folder: Path, ids: np.ndarray) -> dict[str, FileDigest]:
+        """Write ids, embeddings and tokens; returns each file's size and sha256."""
+        files = {"ids.npy": save_npy(folder / "ids.npy", ids)}
         if self.emb:
-            save_npy(folder / "emb.npy", self.emb)  # written chunk by chunk, not concatenated first
-            save_npy(folder / "tok.npy", self.tok)
+            files["emb.npy"] = save_npy(folder / "emb.npy", self.emb)  # written chunk by chunk, not concatenated
+            files["tok.npy"] = save_npy(folder / "tok.npy", self.tok)
         else:  # a shard of failures only still records what it processed
-            save_npy(folder / "emb.npy", np.zeros((0, 0), np.float32))
-            save_npy(folder / "tok.npy", np.zeros((0, 0, 0), np.float16))
+            files["emb.npy"] = save_npy(folder / "emb.npy", np.zeros((0, 0), np.float32))
+            files["tok.npy"] = save_npy(folder / "tok.npy", np.zeros((0, 0, 0), np.float16))
+        return files
+
+
+def recorded_files(folder: Path) -> dict[str, FileDigest]:
+    """Sizes and sha256 of a completed shard's files as its writer recorded them in its marker
+    ({} for a shard written before they were recorded)."""
+    marker = folder / DONE
+    try:
+        files = json.loads(marker.read_bytes()).get("files", {})
+    except (OSError, ValueError, AttributeError) as exc:  # AttributeError: JSON that is not an object
+        raise corrupt(marker, f"cannot be read ({exc})") from None
+    return files if isinstance(files, dict) else {}
 
 
 def _meta_table(ids: np.ndarray, rows: list[Row]) -> pa.Table:
