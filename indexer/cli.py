@@ -303,6 +303,23 @@ def index_info(index_dir: IndexDirOpt,
     sys.stdout.write("\n".join(lines) + "\n")
 
 
+@index_app.command("verify")
+def index_verify(index_dir: IndexDirOpt,
+                 version: Annotated[str | None, typer.Option(help="check this version only (default: every kept "
+                                                                  "one, and CURRENT)")] = None,
+                 as_json: JsonOpt = False) -> None:
+    """Check every file of the kept versions against the size and sha256 recorded at publish; exit 1 on damage."""
+    from indexer.store import verify
+
+    report = guarded(lambda: verify(index_dir, version))
+    if as_json:
+        sys.stdout.write(json.dumps(report.to_json()) + "\n")
+    else:
+        sys.stdout.write("\n".join(report.lines()) + "\n")
+    if not report.clean:
+        raise typer.Exit(1)
+
+
 def main() -> None:
     app()
 
