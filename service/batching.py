@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import heapq
 import threading
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Generic, TypeVar
 
 In = TypeVar("In")
@@ -194,6 +195,23 @@ def _resolve(pairs: list[tuple[asyncio.Future[Any], Any]], exc: BaseException | 
             waiter.set_result(value)
 
 
+class Again:
+    """What a StagedBatcher's `finish` returns when the item has more steps to run (see StagedBatcher)."""
+
+
+AGAIN = Again()
+
+
+@dataclass(order=True)
+class _Ready(Generic[Mid, Out]):
+    """A prepared item in a StagedBatcher's queue, ordered by its key, then by arrival."""
+
+    key: float
+    seq: int
+    mid: Mid = field(compare=False)
+    waiter: asyncio.Future[Out] = field(compare=False)
+
+
 class StagedBatcher(Generic[In, Mid, Out]):
     """Heavy per-item work behind a cheap step that batches well: `prepare` runs on a list of items
     (one encoder forward, one FAISS call for all of them), `finish` on one prepared item at a time,
@@ -204,17 +222,30 @@ class StagedBatcher(Generic[In, Mid, Out]):
     backlog, where a MicroBatcher in front of it would see items one at a time: they arrive paced
     by the heavy step's completions, a whole heavy step apart. Each item is settled as soon as its
     own `finish` returns, not at the end of its batch.
+
+    Long items do not hold up short ones. `finish` may return AGAIN: it did one step of the item's
+    work, and is called again for it later, so between steps its worker takes whatever is most
+    urgent. Ready items go smallest `key` first (then by arrival); items that `heavy` calls long
+    queue apart and run only after the short ones and the items still to prepare, on at most
+    `workers - 1` workers at once (when there are two or more), so a short item always finds a free
+    one. A waiter that went away (a client that disconnected) is dropped between steps.
     """
 
-    def __init__(self, prepare: Callable[[list[In]], Sequence[Mid]], finish: Callable[[Mid], Out], workers: int = 1,
-                 max_batch: int = 32, name: str = "staged"):
+    def __init__(self, prepare: Callable[[list[In]], Sequence[Mid]], finish: Callable[[Mid], Out | Again],
+                 workers: int = 1, max_batch: int = 32, name: str = "staged",
+                 key: Callable[[Mid], float] = lambda _: 0.0, heavy: Callable[[Mid], bool] = lambda _: False):
         if workers < 1 or max_batch < 1:
             raise ValueError("workers and max_batch must be at least 1")
         self.prepare, self.finish, self.max_batch = prepare, finish, max_batch
+        self.key, self.heavy = key, heavy
+        self.max_heavy = max(1, workers - 1)
         self.stats = BatchStats()  # of the prepare calls
         self._pending: deque[tuple[In, asyncio.Future[Out]]] = deque()
-        self._ready: deque[tuple[Mid, asyncio.Future[Out]]] = deque()
-        self._cond = threading.Condition()  # guards both queues and _closed
+        self._light: list[_Ready[Mid, Out]] = []  # heaps
+        self._long: list[_Ready[Mid, Out]] = []
+        self._heavy_running = 0
+        self._seq = 0
+        self._cond = threading.Condition()  # guards the queues, the counters and _closed
         self._closed = False
         self._threads = [threading.Thread(target=self._run, name=f"staged-{name}-{i}", daemon=True)
                          for i in range(workers)]
@@ -238,15 +269,22 @@ class StagedBatcher(Generic[In, Mid, Out]):
         for thread in self._threads:
             thread.join(timeout=30)
 
-    def _next(self) -> tuple[Mid, asyncio.Future[Out]] | list[tuple[In, asyncio.Future[Out]]] | None:
-        """A prepared item, else the queued items to prepare; None once closed and drained."""
+    def _take_long(self) -> bool:
+        return bool(self._long) and self._heavy_running < self.max_heavy
+
+    def _next(self) -> tuple[_Ready[Mid, Out], bool] | list[tuple[In, asyncio.Future[Out]]] | None:
+        """A ready item (and whether it is long), else the queued items to prepare; None once closed
+        and drained."""
         with self._cond:
-            while not (self._ready or self._pending or self._closed):
+            while not (self._light or self._pending or self._take_long() or (self._closed and not self._long)):
                 self._cond.wait()
-            if self._ready:
-                return self._ready.popleft()
+            if self._light:
+                return heapq.heappop(self._light), False
             if self._pending:
                 return [self._pending.popleft() for _ in range(min(self.max_batch, len(self._pending)))]
+            if self._long:
+                self._heavy_running += 1
+                return heapq.heappop(self._long), True
             return None
 
     def _run(self) -> None:
@@ -254,13 +292,33 @@ class StagedBatcher(Generic[In, Mid, Out]):
             if isinstance(work, list):
                 self._prepare(work)
                 continue
-            mid, waiter = work
-            if waiter.cancelled():  # the client went away while it queued
-                continue
+            ready, long = work
             try:
-                _settle([waiter], [self.finish(mid)], None)
-            except BaseException as exc:  # noqa: BLE001 (handed to the waiting caller)
-                _settle([waiter], None, exc)
+                self._step(ready)
+            finally:
+                if long:
+                    with self._cond:
+                        self._heavy_running -= 1
+                        self._cond.notify_all()
+
+    def _step(self, ready: _Ready[Mid, Out]) -> None:
+        if ready.waiter.cancelled():  # the client went away while it queued
+            return
+        try:
+            out = self.finish(ready.mid)
+        except BaseException as exc:  # noqa: BLE001 (handed to the waiting caller)
+            _settle([ready.waiter], None, exc)
+            return
+        if isinstance(out, Again):
+            self._queue([ready])
+        else:
+            _settle([ready.waiter], [out], None)
+
+    def _queue(self, items: Sequence[_Ready[Mid, Out]]) -> None:
+        with self._cond:
+            for ready in items:
+                heapq.heappush(self._long if self.heavy(ready.mid) else self._light, ready)
+            self._cond.notify_all()
 
     def _prepare(self, batch: list[tuple[In, asyncio.Future[Out]]]) -> None:
         waiters = [w for _, w in batch]
@@ -271,5 +329,5 @@ class StagedBatcher(Generic[In, Mid, Out]):
             _settle(waiters, None, exc)
             return
         with self._cond:
-            self._ready.extend(zip(mids, waiters, strict=True))
-            self._cond.notify_all()
+            start, self._seq = self._seq, self._seq + len(mids)
+        self._queue([_Ready(self.key(m), start + i, m, w) for i, (m, w) in enumerate(zip(mids, waiters, strict=True))])

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Literal
 
@@ -9,6 +10,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 RerankTier = Literal["none", "mid", "early"]
+PINNED = re.compile(r"(.+)@(v\d{6,})")  # DIR@VERSION in an index spec
 
 
 class Settings(BaseSettings):
@@ -16,7 +18,8 @@ class Settings(BaseSettings):
 
     model_config = SettingsConfigDict(env_prefix="IMSEARCH_", env_file=".env", extra="ignore")
 
-    indexes: list[str] = Field(default_factory=list, description="NAME=DIR or DIR; the first is the default")
+    indexes: list[str] = Field(default_factory=list,
+                               description="NAME=DIR or DIR (DIR@vNNNNNN holds that version); the first is the default")
     model: str = "tiny"
     pretrained: str | None = None
     device: str = "cpu"
@@ -46,6 +49,7 @@ class Settings(BaseSettings):
     threads: int = Field(1, ge=0, description="intra-op threads per torch/FAISS call (0: library default)")
     workers: int = Field(1, ge=1, description="API processes; more than one needs redis_url (shared jobs)")
     rerank_slots: int = Field(0, ge=0, description="reranks a process runs at once, all tiers (0: cores / workers)")
+    rerank_queue: int = Field(1024, ge=1, description="candidates a tier may hold queued ahead of a request (else 503)")
     access_log: bool = Field(True, description="a log line per request (uvicorn's; /metrics counts them either way)")
     max_wait_ms: float = Field(1.0, ge=0.0, le=50.0, description="wait for stragglers, only under load")
 
@@ -58,10 +62,13 @@ class Settings(BaseSettings):
                 raise ValueError(f"index spec {spec!r} must be DIR or NAME=DIR")
         return value
 
-    def index_dirs(self) -> dict[str, Path]:
-        """Index name → folder; an unnamed DIR is named after its folder."""
-        out: dict[str, Path] = {}
+    def index_dirs(self) -> dict[str, tuple[Path, str | None]]:
+        """Index name → (folder, the version to hold, or None to follow CURRENT); an unnamed DIR is
+        named after its folder. DIR@v000004 serves that kept version (say, while CURRENT is damaged)."""
+        out: dict[str, tuple[Path, str | None]] = {}
         for spec in self.indexes:
-            name, _, folder = spec.rpartition("=")
-            out[name or Path(folder).name] = Path(folder)
+            name, _, where = spec.rpartition("=")
+            pinned = PINNED.fullmatch(where)
+            folder, version = (pinned.group(1), pinned.group(2)) if pinned else (where, None)
+            out[name or Path(folder).name] = (Path(folder), version)
         return out

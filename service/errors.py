@@ -9,7 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from indexer.store import UnknownImage
+from indexer.store import IndexCorrupt, UnknownImage
+from service.admission import Overloaded
 from service.jobs import JobNotFound, JobRejected
 from service.search import BadQuery
 
@@ -50,6 +51,20 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(JobNotFound)
     async def job_not_found(_: Request, exc: JobNotFound) -> JSONResponse:
         return _detail(404, f"no job with id {exc.args[0]}")
+
+    @app.exception_handler(IndexCorrupt)
+    async def damaged(_: Request, exc: IndexCorrupt) -> JSONResponse:
+        # a file of the served version changed under it (say, truncated in place): this request fails,
+        # the service goes on; the file's path is the operator's to see, not the client's
+        log.error("index damaged while serving: %s", exc)
+        return _detail(503, "a file of the index version serving this request is damaged; the operator has been "
+                            "told (run `imsearch index verify`)")
+
+    @app.exception_handler(Overloaded)
+    async def overloaded(_: Request, exc: Overloaded) -> JSONResponse:
+        response = _detail(503, str(exc))
+        response.headers["Retry-After"] = str(exc.retry_after_s)
+        return response
 
     @app.exception_handler(RecursionError)
     async def too_deep(_: Request, exc: RecursionError) -> JSONResponse:

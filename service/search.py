@@ -13,8 +13,9 @@ import numpy as np
 
 from indexer.reader import LIST_EXTENSIONS, decode_image
 from indexer.store import Index
-from reranker.score import Query, Reranker, rerank_order
-from service.batching import MicroBatcher, StagedBatcher
+from reranker.score import Query, Reranker, fuse
+from service.admission import Admission, Ticket
+from service.batching import AGAIN, Again, MicroBatcher, StagedBatcher
 from service.encoding import QueryEncoder
 from service.metrics import Metrics
 
@@ -115,6 +116,9 @@ class Searcher:
         return out
 
 
+RERANK_STEP = 32  # candidates scored per step: a larger rerank yields its worker between steps
+
+
 class _Asked(NamedTuple):
     """A reranked text query as it waits for a rerank worker."""
 
@@ -122,17 +126,29 @@ class _Asked(NamedTuple):
     q: QueryInput
     columns: Sequence[str] | None
     queued: float  # clock mark
+    ticket: Ticket
 
 
 @dataclass
 class _Prepared:
-    """A reranked text query after its batch's encode and search: what its own rerank needs."""
+    """A reranked text query after its batch's encode and search: what its own rerank needs, and
+    the log p(match) of the candidates scored so far."""
 
     asked: _Asked
     query: Query
     scores: np.ndarray
     ids: np.ndarray
     marks: tuple[float, float, float]  # clock marks: queued, encoded, searched (the last two: its batch's)
+    scored: list[np.ndarray] = field(default_factory=list)
+
+    @property
+    def depth(self) -> int:
+        """How many candidates this query reranks."""
+        return min(self.asked.q.rerank_k, len(self.ids))
+
+    @property
+    def done(self) -> int:
+        return sum(len(part) for part in self.scored)
 
 
 class RerankedSearch:
@@ -147,18 +163,30 @@ class RerankedSearch:
     `workers` is the process's share of the cores: a rerank is compute-bound (16 candidates are
     milliseconds of one core), and reranks beyond the cores only take turns on them, evicting each
     other's caches and contending for the GIL, so each takes longer and none finishes sooner.
+
+    Candidates are scored RERANK_STEP at a time, smallest queries first, and queries of more than one
+    step run on all workers but one: a query of 256 candidates cannot hold up one of 16. Each tier
+    admits a bounded amount of queued work (Admission): past it a query is refused with Overloaded.
     """
 
-    def __init__(self, encoder: QueryEncoder, rerankers: Mapping[str, Reranker], workers: int, max_batch: int = 32):
+    def __init__(self, encoder: QueryEncoder, rerankers: Mapping[str, Reranker], workers: int, max_batch: int = 32,
+                 queue_candidates: int = 1024):
         self.encoder, self.rerankers = encoder, rerankers
-        self._staged = StagedBatcher(self._prepare, self._finish, workers, max_batch, "rerank")
+        self.admission = Admission(queue_candidates, workers)
+        self._staged = StagedBatcher(self._prepare, self._step, workers, max_batch, "rerank",
+                                     key=lambda p: p.depth, heavy=lambda p: p.depth > RERANK_STEP)
 
     async def asearch(self, searcher: Searcher, q: QueryInput, columns: Sequence[str] | None = None) -> SearchOutput:
-        """The query reranked by its tier (a text query; BadQuery otherwise), timed as `search` is."""
+        """The query reranked by its tier (a text query; BadQuery otherwise), timed as `search` is;
+        Overloaded when its tier's queue is full."""
         check_tier(self.rerankers, q.rerank)
         if q.text is None:
             raise BadQuery(RERANK_NEEDS_TEXT)
-        return await self._staged.acall(_Asked(searcher, q, columns, time.perf_counter()))
+        ticket = self.admission.admit(q.rerank, q.rerank_k)
+        try:
+            return await self._staged.acall(_Asked(searcher, q, columns, time.perf_counter(), ticket))
+        finally:  # answered, failed, or abandoned by its client (its remaining steps are then skipped)
+            self.admission.release(ticket)
 
     def close(self) -> None:
         self._staged.close()
@@ -177,10 +205,20 @@ class RerankedSearch:
                           (a.queued, a.queued + encoded - start, a.queued + searched - start))
                 for i, a in enumerate(asked)]
 
-    def _finish(self, p: _Prepared) -> SearchOutput:
-        """Rerank, hits, timings: rerank is the time from the search to now (its wait for a worker included)."""
+    def _step(self, p: _Prepared) -> SearchOutput | Again:
+        """Score the next RERANK_STEP candidates; once all are scored, order them and answer. The
+        rerank time runs from the search to the answer (waits for a worker included)."""
         q, index = p.asked.q, p.asked.searcher.index
-        scores, ids, reranked = _rerank(self.rerankers[q.rerank], index, p.query, p.scores, p.ids, q.rerank_k)
+        reranker = self.rerankers[q.rerank]
+        if p.done < p.depth:
+            start, end = p.done, min(p.depth, p.done + RERANK_STEP)
+            began = time.perf_counter()
+            p.scored.append(reranker.log_match(p.query, index.tokens(p.ids[start:end])))
+            self.admission.scored(p.asked.ticket, end - start, time.perf_counter() - began)
+            if end < p.depth:
+                return AGAIN
+        log_p = np.concatenate(p.scored) if p.scored else np.zeros(0, np.float32)
+        scores, ids, reranked = _order(log_p, p.scores, p.ids, reranker.fusion_weight)
         return _output(index, _hits(index, scores, ids, reranked, q, p.asked.columns), (*p.marks, time.perf_counter()))
 
 
@@ -260,14 +298,23 @@ def _output(index: Index, hits: list[Hit], marks: tuple[float, float, float, flo
 
 def _rerank(reranker: Reranker, index: Index, query: Query, cosine: np.ndarray, ids: np.ndarray,
             k: int) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Reorder the top k by fused score; the rest keep the dual encoder's order below them.
+    """Score the top k in one call, then _order."""
+    return _order(reranker.log_match(query, index.tokens(ids[:k])), cosine, ids, reranker.fusion_weight)
 
-    Returns (cosine, ids, (log p(match), score)) in the new order: log p is NaN past k, and the score
-    goes on below the lowest fused score there, falling as the cosine falls, so that it is
+
+def _order(log_p: np.ndarray, cosine: np.ndarray, ids: np.ndarray,
+           weight: float) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+    """Reorder the len(log_p) candidates at the head by fused score; the rest keep the dual encoder's
+    order below them.
+
+    Returns (cosine, ids, (log p(match), score)) in the new order: log p is NaN past the head, and
+    the score goes on below the lowest fused score there, falling as the cosine falls, so that it is
     non-increasing in rank throughout (a client may sort on it).
     """
+    k = len(log_p)
     head = ids[:k]
-    order, log_p, fused = rerank_order(reranker, query, index.tokens(head), cosine[:k])
+    fused = fuse(log_p, cosine[:k], weight)
+    order = np.argsort(-fused, kind="stable")
     tail_cos = cosine[k:]
     tail_score = (fused.min() - (cosine[:k].min() - tail_cos)) if len(head) else tail_cos
     new_ids = np.concatenate([head[order], ids[k:]])

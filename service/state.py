@@ -113,8 +113,7 @@ class Engine:
         if self.results is not None:
             self.results.close()
         self.cache.close()
-        for searcher in self.swapper.searchers.values():
-            searcher.close()
+        self.swapper.close()
 
 
 def configure_process(settings: Settings) -> None:
@@ -128,7 +127,8 @@ def configure_process(settings: Settings) -> None:
     next request needs (a 3 ms hand-off on 2 cores). With one thread per call, concurrent requests
     and pipeline stages run side by side on separate cores instead.
     """
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s:     %(name)s: %(message)s")
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s:     %(name)s: %(message)s")
+    logging.getLogger("service").setLevel(logging.INFO)  # libraries' INFO (open_clip's) stays quiet
     if settings.threads:
         torch.set_num_threads(settings.threads)  # every thread torch runs in follows this
         threadpool_limits(settings.threads)  # numpy's and FAISS's BLAS (OpenMP: this thread; see Searcher)
@@ -139,8 +139,8 @@ def load_engine(settings: Settings) -> Engine:
     if not settings.indexes:
         raise StartupError("no index configured: pass --index DIR (or set IMSEARCH_INDEXES)")
     try:
+        indexes = {name: Index.open(folder, version) for name, (folder, version) in settings.index_dirs().items()}
         encoder = load_encoder(EncoderSpec(settings.model, settings.pretrained, settings.device))
-        indexes = {name: Index.open(folder) for name, folder in settings.index_dirs().items()}
     except (EncoderUnavailable, IndexNotFound) as exc:
         raise StartupError(str(exc)) from None
     for name, index in indexes.items():
@@ -184,12 +184,13 @@ def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index]
         log.info("index %s version %s: FAISS search on %s", index.root.name, index.version, where)
         return Searcher(index, metrics, settings.max_batch, settings.max_wait_ms, settings.threads)
 
+    held = {name for name, (_, version) in settings.index_dirs().items() if version}
     swapper = IndexSwapper({name: index.root for name, index in indexes.items()},
-                           {name: make_searcher(index) for name, index in indexes.items()}, make_searcher)
+                           {name: make_searcher(index) for name, index in indexes.items()}, make_searcher, held)
     jobs: JobQueue = (RQJobs(settings.redis_url, settings.job_timeout_s) if settings.redis_url
                       else LocalJobs(lambda _dir, _version: swapper.refresh()))
     results = ResultStore(cache, settings.max_batch) if cache.enabled else None
     # the machine's cores shared by the worker processes (each process sees only its own reranks)
     slots = settings.rerank_slots or max(1, (os.cpu_count() or 1) // settings.workers)
-    reranked = RerankedSearch(queries, rerankers, slots, settings.max_batch)
+    reranked = RerankedSearch(queries, rerankers, slots, settings.max_batch, settings.rerank_queue)
     return Engine(settings, encoder, rerankers, cache, metrics, queries, swapper, jobs, reranked, results)

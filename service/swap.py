@@ -27,8 +27,9 @@ class IndexSwapper:
     """
 
     def __init__(self, dirs: dict[str, Path], searchers: dict[str, Searcher],
-                 make_searcher: Callable[[Index], Searcher]):
+                 make_searcher: Callable[[Index], Searcher], held: set[str] | None = None):
         self.dirs = dirs
+        self.held = held or set()  # served at a version named in the settings: never swapped
         self.searchers = searchers
         self.make_searcher = make_searcher
         self.lock = threading.Lock()
@@ -44,15 +45,31 @@ class IndexSwapper:
 
     def _keep_old(self, name: str, index: Index) -> None:
         self.old[(name, index.version)] = index
-        timer = threading.Timer(KEEP_OLD_S, self.old.pop, ((name, index.version), None))
+        timer = threading.Timer(KEEP_OLD_S, self._forget, (name, index.version))
         timer.daemon = True
         timer.start()
+
+    def _forget(self, name: str, version: str) -> None:
+        old = self.old.pop((name, version), None)
+        if old is not None:
+            old.close()  # its shard files (a read in flight finishes first)
+
+    def close(self) -> None:
+        """Release every version held: the served ones and those kept after a swap."""
+        for searcher in self.searchers.values():
+            searcher.close()
+            searcher.index.close()
+        for old in list(self.old.values()):
+            old.close()
+        self.old.clear()
 
     def refresh(self) -> list[str]:
         """Open the CURRENT version of every served folder that moved on; returns the names swapped."""
         swapped = []
         with self.lock:  # pub/sub and polling may both notice the same version
             for name, folder in self.dirs.items():
+                if name in self.held:
+                    continue
                 old = self.searchers[name]
                 if current_version(folder) in (None, old.index.version):
                     continue

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
 from indexer.encoder import DualEncoder
-from service.batching import MicroBatcher, StagedBatcher
+from service.admission import Admission, Overloaded
+from service.batching import AGAIN, Again, MicroBatcher, StagedBatcher
 from service.encoding import QueryEncoder
 
 
@@ -263,3 +265,85 @@ def test_staged_workers_finish_in_parallel_and_errors_reach_only_their_callers()
     staged.close()
     with pytest.raises(RuntimeError, match="closed"):
         asyncio.run(staged.acall(4))
+
+
+def test_staged_long_items_step_aside_for_short_ones_and_never_take_every_worker() -> None:
+    order: list[tuple[str, int]] = []
+    long_running, most_long = 0, 0
+    lock = threading.Lock()
+    steps = {"long-a": 4, "long-b": 4}
+
+    def finish(item: str) -> str | Again:
+        nonlocal long_running, most_long
+        with lock:
+            if item.startswith("long"):
+                long_running += 1
+                most_long = max(most_long, long_running)
+        time.sleep(0.01)
+        with lock:
+            order.append((item, steps.get(item, 0)))
+            if item.startswith("long"):
+                long_running -= 1
+                steps[item] -= 1
+                return AGAIN if steps[item] > 0 else item
+        return item
+
+    staged: StagedBatcher[str, str, str] = StagedBatcher(lambda items: items, finish, workers=2, max_batch=8,
+                                                         key=len, heavy=lambda item: item.startswith("long"))
+
+    async def scenario() -> list[str]:
+        long = [asyncio.ensure_future(staged.acall(name)) for name in ("long-a", "long-b")]
+        while not order:
+            await asyncio.sleep(0.001)
+        short = await asyncio.gather(*(staged.acall(f"s{i}") for i in range(6)))
+        return [*short, *(await asyncio.gather(*long))]
+
+    assert asyncio.run(scenario()) == [*(f"s{i}" for i in range(6)), "long-a", "long-b"]
+    staged.close()
+    assert most_long == 1  # two workers: long items never held both
+    first_short = next(i for i, (item, _) in enumerate(order) if item.startswith("s"))
+    last_short = max(i for i, (item, _) in enumerate(order) if item.startswith("s"))
+    longs_between = [item for item, _ in order[first_short:last_short] if item.startswith("long")]
+    assert len(longs_between) <= 3  # the short ones ran beside at most a few long steps, not after all eight
+
+
+def test_staged_steps_of_an_abandoned_item_are_skipped() -> None:
+    calls: list[int] = []
+
+    def finish(item: int) -> int | Again:
+        calls.append(item)
+        time.sleep(0.01)
+        return AGAIN if len(calls) < 100 else item
+
+    staged: StagedBatcher[int, int, int] = StagedBatcher(lambda items: items, finish, workers=1)
+
+    async def scenario() -> None:
+        task = asyncio.ensure_future(staged.acall(7))
+        while len(calls) < 3:
+            await asyncio.sleep(0.001)
+        task.cancel()  # the client went away
+        await asyncio.sleep(0.1)
+
+    asyncio.run(scenario())
+    staged.close()
+    assert 3 <= len(calls) < 10
+
+
+def test_admission_bounds_the_work_ahead_per_tier_and_says_when_to_retry() -> None:
+    admission = Admission(bound=512, workers=2)
+    heavy = [admission.admit("early", 256), admission.admit("early", 256)]
+    with pytest.raises(Overloaded, match="512 candidates queued ahead") as refused:
+        admission.admit("early", 256)
+    assert refused.value.retry_after_s >= 1
+    small = admission.admit("early", 16)  # smaller requests go first: the large ones are not ahead of it
+    other = admission.admit("mid", 256)  # another tier has its own queue
+    admission.scored(heavy[0], 128, 2.56)  # 20 ms per candidate
+    assert admission.queued("early") == 128 + 256 + 16
+    with pytest.raises(Overloaded) as refused:
+        admission.admit("early", 256)
+    assert refused.value.retry_after_s == 4  # 400 candidates ahead at 20 ms each on two workers
+    admission.release(heavy[1])
+    admission.admit("early", 256)
+    for ticket in (small, other):
+        admission.release(ticket)
+    assert admission.queued("mid") == 0

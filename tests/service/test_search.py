@@ -155,3 +155,26 @@ def test_reranked_search_runs_at_most_its_workers_reranks_at_once_with_the_same_
         np.testing.assert_allclose([h.rerank_score for h in out.hits], [h.rerank_score for h in alone.hits],
                                    rtol=1e-5, atol=1e-5)
         assert out.timings_ms["total"] >= out.timings_ms["rerank"] > 0
+
+
+def test_a_large_rerank_in_steps_equals_one_call_and_a_full_tier_refuses(queries, searcher, index, rerankers) -> None:
+    from service.admission import Overloaded
+
+    reranked = RerankedSearch(queries, rerankers, workers=2, max_batch=4, queue_candidates=80)
+    text = index.metadata(index.ids()[:1])[0]["caption"]
+    big = QueryInput(text=text, k=70, rerank="mid", rerank_k=70)  # three steps of 32
+
+    async def crowd() -> list[SearchOutput | BaseException]:
+        first = asyncio.ensure_future(reranked.asearch(searcher, big))
+        await asyncio.sleep(0)  # admitted: 70 of the 80 candidates the tier may queue
+        return await asyncio.gather(first, reranked.asearch(searcher, big), return_exceptions=True)
+
+    stepped, refused = asyncio.run(crowd())
+    assert isinstance(refused, Overloaded) and refused.retry_after_s >= 1 and "queued ahead" in str(refused)
+    assert isinstance(stepped, SearchOutput)
+    alone = search(queries, searcher, rerankers, big)
+    assert [h.id for h in stepped.hits] == [h.id for h in alone.hits]
+    np.testing.assert_allclose([h.score for h in stepped.hits], [h.score for h in alone.hits], rtol=1e-5, atol=1e-5)
+    small = asyncio.run(reranked.asearch(searcher, QueryInput(text=text, k=5, rerank="mid", rerank_k=16)))
+    assert len(small.hits) == 5 and reranked.admission.queued("mid") == 0
+    reranked.close()
