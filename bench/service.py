@@ -132,11 +132,13 @@ REDIS_URL = "redis://127.0.0.1:6379/5"  # what several worker processes share (j
 
 
 def pad_index(index_dir: Path, n: int, seed: int = 0) -> None:
-    """Rebuild the served version's ANN index over n vectors: the real ones plus random unit fillers,
+    """Publish a new version whose ANN index holds n vectors: the real ones plus random unit fillers,
     each filler under a real image's id (FAISS allows repeated ids), so that search runs over n
-    vectors and every hit still has tokens and metadata, here and in `imsearch serve` alike."""
+    vectors and every hit still has tokens and metadata, here and in `imsearch serve` alike. The
+    shards are the current version's (linked); its manifest counts the n vectors and says how many
+    are padding."""
     from indexer.ann import build_index, plan_index
-    from indexer.store import INDEX_FILE, MANIFEST, Index, save_faiss
+    from indexer.store import DELETED, INDEX_FILE, SHARDS, Index, link_shard, publish, save_faiss
 
     index = Index.open(index_dir)
     real = index.ids()
@@ -145,8 +147,18 @@ def pad_index(index_dir: Path, n: int, seed: int = 0) -> None:
     filler /= np.linalg.norm(filler, axis=1, keepdims=True)
     plan = plan_index(n, index.dim)
     ids = np.concatenate([real, real[np.arange(n - len(real)) % len(real)]])
-    save_faiss(index.folder / INDEX_FILE, build_index(plan, np.concatenate([index.vectors(real), filler]), ids, seed))
-    (index.folder / MANIFEST).write_text(json.dumps({**index.manifest, "index": plan.to_dict()}))
+    padded = build_index(plan, np.concatenate([index.vectors(real), filler]), ids, seed)
+
+    def fill(tmp: Path, name: str) -> dict:
+        for shard in index.manifest["shards"]:
+            link_shard(index.folder / SHARDS / shard["name"], tmp / SHARDS)
+        save_faiss(tmp / INDEX_FILE, padded)
+        (tmp / DELETED).write_bytes((index.folder / DELETED).read_bytes())
+        manifest = {k: v for k, v in index.manifest.items() if k not in ("version", "files")}
+        return {**manifest, "index": plan.to_dict(), "count": n, "parent": index.version, "bench_padding": len(filler)}
+
+    publish(index_dir, fill)
+    index.close()
 
 
 class BlockingClient:
