@@ -313,3 +313,48 @@ def test_a_worker_outlives_a_redis_restart_and_its_job_is_run_again(scenes: tupl
             worker.stderr.close()
         redis_proc.kill()
         redis_proc.wait(timeout=10)
+
+
+def _damaged_copy(index_dir: Path, tmp_path: Path, encoder: DualEncoder) -> Path:
+    """A copy of the index with a second version published, whose own files are writable again."""
+    served = tmp_path / "idx"
+    shutil.copytree(index_dir, served)
+    for path in served.rglob("*"):
+        path.chmod(0o755 if path.is_dir() else 0o644)
+    write_scenes(tmp_path / "more", 4, seed=123, twins=True)
+    build_or_add(tmp_path / "more" / "captions.jsonl", served, encoder, BuildOptions(workers=0), "add")
+    return served
+
+
+def test_a_token_file_truncated_while_serving_fails_that_request_only(scenes: tuple[Path, Path], tmp_path: Path,
+                                                                       encoder: DualEncoder) -> None:
+    served = _damaged_copy(scenes[0], tmp_path, encoder)
+    with TestClient(create_app(Settings(indexes=[f"scenes={served}"], rerankers=["mid"]))) as client:
+        assert client.post("/v1/search", json={"text": TEXTS[0], "k": 5, "rerank": "mid"}).status_code == 200
+        index = client.app.state.engine.index(None)  # type: ignore[attr-defined]
+        for shard in index.manifest["shards"]:
+            tokens = index.folder / "shards" / shard["name"] / "tok.npy"
+            tokens.chmod(0o644)
+            with tokens.open("r+b") as fh:
+                fh.truncate(256)  # in place: every version linking the shard sees it
+        broken = client.post("/v1/search", json={"text": TEXTS[1], "k": 5, "rerank": "mid"})
+        assert broken.status_code == 503 and "imsearch index verify" in broken.json()["detail"]
+        assert str(served) not in broken.text  # the server's paths stay in its log
+        fast = client.post("/v1/search", json={"text": TEXTS[2], "k": 5})
+        assert fast.status_code == 200 and len(fast.json()["hits"]) == 5  # the service goes on
+
+
+def test_a_damaged_current_version_is_one_line_and_an_older_one_can_be_served(scenes: tuple[Path, Path],
+                                                                               tmp_path: Path,
+                                                                               encoder: DualEncoder) -> None:
+    served = _damaged_copy(scenes[0], tmp_path, encoder)
+    (served / "CURRENT").write_bytes(b"\x00\xffgarbage")
+    refused = subprocess.run([CLI, "serve", "--index", str(served), "--port", str(free_port())],
+                             capture_output=True, text=True, timeout=120)
+    assert refused.returncode == 2 and "Traceback" not in refused.stderr
+    line = refused.stderr.strip()
+    assert "\n" not in line and "CURRENT" in line and "v000001" in line and "@v000002" in line, line
+    with TestClient(create_app(Settings(indexes=[f"scenes={served}@v000001"], rerankers=[]))) as client:
+        info = client.get("/v1/index").json()
+        assert info["version"] == "v000001" and info["count"] == 40
+        assert client.app.state.engine.swapper.refresh() == []  # type: ignore[attr-defined]  # held, not followed
