@@ -54,7 +54,10 @@ STEPS = (
                      "--out", "{out}"), "HTTP overhead and micro-batching"),
     Step("soak", (PY, "bench/soak.py", "--scenes", "1000", "--clients", "16", "--duration", "60", "--warmup", "10",
                   "--out", "{out}"), "soak: mixed traffic on a server process"),
+    Step("admission", (PY, "bench/admission.py", "--scenes", "1000", "--rounds", "60", "--heavy", "4", "--out", "{out}"),
+         "small queries beside large reranks"),
 )
+STEP = {step.name: step for step in STEPS}
 
 
 def run(step: Step) -> float:
@@ -302,7 +305,7 @@ def section_soak() -> str:
     ok = r["errors"] == 0 and r["rss_growth"] < 0.05
     return f"""## Soak (`bench/soak.py`)
 
-`{STEPS[7].command()}` — `imsearch serve` as its own process ({r['images']:,} images, mid and early
+`{STEP["soak"].command()}` — `imsearch serve` as its own process ({r['images']:,} images, mid and early
 loaded), {r['clients']} clients for {r['duration_s']:.0f} s after {r['warmup_s']:.0f} s of warm-up, a
 mix of text (rerank none / mid / early), base64 images and uploads.
 
@@ -313,6 +316,28 @@ mix of text (rerank none / mid / early), base64 images and uploads.
         ["RSS growth (target < 5%, 0 errors)", f"{100 * r['rss_growth']:.2f}% — {verdict(ok)}"]])}
 
 {table(["kind", "requests", "p50 ms", "p95 ms"], kinds)}
+"""
+
+
+def section_admission() -> str:
+    r = load("admission")
+    if not r:
+        return ""
+    rows = [[tier, r["idle_p50_ms"][tier], r["loaded_p50_ms"][tier], r["idle_after_p50_ms"][tier], r["ratio"][tier],
+             f"≤ {r['targets'][tier]:g}x — {verdict(r['ratio'][tier] <= r['targets'][tier])}"] for tier in ("mid", "none")]
+    answers = ", ".join(f"{n} × {status}" for status, n in sorted(r["heavy_answers"].items()))
+    return f"""## Small queries beside large reranks (`bench/admission.py`)
+
+`{STEP["admission"].command()}` — `imsearch serve` (one API process, {r['images']:,} images), small
+queries one at a time (mid with k 10 and rerank_k 16, and no rerank, interleaved), idle, then while
+{r['heavy_clients']} clients send `{json.dumps(r['heavy_query'])}` back to back, then idle again.
+Reranks are scored 32 candidates a step, smaller queries first, and queries of several steps never
+take every rerank worker; each tier refuses (503, Retry-After) a query with more than
+`IMSEARCH_RERANK_QUEUE` candidates ahead of it.
+
+{table(["query", "idle p50 ms", "under load p50 ms", "idle again p50 ms", "load / idle", "target"], rows)}
+
+The large queries meanwhile: {answers}; p50 {r['heavy_p50_ms']:,} ms.
 """
 
 
@@ -347,7 +372,7 @@ def render() -> str:
         "baseline measured in the same run; raw JSON is in `bench/results/` (not committed).",
         "",
         section_encoder(), section_rerankers(), section_ann(), section_indexing(), section_service(),
-        section_soak(), section_gpu(),
+        section_soak(), section_admission(), section_gpu(),
     ]).rstrip() + "\n"
 
 
