@@ -54,8 +54,8 @@ STEPS = (
                      "--out", "{out}"), "HTTP overhead and micro-batching"),
     Step("soak", (PY, "bench/soak.py", "--scenes", "1000", "--clients", "16", "--duration", "60", "--warmup", "10",
                   "--out", "{out}"), "soak: mixed traffic on a server process"),
-    Step("admission", (PY, "bench/admission.py", "--scenes", "1000", "--rounds", "60", "--heavy", "4", "--out", "{out}"),
-         "small queries beside large reranks"),
+    Step("admission", (PY, "bench/admission.py", "--scenes", "1000", "--rounds", "60", "--heavy", "4",
+                       "--out", "{out}"), "small queries beside large reranks"),
 )
 STEP = {step.name: step for step in STEPS}
 
@@ -324,7 +324,8 @@ def section_admission() -> str:
     if not r:
         return ""
     rows = [[tier, r["idle_p50_ms"][tier], r["loaded_p50_ms"][tier], r["idle_after_p50_ms"][tier], r["ratio"][tier],
-             f"≤ {r['targets'][tier]:g}x — {verdict(r['ratio'][tier] <= r['targets'][tier])}"] for tier in ("mid", "none")]
+             f"≤ {r['targets'][tier]:g}x — {verdict(r['ratio'][tier] <= r['targets'][tier])}"]
+            for tier in ("mid", "none")]
     answers = ", ".join(f"{n} × {status}" for status, n in sorted(r["heavy_answers"].items()))
     return f"""## Small queries beside large reranks (`bench/admission.py`)
 
