@@ -224,7 +224,7 @@ def _encode(encoder: DualEncoder, good: list[Decoded]) -> tuple[np.ndarray, np.n
 
 
 def _row(item: SourceItem, d: Decoded) -> Row:
-    return Row(item.path, d.sha256, d.width, d.height, item.caption, item.extra)
+    return Row(item.path, d.sha256, d.width, d.height, item.caption, item.extra, d.size)
 
 
 # --- publish: the per-version part ----------------------------------------------------------------

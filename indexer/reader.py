@@ -160,6 +160,7 @@ class Decoded:
     width: int = 0
     height: int = 0
     error: str | None = None
+    size: int = 0  # bytes of the file as read (served images are checked against it)
 
 
 class UnreadableFile(OSError):
@@ -220,7 +221,7 @@ def read_item(path: str, preprocess: Callable[[Image.Image], torch.Tensor], max_
         image = decode_image(data, max_pixels)
     except BadImage as exc:
         return Decoded(position, None, digest, error=str(exc))
-    return Decoded(position, preprocess(image), digest, image.width, image.height)
+    return Decoded(position, preprocess(image), digest, image.width, image.height, size=len(data))
 
 
 class ImageDataset(Dataset[Decoded]):

@@ -807,8 +807,10 @@ class Index:
         # deleted, per sorted id: a lookup checks its ids in O(k), whatever the number of deletions
         self._dead = np.isin(self._ids, np.fromiter(self.deleted, np.int64, len(self.deleted)))
         # one chunk per column: a hit's fields are then a take on one array each (see metadata)
+        # promote: shards written before a column existed (the file size) read as nulls in it
         self._meta = pa.concat_tables([_read_meta(self.folder / SHARDS / s.name / "meta.parquet")
-                                       for s in self.shards]).combine_chunks() if self.shards else None
+                                       for s in self.shards], promote_options="default").combine_chunks() \
+            if self.shards else None
         self._meta_pos = np.argsort(order, kind="stable")  # position in meta of the i-th sorted id
         self._columns: dict[str, _Column] = {}
 
@@ -932,8 +934,10 @@ def _open_shard(folder: Path, root: Path) -> Shard:
 
 
 def _read_meta(path: Path) -> pa.Table:
-    with _reading(path):
-        return pq.read_table(path)
+    # through a file object closed here: given a path, Arrow's reader closes the file on a thread of
+    # its own, some time later
+    with _reading(path), path.open("rb") as fh:
+        return pq.read_table(fh)
 
 
 def _read_faiss(path: Path) -> faiss.Index:

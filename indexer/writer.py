@@ -17,7 +17,7 @@ from indexer.store import FileDigest, corrupt, file_digest, fsync_tree, save_npy
 
 META_SCHEMA = pa.schema([
     ("id", pa.int64()), ("path", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
-    ("height", pa.int32()), ("caption", pa.string()), ("extra", pa.string()),
+    ("height", pa.int32()), ("caption", pa.string()), ("extra", pa.string()), ("bytes", pa.int64()),
 ])
 DONE = "shard.json"
 
@@ -32,6 +32,7 @@ class Row:
     height: int
     caption: str | None = None
     extra: dict[str, Any] = field(default_factory=dict)
+    size: int | None = None  # the file's bytes (None: not known, as in shards written before it was recorded)
 
 
 @dataclass
@@ -159,4 +160,5 @@ def _meta_table(ids: np.ndarray, rows: list[Row]) -> pa.Table:
         "height": pa.array([r.height for r in rows], pa.int32()),
         "caption": [r.caption for r in rows],
         "extra": [json.dumps(r.extra) if r.extra else None for r in rows],
+        "bytes": pa.array([r.size for r in rows], pa.int64()),
     }, schema=META_SCHEMA)
