@@ -138,7 +138,10 @@ def pad_index(index_dir: Path, n: int, seed: int = 0) -> None:
     shards are the current version's (linked); its manifest counts the n vectors and says how many
     are padding."""
     from indexer.ann import build_index, plan_index
-    from indexer.store import DELETED, INDEX_FILE, SHARDS, Index, link_shard, publish, save_faiss
+    from indexer.durable import save_faiss
+    from indexer.layout import DELETED, INDEX_FILE, SHARDS
+    from indexer.store import Index
+    from indexer.versions import link_shard, publish
 
     index = Index.open(index_dir)
     real = index.ids()

@@ -20,7 +20,10 @@ import torch
 
 from indexer.ann import PQ_MIN_TRAIN, AnnPlan, build_index, plan_index
 from indexer.distributed import EncodedBatch, RayOptions
+from indexer.durable import mutation_lock, save_faiss, save_npy
 from indexer.encoder import DualEncoder
+from indexer.integrity import check_shard, read_manifest, read_npy
+from indexer.layout import DELETED, FAILURES, INDEX_FILE, MANIFEST, SHARDS, STAGING, VERSIONS
 from indexer.reader import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
@@ -30,26 +33,8 @@ from indexer.reader import (
     list_source,
     make_loader,
 )
-from indexer.store import (
-    DELETED,
-    FAILURES,
-    INDEX_FILE,
-    MANIFEST,
-    SHARDS,
-    STAGING,
-    VERSIONS,
-    Index,
-    check_shard,
-    current_version,
-    link_shard,
-    list_versions,
-    mutation_lock,
-    publish,
-    read_manifest,
-    read_npy,
-    save_faiss,
-    save_npy,
-)
+from indexer.store import Index
+from indexer.versions import current_version, link_shard, list_versions, publish
 from indexer.writer import Failure, Row, ShardWriter, StagedShard, read_staged, recorded_files
 
 Progress = Callable[[int, int, int], None]  # (items done, items total, images indexed)
@@ -132,7 +117,7 @@ def disk_errors(out: Path) -> Iterator[None]:
     """
     try:
         yield
-    except OSError as exc:  # index files are written through Python (store.save_npy, store.save_faiss)
+    except OSError as exc:  # index files are written through Python (durable.save_npy, durable.save_faiss)
         if exc.errno not in FULL_DISK:
             raise
         free = shutil.disk_usage(out if out.exists() else out.parent).free

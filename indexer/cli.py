@@ -287,7 +287,8 @@ def index_info(index_dir: IndexDirOpt,
                as_json: Annotated[bool, typer.Option("--json", help="print the whole manifest as JSON")] = False,
                ) -> None:
     """What the current version holds: count, model, index type, versions (the manifest with --json)."""
-    from indexer.store import Index, list_versions
+    from indexer.store import Index
+    from indexer.versions import list_versions
 
     index = guarded(lambda: Index.open(index_dir))
     manifest = index.manifest
@@ -309,7 +310,7 @@ def index_verify(index_dir: IndexDirOpt,
                                                                   "one, and CURRENT)")] = None,
                  as_json: JsonOpt = False) -> None:
     """Check every file of the kept versions against the size and sha256 recorded at publish; exit 1 on damage."""
-    from indexer.store import verify
+    from indexer.verify import verify
 
     report = guarded(lambda: verify(index_dir, version))
     if as_json:

@@ -13,7 +13,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from indexer.store import FileDigest, corrupt, file_digest, fsync_tree, save_npy
+from indexer.durable import FileDigest, file_digest, fsync_tree, save_npy
+from indexer.integrity import corrupt
 
 META_SCHEMA = pa.schema([
     ("id", pa.int64()), ("path", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),

@@ -9,7 +9,8 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from indexer.store import IndexCorrupt, UnknownImage
+from indexer.integrity import IndexCorrupt
+from indexer.store import UnknownImage
 from service.admission import Overloaded
 from service.jobs import JobNotFound, JobRejected
 from service.search import BadQuery

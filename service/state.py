@@ -15,7 +15,8 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from indexer.encoder import DualEncoder, EncoderSpec, EncoderUnavailable, load_encoder
-from indexer.store import Index, IndexNotFound
+from indexer.integrity import IndexNotFound
+from indexer.store import Index
 from reranker.score import Reranker, load_tier
 from service.cache import QueryCache, ResultStore
 from service.config import Settings

@@ -10,7 +10,8 @@ from pathlib import Path
 
 import redis
 
-from indexer.store import Index, current_version
+from indexer.store import Index
+from indexer.versions import current_version
 from service.jobs import VERSIONS_CHANNEL
 from service.search import Searcher
 

@@ -20,18 +20,13 @@ from typer.testing import CliRunner
 
 from indexer.build import BuildError, BuildOptions, build_or_add, remove
 from indexer.cli import app
+from indexer.durable import save_faiss, save_npy
 from indexer.encoder import DualEncoder, create_embedded
+from indexer.layout import STAGING
+from indexer.rows import Column
 from indexer.scenes import write_scenes
-from indexer.store import (
-    STAGING,
-    Index,
-    UnknownImage,
-    _Column,
-    current_version,
-    list_versions,
-    save_faiss,
-    save_npy,
-)
+from indexer.store import Index, UnknownImage
+from indexer.versions import current_version, list_versions
 from tests.indexer.badfiles import awkward_files, broken_files
 
 OPTS = BuildOptions(batch_size=16, workers=0, shard_size=24)
@@ -312,9 +307,9 @@ def test_unknown_ids_are_refused(corpus: Path, tmp_path: Path, encoder: DualEnco
 ])
 def test_metadata_columns_read_by_row_as_arrow_would(array: pa.Array) -> None:
     rows = np.array([len(array) - 1, 0, *range(len(array))])
-    assert _Column(array).take(rows) == array.take(pa.array(rows)).to_pylist()
-    many = np.arange(_Column.FEW + 1) % len(array)  # read by Arrow itself
-    assert _Column(array).take(many) == array.take(pa.array(many)).to_pylist()
+    assert Column(array).take(rows) == array.take(pa.array(rows)).to_pylist()
+    many = np.arange(Column.FEW + 1) % len(array)  # read by Arrow itself
+    assert Column(array).take(many) == array.take(pa.array(many)).to_pylist()
 
 
 def test_save_npy_writes_chunks_as_numpy_would_write_their_concatenation(tmp_path: Path) -> None:

@@ -15,20 +15,13 @@ import numpy as np
 import pytest
 
 from indexer.build import BuildOptions, _live_vectors, build_or_add, remove
+from indexer.durable import file_digest
 from indexer.encoder import DualEncoder
+from indexer.integrity import IndexCorrupt, IndexNotFound
+from indexer.layout import CURRENT, INDEX_FILE, MANIFEST, SHARDS, VERSIONS
 from indexer.scenes import write_scenes
-from indexer.store import (
-    CURRENT,
-    INDEX_FILE,
-    MANIFEST,
-    SHARDS,
-    VERSIONS,
-    Index,
-    IndexCorrupt,
-    IndexNotFound,
-    file_digest,
-    openable_versions,
-)
+from indexer.store import Index
+from indexer.versions import openable_versions
 
 OPTS = BuildOptions(batch_size=4, workers=0, shard_size=8)
 OLDER = "the versions that open: v000001, v000002 — serve one with {root}@v000002"
@@ -209,7 +202,8 @@ def _strip_records(manifest: dict) -> None:
 
 READ_AFTER_TRUNCATION = """
 import os, sys
-from indexer.store import Index, IndexCorrupt
+from indexer.integrity import IndexCorrupt
+from indexer.store import Index
 index = Index.open(sys.argv[1])
 ids = index.ids()[-6:]  # the rows of v3's own shard
 index.{read}(ids)

@@ -11,7 +11,8 @@ from typer.testing import CliRunner
 
 from indexer.cli import app
 from indexer.encoder import DualEncoder
-from indexer.store import CURRENT, MANIFEST, VERSIONS, Index
+from indexer.layout import CURRENT, MANIFEST, VERSIONS
+from indexer.store import Index
 from tests.indexer.test_store import (
     _delete,
     _rewrite_manifest,

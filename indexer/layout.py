@@ -1,0 +1,18 @@
+"""Stage 5, store: the names in an index directory — CURRENT, versions/, and each version's files."""
+
+from __future__ import annotations
+
+import re
+
+CURRENT = "CURRENT"
+VERSIONS = "versions"
+STAGING = "staging"
+MANIFEST = "manifest.json"
+INDEX_FILE = "index.faiss"
+DELETED = "deleted.npy"
+FAILURES = "failures.jsonl"
+SHARDS = "shards"
+SHARD_FILES = ("ids.npy", "emb.npy", "tok.npy", "meta.parquet")
+FORMAT = 1
+VERSION_NAME = re.compile(r"v\d{6,}")
+SHARD_NAME = re.compile(r"[\w-][\w.-]*", re.ASCII)  # a folder name, never a path
