@@ -27,6 +27,7 @@ CONFIG_DIR = Path(__file__).resolve().parent / "model_configs"
 MODELS_DIR = Path(os.environ.get("IMSEARCH_MODELS_DIR") or Path(__file__).resolve().parent.parent / "models")
 EMBEDDED_DIR = MODELS_DIR / "tiny-clip"  # open_clip `local-dir:` layout: config JSON + safetensors
 WEIGHTS_NAME = "open_clip_model.safetensors"
+WEIGHT_SUFFIXES = {".safetensors", ".bin", ".pt", ".pth"}
 CONFIG_NAME = "open_clip_config.json"
 
 ImageBatch = torch.Tensor | Sequence[Image.Image]
@@ -149,6 +150,9 @@ def _resolve(spec: EncoderSpec) -> tuple[str, str | None, dict[str, Any], str]:
         return model, None, {}, f"{model}@random"
     if Path(pretrained).is_file():
         return model, pretrained, {}, f"{model}@{_file_sha(Path(pretrained))}"
+    if "/" in pretrained or Path(pretrained).suffix in WEIGHT_SUFFIXES:  # a file, not a tag
+        raise EncoderUnavailable(f"weights file {pretrained} does not exist (for {model}); pass the path of a "
+                                 ".safetensors file, or a pretrained tag open_clip knows")
     path, cfg = _cached_tag_weights(model, pretrained)
     transform = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
     kwargs = {f"image_{k}": v for k, v in transform.items()}
