@@ -14,42 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from indexer.build import BuildOptions, _live_vectors, build_or_add, remove
+from indexer.build import _live_vectors, remove
 from indexer.durable import file_digest
-from indexer.encoder import DualEncoder
 from indexer.integrity import IndexCorrupt, IndexNotFound
 from indexer.layout import CURRENT, INDEX_FILE, MANIFEST, SHARDS, VERSIONS
-from indexer.scenes import write_scenes
 from indexer.store import Index
 from indexer.versions import openable_versions
 
-OPTS = BuildOptions(batch_size=4, workers=0, shard_size=8)
 OLDER = "the versions that open: v000001, v000002 — serve one with {root}@v000002"
-
-
-def three_versions(base: Path, encoder: DualEncoder) -> Path:
-    """Three versions: v1 builds 12 images (shards of 8 and 4), v2 and v3 add 6 each (one shard each);
-    each version links the shards of the one before."""
-    for i, (n, seed) in enumerate([(6, 51), (3, 52), (3, 53)]):
-        write_scenes(base / f"src{i}", n, seed=seed, twins=True)
-        build_or_add(base / f"src{i}", base / "idx", encoder, OPTS, "add" if i else "build")
-    return base / "idx"
-
-
-def private_copy(built: Path, tmp_path: Path) -> Path:
-    """A copy of an index folder, its hard links kept (cp -a)."""
-    subprocess.run(["cp", "-a", str(built), str(tmp_path / "idx")], check=True)
-    return tmp_path / "idx"
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, encoder: DualEncoder) -> Path:
-    return three_versions(tmp_path_factory.mktemp("store"), encoder)
-
-
-@pytest.fixture
-def root(built: Path, tmp_path: Path) -> Path:
-    return private_copy(built, tmp_path)
 
 
 def _manifest(root: Path, version: str) -> dict:

@@ -6,11 +6,9 @@ import json
 import re
 from pathlib import Path
 
-import pytest
 from typer.testing import CliRunner
 
 from indexer.cli import app
-from indexer.encoder import DualEncoder
 from indexer.layout import CURRENT, MANIFEST, VERSIONS
 from indexer.store import Index
 from tests.indexer.test_store import (
@@ -20,21 +18,9 @@ from tests.indexer.test_store import (
     _strip_records,
     _truncate,
     _writable,
-    private_copy,
-    three_versions,
 )
 
 runner = CliRunner()
-
-
-@pytest.fixture(scope="module")
-def built(tmp_path_factory: pytest.TempPathFactory, encoder: DualEncoder) -> Path:
-    return three_versions(tmp_path_factory.mktemp("verify"), encoder)
-
-
-@pytest.fixture
-def root(built: Path, tmp_path: Path) -> Path:
-    return private_copy(built, tmp_path)
 
 
 def _verify(root: Path, *args: str) -> tuple[int, list[str]]:
