@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from indexer.cli import app
 from indexer.layout import CURRENT, MANIFEST, VERSIONS
+from indexer.scenes import write_scenes
 from indexer.store import Index
 from tests.indexer.test_store import (
     _delete,
@@ -94,3 +95,12 @@ def test_usage_errors_exit_2(root: Path, tmp_path: Path) -> None:
     assert missing.exit_code == 2 and "no published index" in missing.output
     unknown = runner.invoke(app, ["index", "verify", "--index", str(root), "--version", "v000042"])
     assert unknown.exit_code == 2 and "holds no version 'v000042'" in unknown.output
+
+
+def test_index_add_onto_a_damaged_index_is_one_line_naming_the_file(root: Path, tmp_path: Path) -> None:
+    (root / CURRENT).write_bytes(b"\x00\xff not a version")
+    write_scenes(tmp_path / "new", 1, seed=54)
+    result = runner.invoke(app, ["index", "add", str(tmp_path / "new"), "--index", str(root), "--device", "cpu"])
+    assert result.exit_code == 2 and isinstance(result.exception, SystemExit), result.output
+    said = " ".join(result.output.split())  # the console may wrap the one line
+    assert str(root / CURRENT) in said and "@v000003" in said and "Traceback" not in said, result.output
