@@ -219,11 +219,13 @@ async def _awaited_search(engine: Engine, body: SearchRequest, searcher: Searche
 
 
 def _result_key(engine: Engine, body: SearchRequest, searcher: Searcher) -> str | None:
-    """The request's result-cache key (None when nothing is cached): the defaults it ran with included."""
+    """The request's result-cache key (None when nothing is cached): the defaults it ran with and the
+    settings that shape its answer included."""
     if not engine.cache.enabled:
         return None
     settings = engine.settings
-    request = {**body.model_dump(), "defaults": [settings.default_rerank, settings.default_rerank_k]}
+    request = {**body.model_dump(), "defaults": [settings.default_rerank, settings.default_rerank_k,
+                                                 settings.hit_paths]}
     return result_key(engine.encoder.model_id, searcher.index.version, request)
 
 
