@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -54,6 +55,8 @@ STEPS = (
                      "--out", "{out}"), "HTTP overhead and micro-batching"),
     Step("soak", (PY, "bench/soak.py", "--scenes", "1000", "--clients", "16", "--duration", "60", "--warmup", "10",
                   "--out", "{out}"), "soak: mixed traffic on a server process"),
+    Step("freeform", (CLI, "eval", "freeform", "--json"), "queries as people type them, seed 2026"),
+    Step("freeform_seed7", (CLI, "eval", "freeform", "--json", "--seed", "7"), "queries as people type them, seed 7"),
     Step("admission", (PY, "bench/admission.py", "--scenes", "1000", "--rounds", "60", "--heavy", "4",
                        "--out", "{out}"), "small queries beside large reranks"),
 )
@@ -216,6 +219,32 @@ colour / other):
 """
 
 
+def section_freeform() -> str:
+    a, b = load("freeform"), load("freeform_seed7")
+    if not a:
+        return ""
+    by = {(r["tier"], r["kind"]): r for r in a["rows"]}
+    seven = {(r["tier"], r["kind"]): r for r in b["rows"]} if b else {}
+    kinds = list(a["examples"])
+    tiers = list(dict.fromkeys(r["tier"] for r in a["rows"]))
+    rows = [[kind, f"`{a['examples'][kind]}`",
+             *(f"{by[(t, kind)]['p1']:.2f} / {seven[(t, kind)]['p1']:.2f}" if seven else f"{by[(t, kind)]['p1']:.2f}"
+               for t in tiers)] for kind in kinds]
+    ms = ", ".join(f"{t} {statistics.median(r['ms_p50'] for r in a['rows'] if r['tier'] == t):.1f} ms"
+                   for t in tiers)
+    calibration = ", ".join(f"{t} {e:.3f}" for t, e in a["calibration_error"].items())
+    return f"""## Queries as people type them (`imsearch eval freeform`)
+
+`{STEP["freeform"].command()}` and `{STEP["freeform_seed7"].command()}` — a gallery of
+{a['n']:,} images ({a['n'] // 2:,} random scenes and their twins, not deduplicated: many images can be
+right), {a['queries']:,} queries ({a['queries'] // len(kinds)} per kind); a hit is right when the
+description is true of it. p@1 per tier (seed 2026 / seed 7), rerankers at k = {a['k']}; ms p50 per
+query: {ms}. Calibration error of p(match) over the reranked candidates (seed 2026): {calibration}.
+
+{table(["kind", "example", *(f"{t} p@1" for t in tiers)], rows)}
+"""
+
+
 def section_ann() -> str:
     r = load("ann")
     if not r:
@@ -372,8 +401,8 @@ def render() -> str:
         f"{machine()}. The steps took {total / 60:.1f} min in all. Speed figures are ratios against a "
         "baseline measured in the same run; raw JSON is in `bench/results/` (not committed).",
         "",
-        section_encoder(), section_rerankers(), section_ann(), section_indexing(), section_service(),
-        section_soak(), section_admission(), section_gpu(),
+        section_encoder(), section_rerankers(), section_freeform(), section_ann(), section_indexing(),
+        section_service(), section_soak(), section_admission(), section_gpu(),
     ]).rstrip() + "\n"
 
 

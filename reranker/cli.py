@@ -91,7 +91,36 @@ def eval_tradeoff_cmd(
                          + "\n")
 
 
+def eval_freeform_cmd(
+    n: Annotated[int, typer.Option(min=2, help="gallery size: n/2 scenes and their twins")] = 1000,
+    seed: Annotated[int, typer.Option(help="gallery seed (disjoint from training and validation)")] = EVAL_SEED,
+    per_kind: Annotated[int, typer.Option(min=1, help="queries of each kind")] = 150,
+    k: Annotated[int, typer.Option(min=1, max=256, help="candidates each reranker rescores")] = 16,
+    tiers: Annotated[str, typer.Option(help="comma-separated rerank tiers")] = "mid,early",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Queries as people type them: p@1, p@5 and ms per tier and kind; the rerankers' calibration error."""
+    from indexer.encoder import load_encoder
+    from reranker.freeform import evaluate_freeform
+    from reranker.score import Reranker, load_tier
+
+    if seed in (TRAIN_SEED, VAL_SEED):
+        fail(f"seed {seed} is used for training or validation; evaluate on a held-out seed")
+    encoder = guarded(load_encoder)
+    rerankers: dict[str, Reranker] = {t: guarded(partial(load_tier, t, encoder)) for t in tiers.split(",") if t}
+    report = guarded(lambda: evaluate_freeform(encoder, rerankers, n, seed, per_kind, k))
+    if as_json:
+        sys.stdout.write(json.dumps(report) + "\n")
+        return
+    for row in report["rows"]:
+        sys.stdout.write(f"{row['tier']:>6} {row['kind']:<17} p@1 {row['p1']:.3f}  p@5 {row['p5']:.3f}  "
+                         f"{row['ms_p50']:.1f} ms  ({row['queries']} queries)\n")
+    for tier, error in report["calibration_error"].items():
+        sys.stdout.write(f"{tier} calibration error of p(match): {error:.3f}\n")
+
+
 def register(train_app: typer.Typer, eval_app: typer.Typer) -> None:
     """Attach the reranker commands to the root CLI's groups."""
     train_app.command("reranker")(train_reranker_cmd)
     eval_app.command("tradeoff")(eval_tradeoff_cmd)
+    eval_app.command("freeform")(eval_freeform_cmd)

@@ -32,10 +32,15 @@ class Gallery:
 
 
 def embed(encoder: DualEncoder, n: int, seed: int) -> Gallery:
-    samples = twin_gallery(n, seed)
+    """The deduplicated twin gallery of n images of a seed, embedded."""
+    return embed_samples(encoder, twin_gallery(n, seed))
+
+
+def embed_samples(encoder: DualEncoder, samples: list[Sample]) -> Gallery:
+    """Samples rendered at the encoder's resolution and embedded in batches."""
     size = int(encoder.model.visual.image_size[0])
     pooled, tokens = [], []
-    for i in range(0, n, BATCH):
+    for i in range(0, len(samples), BATCH):
         emb, tok = encoder.encode_images_and_tokens([render(s.scene, size) for s in samples[i : i + BATCH]])
         pooled.append(emb)
         tokens.append(tok.astype(np.float16))
@@ -48,6 +53,7 @@ def embed(encoder: DualEncoder, n: int, seed: int) -> Gallery:
 class QueryResult:
     ranking: np.ndarray  # gallery rows, best first (reranked head, then the dual encoder's order)
     ms: float
+    log_p: np.ndarray | None = None  # the reranker's log p(match) of the head, in ranking order
 
 
 def run_query(encoder: DualEncoder, gallery: Gallery, text: str, reranker: Reranker | None, k: int,
@@ -57,10 +63,12 @@ def run_query(encoder: DualEncoder, gallery: Gallery, text: str, reranker: Reran
     pooled, tokens, mask = encoder.encode_texts_and_tokens([text])
     cosine, rows = gallery.index.search(pooled, max(depth, k))
     cosine, rows = cosine[0], rows[0]
+    log_p = None
     if reranker is not None and k > 0:
-        order, _, _ = rerank_order(reranker, Query(text, tokens[0], mask[0]), gallery.tokens[rows[:k]], cosine[:k])
-        rows = np.concatenate([rows[:k][order], rows[k:]])
-    return QueryResult(rows, (time.perf_counter() - start) * 1000)
+        order, log_p, _ = rerank_order(reranker, Query(text, tokens[0], mask[0]), gallery.tokens[rows[:k]],
+                                       cosine[:k])
+        rows, log_p = np.concatenate([rows[:k][order], rows[k:]]), log_p[order]
+    return QueryResult(rows, (time.perf_counter() - start) * 1000, log_p)
 
 
 def _rank_of(ranking: np.ndarray, row: int) -> int:

@@ -1,0 +1,91 @@
+"""Stage 6, evaluate: queries as people type them (partial descriptions, synonyms, counts) on a gallery
+of random scenes and their twins, where a hit counts when the description is true of it."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from indexer.descriptions import KINDS, Written, allowed, describe, holds
+from indexer.encoder import DualEncoder
+from indexer.scenes import EVAL_SEED, Sample, stream
+from reranker.evaluate import Gallery, embed_samples, run_query
+from reranker.score import Reranker
+
+CALIBRATION_BINS = 10
+
+
+def freeform_gallery(n: int, seed: int) -> list[Sample]:
+    """n images: the first n/2 scenes of the seed's stream and their twins, kept even when two images
+    look alike (many images can answer a partial description)."""
+    if n < 2 or n % 2:
+        raise ValueError(f"a gallery of scenes and twins needs an even n >= 2, got {n}")
+    out: list[Sample] = []
+    for first, second in stream(seed):
+        out += [first, second]
+        if len(out) >= n:
+            return out
+    raise AssertionError("unreachable: the stream is endless")
+
+
+def freeform_queries(samples: list[Sample], per_kind: int, seed: int) -> list[Written]:
+    """`per_kind` descriptions of each kind, each of a gallery scene drawn at random that allows it."""
+    rng = np.random.default_rng([seed, 23])
+    queries = []
+    for kind in KINDS:
+        eligible = [s for s in samples if allowed(s.scene, kind)]
+        for _ in range(per_kind):
+            queries.append(describe(eligible[int(rng.integers(len(eligible)))].scene, rng, kind))
+    return queries
+
+
+def truth(queries: list[Written], samples: list[Sample]) -> np.ndarray:
+    """(queries, images) bool: whether each description is true of each image's scene."""
+    return np.array([[holds(q.claim, s.scene) for s in samples] for q in queries], dtype=bool)
+
+
+def _tier_rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], true: np.ndarray, tier: str,
+               reranker: Reranker | None, k: int) -> tuple[list[dict[str, object]], list[tuple[float, bool]]]:
+    """Per kind: p@1, p@5 and ms p50 of one tier; plus (p(match), true) of every reranked candidate."""
+    hits: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in KINDS}
+    scored: list[tuple[float, bool]] = []
+    for q, query in enumerate(queries):
+        result = run_query(encoder, gallery, query.text, reranker, k, max(k, 5))
+        top = result.ranking[:5]
+        hits[query.kind].append((float(true[q, top[0]]), float(true[q, top].mean()), result.ms))
+        if result.log_p is not None:
+            head = result.ranking[: len(result.log_p)]
+            scored += [(float(np.exp(lp)), bool(true[q, row])) for lp, row in zip(result.log_p, head, strict=True)]
+    rows = [{"tier": tier, "kind": kind, "p1": float(np.mean([h[0] for h in got])),
+             "p5": float(np.mean([h[1] for h in got])), "ms_p50": float(np.percentile([h[2] for h in got], 50)),
+             "queries": len(got)} for kind, got in hits.items() if got]
+    return rows, scored
+
+
+def calibration_error(scored: list[tuple[float, bool]], bins: int = CALIBRATION_BINS) -> float:
+    """Expected calibration error: over equal-width bins of predicted p(match), the gap between the
+    mean prediction and the share of true matches, weighted by the bin's count."""
+    if not scored:
+        return float("nan")
+    p = np.array([s[0] for s in scored])
+    y = np.array([s[1] for s in scored], dtype=float)
+    which = np.minimum((p * bins).astype(int), bins - 1)
+    return float(sum(abs(p[which == b].mean() - y[which == b].mean()) * (which == b).sum()
+                     for b in range(bins) if (which == b).any()) / len(p))
+
+
+def evaluate_freeform(encoder: DualEncoder, rerankers: dict[str, Reranker], n: int = 1000, seed: int = EVAL_SEED,
+                      per_kind: int = 150, k: int = 16) -> dict[str, object]:
+    """Rows per tier (late, then each reranker at k) and kind; the rerankers' calibration error."""
+    samples = freeform_gallery(n, seed)
+    gallery = embed_samples(encoder, samples)
+    queries = freeform_queries(samples, per_kind, seed)
+    true = truth(queries, samples)
+    run_query(encoder, gallery, queries[0].text, None, 0, 10)  # warm-up
+    rows, _ = _tier_rows(encoder, gallery, queries, true, "late", None, 0)
+    calibration: dict[str, float] = {}
+    for tier, reranker in rerankers.items():
+        tier_rows, scored = _tier_rows(encoder, gallery, queries, true, tier, reranker, k)
+        rows += tier_rows
+        calibration[tier] = calibration_error(scored)
+    return {"n": n, "seed": seed, "k": k, "queries": len(queries), "rows": rows, "calibration_error": calibration,
+            "examples": {kind: next(q.text for q in queries if q.kind == kind) for kind in KINDS}}
