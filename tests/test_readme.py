@@ -35,6 +35,7 @@ SMALL: dict[str, dict[str, str]] = {
     "imsearch train reranker": {"--steps": "2", "--batch": "4", "--val-n": "20",
                                 "--out": "{work}/reranker.safetensors"},
     "imsearch eval tradeoff": {"--n": "40", "--ks": "8"},
+    "imsearch eval freeform": {"--n": "40", "--per-kind": "3"},
 }
 # what cannot succeed on this machine, and must fail as the README says (exit 2, this message)
 EXPECTED_FAILURES = {
