@@ -249,12 +249,20 @@ def _write_version(tmp: Path, shard_dirs: list[Path], deleted: set[int], failure
 
 
 def _manifest(plan: AnnPlan, count: int, shard_dirs: list[Path], encoder_info: dict[str, Any], source: str,
-              parent: str | None, counts: dict[str, int], next_id: int) -> dict[str, Any]:
+              parent: Index | None, counts: dict[str, int], next_id: int) -> dict[str, Any]:
     return {
         "model": encoder_info, "dim": encoder_info["embed_dim"], "count": count, "next_id": next_id,
         "index": plan.to_dict(), "created": datetime.now(UTC).isoformat(timespec="seconds"),
-        "source": source, "parent": parent, "counts": counts, "shards": _shard_entries(shard_dirs),
+        "source": source, "roots": _roots(parent, source), "parent": parent.version if parent else None,
+        "counts": counts, "shards": _shard_entries(shard_dirs),
     }
+
+
+def _roots(parent: Index | None, source: str) -> list[str]:
+    """Every source the version's images were listed from, the parent's first (hits show their paths
+    relative to these)."""
+    roots = list(parent.manifest.get("roots") or [parent.manifest["source"]]) if parent else []
+    return roots if source in roots else [*roots, source]
 
 
 def _shard_entries(shard_dirs: list[Path]) -> list[dict[str, Any]]:
@@ -372,8 +380,8 @@ def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptio
     def fill(tmp: Path, name: str) -> dict[str, Any]:
         plan, count = _write_version(tmp, parent_dirs + new_dirs, deleted, failures, opts, encoder.embed_dim)
         result.update(plan=plan, count=count)
-        return _manifest(plan, count, parent_dirs + new_dirs, model_info(encoder), str(src.resolve()),
-                         parent.version if parent else None, counts, next_id)
+        return _manifest(plan, count, parent_dirs + new_dirs, model_info(encoder), str(src.resolve()), parent,
+                         counts, next_id)
 
     version = publish(out, fill, keep=opts.keep_versions)
     listed = str(out / VERSIONS / version / FAILURES) if failures else None
@@ -407,8 +415,8 @@ def _remove_locked(index_dir: Path, paths: list[str] | None, ids: list[int] | No
         plan, count = _write_version(tmp, dirs, deleted, [], opts, parent.dim)
         result.update(plan=plan, count=count)
         counts = {"indexed": 0, "skipped": 0, "duplicates": 0, "removed": len(targets), "not_found": len(missing)}
-        return _manifest(plan, count, dirs, parent.manifest["model"], parent.manifest["source"], parent.version,
-                         counts, int(parent.manifest["next_id"]))
+        return _manifest(plan, count, dirs, parent.manifest["model"], parent.manifest["source"], parent, counts,
+                         int(parent.manifest["next_id"]))
 
     version = publish(index_dir, fill, keep=opts.keep_versions)
     return BuildReport(0, 0, 0, len(targets), time.perf_counter() - start, result["plan"].kind, version,

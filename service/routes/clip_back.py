@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import json
+from collections.abc import Callable
 from typing import Annotated, Any
 
 import numpy as np
@@ -128,8 +129,9 @@ def _preview(image_id: int, row: dict[str, Any], max_pixels: int) -> str | None:
         return None
 
 
-def _metadata(engine: Engine, name: str, index: Index, image_id: int, row: dict[str, Any]) -> dict[str, Any]:
-    meta = {"url": image_url(name, image_id, index.version), "image_path": path_view(engine, index)(row.get("path")),
+def _metadata(engine: Engine, name: str, index: Index, image_id: int, row: dict[str, Any],
+              shown: Callable[[str | None], str | None]) -> dict[str, Any]:
+    meta = {"url": image_url(name, image_id, index.version), "image_path": shown(row.get("path")),
             "caption": row.get("caption")}
     meta = {k: v for k, v in meta.items() if v is not None}
     preview = _preview(image_id, row, engine.settings.max_pixels)
@@ -169,10 +171,11 @@ def _knn(engine: Engine, body: KnnRequest) -> list[dict[str, Any]]:
         ids = _deduplicate(searcher.index, ids)
     ids = ids[: body.num_result_ids or body.num_images]
     results: list[dict[str, Any]] = []
+    shown = path_view(engine, searcher.index)
     for rank, image_id in enumerate(ids):
         item: dict[str, Any] = {"id": image_id, "similarity": similarity[image_id]}
         if rank < body.num_images:
-            item.update(_metadata(engine, name, searcher.index, image_id, rows[image_id]))
+            item.update(_metadata(engine, name, searcher.index, image_id, rows[image_id], shown))
         results.append(item)
     return results
 
@@ -187,11 +190,12 @@ async def metadata(request: Request, engine: EngineDep) -> list[dict[str, Any]]:
 def _metadata_rows(engine: Engine, body: MetadataRequest) -> list[dict[str, Any]]:
     name = body.indice_name or engine.default_index
     index = engine.index(name)
+    shown = path_view(engine, index)
     out = []
     for image_id in body.ids:
         try:
             row = index.metadata([image_id])[0]
         except UnknownImage:
             continue
-        out.append({"id": image_id, "metadata": _metadata(engine, name, index, image_id, row)})
+        out.append({"id": image_id, "metadata": _metadata(engine, name, index, image_id, row, shown)})
     return out

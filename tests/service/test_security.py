@@ -110,6 +110,19 @@ def test_hits_show_paths_relative_to_the_indexed_folder(client: TestClient, buil
     assert [h["path"] for h in shown] == [str(built / "src" / h["path"]) for h in hits]
 
 
+def test_hit_paths_stay_relative_after_an_add_from_another_folder(tmp_path: Path, encoder: DualEncoder) -> None:
+    write_scenes(tmp_path / "first" / "2025" / "june", 4, seed=134)
+    write_scenes(tmp_path / "second" / "july", 4, seed=135)
+    folder = tmp_path / "idx"
+    for source, mode in ((tmp_path / "first", "build"), (tmp_path / "second", "add")):
+        build_or_add(source, folder, encoder, BuildOptions(workers=0), mode)
+    assert Index.open(folder).manifest["roots"] == [str(tmp_path / "first"), str(tmp_path / "second")]
+    with TestClient(create_app(Settings(indexes=[str(folder)], rerankers=[]))) as client:
+        paths = {h["path"] for h in client.post("/v1/search", json={"text": "a shape", "k": 8}).json()["hits"]}
+    assert paths == {f"2025/june/scene_000000{i}.png" for i in range(4)} | {f"july/scene_000000{i}.png"
+                                                                           for i in range(4)}
+
+
 def test_writes_are_closed_by_default_and_say_how_to_open_them(built: Path, caplog: pytest.LogCaptureFixture) -> None:
     job = {"source": str(built / "src"), "mode": "add"}
     with caplog.at_level(logging.INFO), TestClient(create_app(Settings(indexes=[str(built / "idx")],
