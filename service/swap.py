@@ -40,9 +40,7 @@ class IndexSwapper:
     def version(self, name: str, version: str | None) -> Index:
         """The named version of a served index while it is current or recently swapped out, else the
         current one (ids are never reused within an index folder, so an id there is the same image)."""
-        current = self.searchers[name].index
-        kept = self.old.get((name, version or ""))
-        return kept if kept is not None and version != current.version else current
+        return self.old.get((name, version or ""), self.searchers[name].index)
 
     def _keep_old(self, name: str, index: Index) -> None:
         self.old[(name, index.version)] = index
