@@ -111,19 +111,26 @@ def train_encoder_cmd(
     eval_every: Annotated[int, typer.Option(min=0, help="validate every N steps (0: never)")] = 250,
     init: Annotated[Path | None, typer.Option(help="continue from these weights with a new schedule")] = None,
     start_step: Annotated[int, typer.Option(min=0, help="offset into the scene stream")] = 0,
+    describe_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of texts written as people "
+                                                  "write them, not in the caption grammar")] = 0.0,
+    warmup: Annotated[int, typer.Option(min=1)] = 150,
 ) -> None:
-    """Train the embedded `tiny` dual encoder with open_clip's ClipLoss on streamed scenes."""
-    from indexer.train import TrainConfig, train_encoder
+    """Train the embedded `tiny` dual encoder contrastively on streamed scenes; a rerun with the same
+    --out resumes from the run's last save (every 100 steps)."""
+    from indexer.train import RUN_LOG, TrainConfig, train_encoder
 
     if seed == EVAL_SEED or seed == 7:
         fail(f"seed {seed} is reserved for evaluation; pick another training seed")
     cfg = TrainConfig(steps=steps, seed=seed, batch_pairs=batch_pairs, lr=lr, eval_every=eval_every, init=init,
-                      start_step=start_step)
+                      start_step=start_step, describe_share=describe_share, warmup=warmup,
+                      command=" ".join(["imsearch", *sys.argv[1:]]))
     if out is not None:
         cfg.out = out
+    if (cfg.out / RUN_LOG).is_file():
+        err.print(f"resuming the run saved in {cfg.out}")
     with _progress() as bar:
         task = bar.add_task("train encoder", total=steps, loss=float("nan"))
-        report = train_encoder(cfg, lambda step, loss: bar.update(task, advance=1, loss=loss))
+        report = train_encoder(cfg, lambda step, loss: bar.update(task, completed=step + 1, loss=loss))
     err.print(f"saved {cfg.out} after {report['seconds']} s")
 
 

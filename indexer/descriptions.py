@@ -4,7 +4,7 @@ relation synonyms, counts), and the one function that decides whether a descript
 from __future__ import annotations
 
 import itertools
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
 
@@ -68,15 +68,18 @@ def holds(description: Description, scene: Scene) -> bool:
     """Whether the description is true of the scene: every named object exists with the named
     attributes (distinct objects for distinct refs), every named relation and place holds; a count
     holds when exactly that many objects match."""
-    objs = scene.objects
     if description.count is not None:
-        return sum(description.refs[0].matches(o) for o in objs) == description.count
-    for chosen in itertools.permutations(objs, len(description.refs)):
+        return sum(description.refs[0].matches(o) for o in scene.objects) == description.count
+    return next(_satisfying(description, scene), None) is not None
+
+
+def _satisfying(description: Description, scene: Scene) -> Iterator[tuple[SceneObject, ...]]:
+    """Every choice of distinct objects, one per ref, that makes the (non-count) description true."""
+    for chosen in itertools.permutations(scene.objects, len(description.refs)):
         if (all(r.matches(o) for r, o in zip(description.refs, chosen, strict=True))
                 and all(_related(n, chosen[i], chosen[j]) for n, i, j in description.relations)
                 and all(_placed(p, chosen[i]) for i, p in description.places)):
-            return True
-    return False
+            yield chosen
 
 
 # --- writing ----------------------------------------------------------------------------------------
@@ -228,3 +231,28 @@ def allowed(scene: Scene, kind: str) -> bool:
 VOCABULARY = {"colours": list(COLOURS), "shapes": list(SHAPES), "sizes": list(SIZES),
               "relations": ["left of", "right of", "next to", "beside", "above", "over", "on top of", "below",
                             "under", "beneath", "from left to right", "from top to bottom"]}
+
+
+def caption_claim(scene: Scene) -> Description:
+    """What the generator's grammar caption of the scene claims: every object with all its attributes,
+    and the layout's relations (or, for one object, its place)."""
+    return _whole(scene, np.random.default_rng(0), size=True, synonyms=False).claim
+
+
+def grounding(description: Description, scene: Scene) -> tuple[SceneObject, ...] | None:
+    """The objects the description's refs name, when exactly one choice of objects makes it true
+    (None for a count, a false description, or one that several choices satisfy)."""
+    if description.count is not None:
+        return None
+    found = list(itertools.islice(_satisfying(description, scene), 2))
+    return found[0] if len(found) == 1 else None
+
+
+def mention_order(text: str, description: Description) -> list[int] | None:
+    """The refs' indices in the order the text names them (None when a ref's phrase is not found
+    as written, or two refs read the same)."""
+    lowered = " ".join(text.lower().split())
+    where = [lowered.find(phrase(ref)) for ref in description.refs]
+    if min(where, default=-1) < 0 or len(set(where)) != len(where):
+        return None
+    return sorted(range(len(where)), key=where.__getitem__)

@@ -29,9 +29,16 @@ def train_reranker_cmd(
     first_step: Annotated[int, typer.Option(min=0, help="skip this many steps of the scene stream")] = 0,
     image_mix: Annotated[int, typer.Option(min=0, help="image-side neighbourhood block width (0: none)")] = 0,
     shape_negatives: Annotated[bool, typer.Option(help="a 6th negative: the image with one shape changed")] = False,
+    describe_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of positives described as "
+                                                  "people write them, not in the caption grammar")] = 0.0,
+    warmup: Annotated[int, typer.Option(min=1)] = 100,
+    encoder_weights: Annotated[Path | None, typer.Option(help="the embedded encoder's weights to train over "
+                                                         "(default: models/tiny-clip)")] = None,
 ) -> None:
-    """Train a reranker on the frozen embedded encoder, then fit its score fusion on validation scenes."""
-    from indexer.encoder import load_encoder
+    """Train a reranker on the frozen embedded encoder, then fit its score fusion on validation scenes.
+
+    The run saves its weights every 100 steps; a rerun with the same --out resumes it."""
+    from indexer.encoder import EncoderSpec, load_encoder
     from reranker.evaluate import fit_fusion_weight
     from reranker.model import save_reranker
     from reranker.score import TokenReranker
@@ -39,14 +46,18 @@ def train_reranker_cmd(
 
     if kind not in ("mid", "early"):
         fail(f"unknown reranker kind {kind!r}: use mid or early")
-    encoder = guarded(load_encoder)
+    spec = EncoderSpec(pretrained=str(encoder_weights)) if encoder_weights else None
+    encoder = guarded(lambda: load_encoder(spec))
     cfg = RerankTrainConfig(kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out,
                             ground_weight=ground_weight, init=init, first_step=first_step,
-                            image_mix=image_mix, shape_negatives=shape_negatives)
+                            image_mix=image_mix, shape_negatives=shape_negatives, describe_share=describe_share,
+                            warmup=warmup, command=" ".join(["imsearch", *sys.argv[1:]]))
+    if cfg.run_log().is_file():
+        err.print(f"resuming the run saved in {cfg.run_log()}")
     with _progress() as bar:
         task = bar.add_task(f"train {kind} reranker", total=steps, loss=float("nan"))
-        def advance(_: int, loss: float) -> None:
-            bar.update(task, advance=1, loss=loss)
+        def advance(step: int, loss: float) -> None:
+            bar.update(task, completed=step + 1, loss=loss)
 
         model, log = guarded(lambda: train_reranker(encoder, cfg, advance))
     weight, val_r1 = fit_fusion_weight(encoder, TokenReranker(model, encoder), val_n, VAL_SEED)
@@ -56,7 +67,7 @@ def train_reranker_cmd(
                "image_mix": model.cfg.image_mix, "negatives": cfg.negatives,
                "seconds": log["seconds"], "fusion_weight": weight,
                "val_r1_at_16": val_r1, "parameters": sum(p.numel() for p in model.parameters()),
-               "bytes": path.stat().st_size}
+               "bytes": path.stat().st_size, "describe_share": describe_share, "commands": log["commands"]}
     path.with_suffix(".json").write_text(json.dumps({**summary, "losses": log["losses"]}) + "\n")
     err.print(json.dumps(summary))
 

@@ -12,6 +12,17 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from indexer.descriptions import (
+    KINDS,
+    Description,
+    Written,
+    allowed,
+    caption_claim,
+    describe,
+    grounding,
+    holds,
+    mention_order,
+)
 from indexer.encoder import MODELS_DIR, DualEncoder
 from indexer.scenes import (
     CELL_CENTRES,
@@ -26,7 +37,8 @@ from indexer.scenes import (
     scene_pair,
     twin,
 )
-from reranker.model import Matcher, RerankerConfig, load_reranker
+from indexer.train import resume_log, save_log
+from reranker.model import Matcher, RerankerConfig, load_reranker, save_reranker
 
 
 @dataclass
@@ -50,6 +62,10 @@ class RerankTrainConfig:
     init: Path | None = None  # warm start: continue from this checkpoint instead of random weights
     first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
     image_mix: int = 0  # hidden width of the image-side neighbourhood block (0: none); may be added on a warm start
+    describe_share: float = 0.0  # share of positives described as people write them (indexer.descriptions)
+    save_every: int = 100  # steps between resumable saves of the weights and the run's log
+    rewarm: int = 50  # on a resume the optimizer restarts: its learning rate ramps up again over these steps
+    command: str = ""  # the command line, recorded in the run's log
 
     def __post_init__(self) -> None:
         if self.shape_negatives and not self.image_negatives:
@@ -57,6 +73,9 @@ class RerankTrainConfig:
 
     def path(self) -> Path:
         return self.out or MODELS_DIR / f"reranker-{self.kind}.safetensors"
+
+    def run_log(self) -> Path:
+        return self.path().with_suffix(".run.json")
 
     @property
     def negatives(self) -> int:
@@ -134,44 +153,79 @@ def object_xy(obj: SceneObject) -> tuple[float, float]:
     return (CELL_CENTRES[obj.col] + obj.dx) * 2 - 1, (CELL_CENTRES[obj.row] + obj.dy) * 2 - 1
 
 
-def grounding_targets(encoder: DualEncoder, scenes: list[Scene], texts: list[str]
+def grounding_targets(encoder: DualEncoder, scenes: list[Scene], texts: list[str], claims: list[Description]
                       ) -> tuple[tuple[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]:
-    """Auxiliary targets from the generator's ground truth, for captions that match their scenes.
+    """Auxiliary targets from the generator's ground truth, for texts true of their scenes.
 
-    Grounding: for every object a caption names, (caption row, its shape word's token position, its
-    (x, y)); object phrases are "a <size> <colour> <shape>" and shape words occur nowhere else, so
-    the i-th shape token belongs to the i-th object phrase. Relation: per caption, the first-named
-    object's (x, y) minus the second-named one's (a single object: its own (x, y)).
+    Grounding: for every object a text names, (text row, its noun's token position, its (x, y)). A
+    ref's noun is its shape word, or "shape" where the text leaves the shape out; nouns occur nowhere
+    else, so the i-th noun token belongs to the i-th ref the text names. Only texts whose refs name
+    one choice of objects get targets (not counts, not "a circle" in a scene of two circles).
+    Relation: per text, the first-named object's (x, y) minus the second-named one's (one ref: its own).
     """
-    shape_ids = {int(t) for t in encoder.tokenize(list(SHAPES))[:, 1]}
+    noun_ids = {int(t) for t in encoder.tokenize([*SHAPES, "shape"])[:, 1]}
     ids = encoder.tokenize(texts).cpu().numpy()
     rows, positions, xy, rel_rows, rel = [], [], [], [], []
-    for row, (scene, text, tokens) in enumerate(zip(scenes, texts, ids, strict=True)):
-        named = sorted(scene.objects, key=lambda o: text.index(o.phrase()))
-        where = [i for i, t in enumerate(tokens) if int(t) in shape_ids]
-        if len(where) != len(named):
-            continue  # a tokenisation we do not expect: no target rather than a wrong one
-        places = [object_xy(obj) for obj in named]
-        rows += [row] * len(named)
+    for row, (scene, text, claim, tokens) in enumerate(zip(scenes, texts, claims, ids, strict=True)):
+        objects, order = grounding(claim, scene), mention_order(text, claim)
+        where = [i for i, t in enumerate(tokens) if int(t) in noun_ids]
+        if objects is None or order is None or len(where) != len(order):
+            continue  # no single reading, or a tokenisation we do not expect: no target rather than a wrong one
+        places = [object_xy(objects[i]) for i in order]
+        rows += [row] * len(places)
         positions += where
         xy += places
         rel_rows.append(row)
         rel.append(places[0] if len(places) == 1 else (places[0][0] - places[1][0], places[0][1] - places[1][1]))
-    return ((torch.tensor(rows), torch.tensor(positions), torch.tensor(xy, dtype=torch.float32)),
-            (torch.tensor(rel_rows), torch.tensor(rel, dtype=torch.float32)))
+    return ((torch.tensor(rows, dtype=torch.long), torch.tensor(positions, dtype=torch.long),
+             torch.tensor(xy, dtype=torch.float32).reshape(-1, 2)),
+            (torch.tensor(rel_rows, dtype=torch.long), torch.tensor(rel, dtype=torch.float32).reshape(-1, 2)))
+
+
+def _texts(neg: Negatives, rng: np.random.Generator, step_rng: np.random.Generator | None, share: float
+           ) -> tuple[list[str], list[Description]]:
+    """Captions of the positives, their order swaps and perturbations (the text-side negatives).
+
+    With step_rng, some positives are described as people write them instead, and so are their two
+    text negatives, with the same choices (kind, objects, attributes left out, words) wherever the
+    scenes' structure allows: the negative text differs from the positive only where the scenes do.
+    """
+    scenes = neg.positives + neg.order_swaps + neg.perturbed
+    texts = [caption(s, rng) for s in scenes]  # always drawn: the caption recipe's random stream is unchanged
+    claims = [caption_claim(s) for s in scenes]
+    if step_rng is None:
+        return texts, claims
+    b = len(neg.positives)
+    for i in range(b):
+        if step_rng.random() >= share:
+            continue
+        group = [i, i + b, i + 2 * b]
+        kinds = [k for k in KINDS if allowed(neg.positives[i], k)]
+        kind, seed = kinds[int(step_rng.integers(len(kinds)))], int(step_rng.integers(2**62))
+        for row in group:
+            written = _described(scenes[row], kind, seed)
+            texts[row], claims[row] = written.text, written.claim
+    return texts, claims
+
+
+def _described(scene: Scene, kind: str, seed: int) -> Written:
+    return describe(scene, np.random.default_rng(seed), kind if allowed(scene, kind) else None)
 
 
 def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairBatch:
-    """Per positive: its twin and a perturbed image, an order-swapped and a perturbed caption, an ITC-mined image.
+    """Per positive: its twin and a perturbed image, an order-swapped and a perturbed text, an ITC-mined image.
 
     The perturbed image (a shape, colour or size changed, an object dropped...) is what a gallery
     holds next to the right image; the caption-side negatives alone left shape errors unlearnt.
+    Every pair's label is whether its text is true of its image: a partial description is often
+    true of a twin or a perturbed image, and then it is a positive, never a negative.
     """
     neg, rng = sample_negatives(cfg.seed, step, cfg.batch, cfg.image_negatives, cfg.shape_negatives)
     size = int(encoder.model.visual.image_size[0])
-    texts = [caption(s, rng) for s in neg.positives + neg.order_swaps + neg.perturbed]
-    img_emb, img_tok = encoder.encode_images_and_tokens(
-        [render(s, size) for s in neg.positives + neg.twins + neg.perturbed_images + neg.shape_images])
+    step_rng = np.random.default_rng([cfg.seed, 78, step]) if cfg.describe_share > 0 else None
+    texts, claims = _texts(neg, rng, step_rng, cfg.describe_share)
+    image_scenes = neg.positives + neg.twins + neg.perturbed_images + neg.shape_images
+    img_emb, img_tok = encoder.encode_images_and_tokens([render(s, size) for s in image_scenes])
     txt_emb, txt_tok, txt_mask = encoder.encode_texts_and_tokens(texts)
     b = cfg.batch
     pos = np.arange(b)
@@ -179,13 +233,13 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     pairs = (1 + cfg.negatives) * b  # optional negatives come last: a lighter recipe's rows are a prefix
     image_rows = np.concatenate([pos, pos + b, pos, pos, mined, pos + 2 * b, pos + 3 * b])[:pairs]
     text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos, pos, pos])[:pairs]
-    labels = np.concatenate([np.ones(b), np.zeros(cfg.negatives * b)])
+    labels = np.array([holds(claims[t], image_scenes[i]) for i, t in zip(image_rows, text_rows, strict=True)])
     kinds = (["positive"] * b + neg.kinds[:b] + ["order_swap"] * b + neg.kinds[b : 2 * b] + ["mined"] * b
              + [f"image_{k}" for k in neg.kinds[2 * b :]] + ["image_shape_change"] * len(neg.shape_images))
     return PairBatch(
         torch.from_numpy(img_tok[image_rows]), torch.from_numpy(txt_tok[text_rows]),
         torch.from_numpy(txt_mask[text_rows]), torch.from_numpy(labels).long(), kinds,
-        *grounding_targets(encoder, neg.positives, texts[:b]),  # pair rows 0..b-1 are the positives
+        *grounding_targets(encoder, neg.positives, texts[:b], claims[:b]),  # pair rows 0..b-1 are the positives
     )
 
 
@@ -212,9 +266,12 @@ def new_matcher(encoder: DualEncoder, cfg: RerankTrainConfig) -> Matcher:
     torch.manual_seed(cfg.seed)
     if cfg.init is not None:
         model = load_reranker(cfg.init)
-        if model.cfg.kind != cfg.kind or model.cfg.encoder_id != encoder.model_id:
+        same_shapes = (model.cfg.image_tokens, model.cfg.image_width) == tuple(encoder.token_shape)
+        architecture = model.cfg.encoder_id.split("@")[0] == encoder.model_id.split("@")[0]
+        if model.cfg.kind != cfg.kind or not (same_shapes and architecture):
             raise ValueError(f"{cfg.init} is a {model.cfg.kind} reranker for {model.cfg.encoder_id!r}; "
                              f"cannot continue it as {cfg.kind} for {encoder.model_id!r}")
+        model.cfg.encoder_id = encoder.model_id  # a warm start onto a fine-tuned encoder of the same architecture
         return with_image_mix(model, cfg.image_mix) if cfg.image_mix else model
     text_width = int(encoder.model.transformer.width)
     return Matcher(RerankerConfig(kind=cfg.kind, width=cfg.width, layers=cfg.layers, text_width=text_width,
@@ -238,24 +295,43 @@ def with_image_mix(model: Matcher, hidden: int) -> Matcher:
 
 def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
                    on_step: Callable[[int, float], None] | None = None) -> tuple[Matcher, dict[str, object]]:
-    """Train a mid or early fusion matcher; positives weigh as much as their negatives in the loss."""
-    model = new_matcher(encoder, cfg).train()
+    """Train a mid or early fusion matcher; positives weigh as much as their negatives in the loss.
+
+    A run saves its weights and log every cfg.save_every steps; the same command resumes it.
+    """
+    log = resume_log(cfg.run_log(), cfg.path(), cfg.command)
+    resumed = log.step
+    model = (_resumed(cfg, encoder) if resumed else new_matcher(encoder, cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    class_weight = torch.tensor([1.0, float(cfg.negatives)])
-    losses: list[float] = []
-    start = time.perf_counter()
-    for step in range(cfg.steps):
+    losses = log.losses
+    start = time.perf_counter() - log.seconds
+    for step in range(resumed, cfg.steps):
+        ramp = min(1.0, (step - resumed + 1) / cfg.rewarm) if resumed else 1.0
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg)
+            group["lr"] = lr_at(step, cfg) * ramp
         batch = make_pairs(encoder, cfg, cfg.first_step + step)
+        positives = max(1, int(batch.labels.sum()))
+        class_weight = torch.tensor([1.0, (len(batch.labels) - positives) / positives])
         loss = pair_loss(model, batch, class_weight, cfg.ground_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        losses.append(loss.item())
+        losses.append(round(loss.item(), 4))
         if on_step:
             on_step(step, losses[-1])
+        if (step + 1) % cfg.save_every == 0 and step + 1 < cfg.steps:
+            save_reranker(model, cfg.path())
+            log.step, log.seconds = step + 1, round(time.perf_counter() - start, 1)
+            save_log(cfg.run_log(), log, cfg)
     model.eval()
-    return model, {"seconds": round(time.perf_counter() - start, 1), "losses": [round(x, 4) for x in losses]}
+    log.step, log.seconds = cfg.steps, round(time.perf_counter() - start, 1)
+    save_log(cfg.run_log(), log, cfg)
+    return model, {"seconds": log.seconds, "losses": losses, "commands": log.commands}
 
+
+def _resumed(cfg: RerankTrainConfig, encoder: DualEncoder) -> Matcher:
+    model = load_reranker(cfg.path())
+    if model.cfg.encoder_id != encoder.model_id:
+        raise ValueError(f"the run in {cfg.path()} trains over {model.cfg.encoder_id!r}, not {encoder.model_id!r}")
+    return model

@@ -6,8 +6,19 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.descriptions import KINDS, Description, Ref, allowed, describe, holds, phrase
-from indexer.scenes import Scene, SceneObject, scene_pair
+from indexer.descriptions import (
+    KINDS,
+    Description,
+    Ref,
+    allowed,
+    caption_claim,
+    describe,
+    grounding,
+    holds,
+    mention_order,
+    phrase,
+)
+from indexer.scenes import Scene, SceneObject, captions, scene_pair
 
 RED_CIRCLE = SceneObject("red", "circle", "small", 0, 1)
 BLUE_SQUARE = SceneObject("blue", "square", "large", 2, 1)
@@ -65,3 +76,28 @@ def test_descriptions_are_deterministic_and_refuse_a_kind_the_scene_cannot_have(
     single = Scene((RED_CIRCLE,), "single")
     with pytest.raises(ValueError, match="two_of_three"):
         describe(single, np.random.default_rng(0), "two_of_three")
+
+
+def test_a_caption_claims_its_whole_scene() -> None:
+    claim = caption_claim(ROW)
+    assert holds(claim, ROW) and not holds(claim, PAIR)
+    assert holds(caption_claim(PAIR), ROW)  # the pair is in the row, in the same order
+    assert all(mention_order(text, caption_claim(ROW)) is not None for text in captions(ROW))
+    assert mention_order(captions(ROW)[1], claim) == [2, 1, 0]  # "c, b and a from right to left"
+
+
+def test_grounding_names_the_objects_only_when_one_choice_is_true() -> None:
+    left = Description((Ref(colour="red"), Ref(shape="square")), (("left_of", 0, 1),))
+    assert grounding(left, PAIR) == (RED_CIRCLE, BLUE_SQUARE)
+    assert grounding(Description((Ref(colour="red"),)), COLUMN) is None  # either red object
+    assert grounding(Description((Ref(colour="red"), Ref(colour="red")), (("above", 0, 1),)), COLUMN) is not None
+    assert grounding(Description((Ref(colour="red"),), count=2), COLUMN) is None  # a count names no object
+    assert grounding(Description((Ref(colour="green"),)), PAIR) is None  # false
+
+
+def test_mention_order_follows_the_text_and_gives_up_on_twins() -> None:
+    claim = Description((Ref(colour="red"), Ref(shape="square")), (("left_of", 0, 1),))
+    assert mention_order("A square to the right of a red shape.", claim) == [1, 0]
+    assert mention_order("a red shape left of a square", claim) == [0, 1]
+    assert mention_order("a square", claim) is None
+    assert mention_order("a red shape above a red shape", Description((Ref(colour="red"), Ref(colour="red")))) is None

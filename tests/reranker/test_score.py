@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -9,6 +10,7 @@ import pytest
 import torch
 
 from indexer.build import BuildOptions, build_or_add
+from indexer.descriptions import Description, Ref, caption_claim, holds
 from indexer.encoder import DualEncoder
 from indexer.scenes import Scene, SceneObject, write_scenes
 from indexer.store import Index
@@ -106,7 +108,7 @@ def test_a_batch_pairs_each_caption_with_its_image_and_five_negatives(encoder: D
     cfg = RerankTrainConfig(batch=4)
     batch = make_pairs(encoder, cfg, step=3)
     b = cfg.batch
-    assert batch.labels.tolist() == [1] * b + [0] * 5 * b and len(batch.kinds) == 6 * b
+    assert batch.labels[:b].tolist() == [1] * b and len(batch.labels) == len(batch.kinds) == 6 * b
     assert batch.kinds[:b] == ["positive"] * b and all(k.startswith("image_") for k in batch.kinds[5 * b :])
     # a perturbed image is paired with the positive's own caption, and differs from the positive image
     assert torch.equal(batch.text[5 * b :], batch.text[:b]) and not torch.equal(batch.image[5 * b :], batch.image[:b])
@@ -129,9 +131,39 @@ def test_grounding_targets_point_shape_words_at_their_objects(encoder: DualEncod
     blue = SceneObject("blue", "square", "large", col=2, row=1)
     scene = Scene((red, blue), "horizontal")
     texts = ["a small red circle left of a large blue square", "a large blue square right of a small red circle"]
-    (rows, positions, xy), (rel_rows, delta) = grounding_targets(encoder, [scene, scene], texts)
+    claims = [caption_claim(scene)] * 2
+    (rows, positions, xy), (rel_rows, delta) = grounding_targets(encoder, [scene, scene], texts, claims)
     assert rows.tolist() == [0, 0, 1, 1] and positions.tolist() == [4, 10, 4, 10]  # [SOT] a small red circle ...
     torch.testing.assert_close(xy[0], torch.tensor(object_xy(red)))
     torch.testing.assert_close(xy[2], torch.tensor(object_xy(blue)))  # the second caption names blue first
     assert rel_rows.tolist() == [0, 1] and delta[0, 0] < -0.5 and delta[1, 0] > 0.5  # left of / right of
     assert torch.allclose(delta[0], -delta[1])
+
+
+def test_grounding_targets_of_partial_descriptions_read_each_refs_noun(encoder: DualEncoder) -> None:
+    red = SceneObject("red", "circle", "small", col=0, row=1)
+    blue = SceneObject("blue", "square", "large", col=2, row=1)
+    other = SceneObject("red", "cross", "large", col=1, row=1)
+    scene = Scene((red, other, blue), "horizontal")
+    square = Ref(shape="square")
+    texts = ["a square to the right of a small red shape", "A red shape.", "two red shapes"]
+    claims = [Description((Ref("small", "red"), square), (("left_of", 0, 1),)), Description((Ref(colour="red"),)),
+              Description((Ref(colour="red"),), count=2)]
+    assert all(holds(c, scene) for c in claims)
+    (rows, positions, xy), (rel_rows, delta) = grounding_targets(encoder, [scene] * 3, texts, claims)
+    # "a red shape" names either red object and a count names none: only the first text gets targets
+    assert rows.tolist() == [0, 0] and positions.tolist() == [2, 10]  # [SOT] a square ... a small red shape
+    torch.testing.assert_close(xy[0], torch.tensor(object_xy(blue)))
+    torch.testing.assert_close(xy[1], torch.tensor(object_xy(red)))
+    assert rel_rows.tolist() == [0] and delta[0, 0] > 0.5  # the square, named first, is right of the circle
+
+
+def test_described_pairs_are_labelled_by_truth(encoder: DualEncoder) -> None:
+    cfg = RerankTrainConfig(batch=16, describe_share=1.0, shape_negatives=True)
+    batch = make_pairs(encoder, cfg, step=2)
+    assert batch.labels[:16].tolist() == [1] * 16
+    assert 16 < int(batch.labels.sum()) < len(batch.labels)  # a partial text is true of some negatives' images
+    assert torch.equal(make_pairs(encoder, cfg, step=2).labels, batch.labels)
+    caption_only = make_pairs(encoder, replace(cfg, describe_share=0.0), step=2)
+    assert not torch.equal(caption_only.text[:16], batch.text[:16])
+    assert len(batch.ground[0]) > 0 and len(batch.relate[0]) > 0
