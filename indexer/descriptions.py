@@ -3,6 +3,7 @@ relation synonyms, counts), and the one function that decides whether a descript
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from indexer.scenes import COLOURS, SHAPES, SINGLE_POSITIONS, SIZES, Scene, SceneObject
+from indexer.scenes import COLOURS, SHAPES, SINGLE_POSITIONS, SIZES, Scene, SceneObject, stream
 
 T = TypeVar("T")
 
@@ -231,6 +232,23 @@ def allowed(scene: Scene, kind: str) -> bool:
 VOCABULARY = {"colours": list(COLOURS), "shapes": list(SHAPES), "sizes": list(SIZES),
               "relations": ["left of", "right of", "next to", "beside", "above", "over", "on top of", "below",
                             "under", "beneath", "from left to right", "from top to bottom"]}
+EXAMPLE_KINDS = ("one_object", "count", "no_size", "relation_synonym", "two_of_three")  # short ones first
+
+
+@functools.cache
+def example_queries(seed: int = 3) -> tuple[str, ...]:  # seed 3: its first examples read well
+    """One description of each example kind that names a colour, of the seed's first scenes that allow
+    it: what a user may type to the embedded model (the page offers them to click)."""
+    rng = np.random.default_rng([seed, 5])
+    found: dict[str, str] = {}
+    for first, _ in stream(seed):
+        kind = next((k for k in EXAMPLE_KINDS if k not in found and allowed(first.scene, k)), None)
+        text = describe(first.scene, rng, kind).text if kind else ""
+        if kind and set(text.lower().split()) & set(COLOURS):  # "a triangle" tells a user little
+            found[kind] = text
+        if len(found) == len(EXAMPLE_KINDS):
+            return tuple(found[k] for k in EXAMPLE_KINDS)
+    raise AssertionError("unreachable: the stream is endless")
 
 
 def caption_claim(scene: Scene) -> Description:

@@ -1,4 +1,4 @@
-"""Command line: `imsearch train reranker` and `imsearch eval tradeoff`."""
+"""Command line: `imsearch train reranker|calibrate` and `imsearch eval tradeoff|freeform`."""
 
 from __future__ import annotations
 
@@ -6,12 +6,17 @@ import json
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from indexer.cli import _progress, err, fail, guarded
 from indexer.scenes import EVAL_SEED, TRAIN_SEED, VAL_SEED
+
+if TYPE_CHECKING:
+    from reranker.score import TokenReranker
+
+CALIBRATION_PER_KIND = 40  # 7 kinds x 40 descriptions x 16 candidates: about 4,500 scored pairs
 
 KindOpt = Annotated[str, typer.Option(help="mid (cross-attention ITM) or early (single stream)")]
 
@@ -39,7 +44,6 @@ def train_reranker_cmd(
 
     The run saves its weights every 100 steps; a rerun with the same --out resumes it."""
     from indexer.encoder import EncoderSpec, load_encoder
-    from reranker.evaluate import fit_fusion_weight
     from reranker.model import save_reranker
     from reranker.score import TokenReranker
     from reranker.train import RerankTrainConfig, train_reranker
@@ -60,16 +64,55 @@ def train_reranker_cmd(
             bar.update(task, completed=step + 1, loss=loss)
 
         model, log = guarded(lambda: train_reranker(encoder, cfg, advance))
-    weight, val_r1 = fit_fusion_weight(encoder, TokenReranker(model, encoder), val_n, VAL_SEED)
-    model.cfg.fusion_weight = weight
+    fitted = _calibrate(TokenReranker(model, encoder), val_n, CALIBRATION_PER_KIND)
     path = save_reranker(model, cfg.path())
     summary = {"kind": kind, "steps": steps, "init": str(init) if init else None, "first_step": first_step,
-               "image_mix": model.cfg.image_mix, "negatives": cfg.negatives,
-               "seconds": log["seconds"], "fusion_weight": weight,
-               "val_r1_at_16": val_r1, "parameters": sum(p.numel() for p in model.parameters()),
+               "image_mix": model.cfg.image_mix, "negatives": cfg.negatives, "seconds": log["seconds"], **fitted,
+               "parameters": sum(p.numel() for p in model.parameters()),
                "bytes": path.stat().st_size, "describe_share": describe_share, "commands": log["commands"]}
     path.with_suffix(".json").write_text(json.dumps({**summary, "losses": log["losses"]}) + "\n")
     err.print(json.dumps(summary))
+
+
+def _calibrate(reranker: TokenReranker, val_n: int, per_kind: int) -> dict[str, float]:
+    """Fit p(match)'s calibration on validation descriptions, then the cosine fusion weight over the
+    calibrated log p (the weight is fitted second because calibrating rescales what it is added to)."""
+    from reranker.evaluate import fit_fusion_weight
+    from reranker.freeform import fit_calibration
+
+    temperature, bias, val_error = fit_calibration(reranker.encoder, reranker, val_n, VAL_SEED, per_kind)
+    weight, val_r1 = fit_fusion_weight(reranker.encoder, reranker, val_n, VAL_SEED)
+    reranker.matcher.cfg.fusion_weight = reranker.fusion_weight = weight
+    return {"temperature": temperature, "bias": bias, "val_calibration_error": val_error, "fusion_weight": weight,
+            "val_r1_at_16": val_r1}
+
+
+def calibrate_cmd(
+    kind: KindOpt = "mid",
+    checkpoint: Annotated[Path | None, typer.Option(help="a reranker checkpoint (default: the committed "
+                                                    "models/reranker-KIND.safetensors)")] = None,
+    out: Annotated[Path | None, typer.Option(help="where to write it (default: over the checkpoint)")] = None,
+    val_n: Annotated[int, typer.Option(min=2, help="validation gallery: n/2 scenes and their twins")] = 2000,
+    per_kind: Annotated[int, typer.Option(min=1, help="validation descriptions of each kind")] = CALIBRATION_PER_KIND,
+    encoder_weights: Annotated[Path | None, typer.Option(help="the embedded encoder's weights it reads "
+                                                         "(default: models/tiny-clip)")] = None,
+) -> None:
+    """Refit a trained reranker's p(match) calibration (temperature, bias) and fusion weight on the
+    validation seed."""
+    from indexer.encoder import MODELS_DIR, EncoderSpec, load_encoder
+    from reranker.model import load_reranker, save_reranker
+    from reranker.score import TokenReranker
+
+    checkpoint = checkpoint or MODELS_DIR / f"reranker-{kind}.safetensors"
+    spec = EncoderSpec(pretrained=str(encoder_weights)) if encoder_weights else None
+    encoder = guarded(lambda: load_encoder(spec))
+    model = guarded(lambda: load_reranker(checkpoint))
+    fitted = _calibrate(guarded(lambda: TokenReranker(model, encoder)), val_n, per_kind)
+    path = save_reranker(model, out or checkpoint)
+    summary = checkpoint.with_suffix(".json")
+    if summary.is_file():
+        path.with_suffix(".json").write_text(json.dumps({**json.loads(summary.read_text()), **fitted}) + "\n")
+    sys.stdout.write(json.dumps(fitted) + "\n")
 
 
 def eval_tradeoff_cmd(
@@ -133,5 +176,6 @@ def eval_freeform_cmd(
 def register(train_app: typer.Typer, eval_app: typer.Typer) -> None:
     """Attach the reranker commands to the root CLI's groups."""
     train_app.command("reranker")(train_reranker_cmd)
+    train_app.command("calibrate")(calibrate_cmd)
     eval_app.command("tradeoff")(eval_tradeoff_cmd)
     eval_app.command("freeform")(eval_freeform_cmd)

@@ -9,9 +9,12 @@ from indexer.descriptions import KINDS, Written, allowed, describe, holds
 from indexer.encoder import DualEncoder
 from indexer.scenes import EVAL_SEED, Sample, stream
 from reranker.evaluate import Gallery, embed_samples, run_query
-from reranker.score import Reranker
+from reranker.model import RerankerConfig
+from reranker.score import Reranker, TokenReranker
 
 CALIBRATION_BINS = 10
+TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 16.0, 61))
+BIASES = tuple(float(b) for b in np.linspace(-6.0, 6.0, 121))
 
 
 def freeform_gallery(n: int, seed: int) -> list[Sample]:
@@ -28,12 +31,13 @@ def freeform_gallery(n: int, seed: int) -> list[Sample]:
 
 
 def freeform_queries(samples: list[Sample], per_kind: int, seed: int) -> list[Written]:
-    """`per_kind` descriptions of each kind, each of a gallery scene drawn at random that allows it."""
+    """`per_kind` descriptions of each kind, each of a gallery scene drawn at random that allows it (none
+    of a kind that no scene of a small gallery allows)."""
     rng = np.random.default_rng([seed, 23])
     queries = []
     for kind in KINDS:
         eligible = [s for s in samples if allowed(s.scene, kind)]
-        for _ in range(per_kind):
+        for _ in range(per_kind if eligible else 0):
             queries.append(describe(eligible[int(rng.integers(len(eligible)))].scene, rng, kind))
     return queries
 
@@ -89,3 +93,37 @@ def evaluate_freeform(encoder: DualEncoder, rerankers: dict[str, Reranker], n: i
         calibration[tier] = calibration_error(scored)
     return {"n": n, "seed": seed, "k": k, "queries": len(queries), "rows": rows, "calibration_error": calibration,
             "examples": {kind: next(q.text for q in queries if q.kind == kind) for kind in KINDS}}
+
+
+
+def _margins(scored: list[tuple[float, bool]], cfg: RerankerConfig) -> tuple[np.ndarray, np.ndarray]:
+    """The heads' raw logit margins (undoing the calibration `cfg` holds) and the truth of each
+    scored candidate."""
+    p = np.clip(np.array([s[0] for s in scored], dtype=np.float64), 1e-6, 1 - 1e-6)
+    return cfg.temperature * (np.log(p) - np.log1p(-p) - cfg.bias), np.array([s[1] for s in scored], dtype=bool)
+
+
+def best_calibration(margins: np.ndarray, true: np.ndarray) -> tuple[float, float]:
+    """(temperature, bias) minimising the log loss of sigmoid(margin / T + bias) against the truth, on a
+    grid (two parameters: a search is simpler than a solver that must be kept from diverging)."""
+    signed = np.where(true, 1.0, -1.0)
+
+    def log_loss(t: float, b: float) -> float:
+        return float(np.logaddexp(0.0, -signed * (margins / t + b)).mean())
+
+    return min(((t, b) for t in TEMPERATURES for b in BIASES), key=lambda tb: log_loss(*tb))
+
+
+def fit_calibration(encoder: DualEncoder, reranker: TokenReranker, n: int, seed: int, per_kind: int = 40,
+                    k: int = 16) -> tuple[float, float, float]:
+    """Fit the reranker's p(match) calibration on the candidates it rescores for descriptions of a
+    validation gallery; sets it and returns (temperature, bias, calibration error there after the fit)."""
+    samples = freeform_gallery(n, seed)
+    gallery = embed_samples(encoder, samples)
+    queries = freeform_queries(samples, per_kind, seed)
+    _, scored = _tier_rows(encoder, gallery, queries, truth(queries, samples), reranker.name, reranker, k)
+    cfg = reranker.matcher.cfg
+    margins, labels = _margins(scored, cfg)
+    cfg.temperature, cfg.bias = best_calibration(margins, labels)
+    calibrated = 1.0 / (1.0 + np.exp(-(margins / cfg.temperature + cfg.bias)))
+    return cfg.temperature, cfg.bias, calibration_error(list(zip(calibrated.tolist(), labels.tolist(), strict=True)))

@@ -31,6 +31,8 @@ class RerankerConfig:
     ground_layer: int = 0  # the block whose output the grounding head reads (later blocks compare places)
     image_mix: int = 0  # hidden width of the image-side block (3x3 patch neighbourhood + MLP); 0: none
     fusion_weight: float = 10.0  # final = log p(match) + fusion_weight * cosine, fitted on validation
+    temperature: float = 1.0  # p(match) = sigmoid(logit margin / temperature + bias): Platt scaling,
+    bias: float = 0.0  # fitted on validation descriptions (the head's raw margin is over-confident near 0)
     encoder_id: str = ""  # the dual encoder whose tokens this reranker reads
 
     def to_json(self) -> str:
@@ -275,9 +277,11 @@ class Matcher(nn.Module):
         return self.head(self.ln_out(row[:, 0]))
 
     @staticmethod
-    def log_match(logits: torch.Tensor) -> torch.Tensor:
-        """(n,) log p(match)."""
-        return torch.log_softmax(logits.float(), dim=-1)[:, 1]
+    def log_match(logits: torch.Tensor, temperature: float = 1.0, bias: float = 0.0) -> torch.Tensor:
+        """(n,) log p(match), calibrated by a temperature and bias on the 2-way logits' margin (the
+        defaults leave log_softmax's answer)."""
+        margin = (logits[:, 1] - logits[:, 0]).float()
+        return torch.nn.functional.logsigmoid(margin / temperature + bias)
 
 
 def save_reranker(model: Matcher, path: Path) -> Path:

@@ -65,7 +65,8 @@ class TokenReranker:
         image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
         text = torch.from_numpy(query.tokens).float()[None]
         mask = torch.from_numpy(query.mask)[None]
-        return Matcher.log_match(self.matcher.score_one_text(image, text, mask)).numpy()
+        logits = self.matcher.score_one_text(image, text, mask)
+        return Matcher.log_match(logits, self.matcher.cfg.temperature, self.matcher.cfg.bias).numpy()
 
 
 def fuse(log_match: np.ndarray, cosine: np.ndarray, weight: float) -> np.ndarray:

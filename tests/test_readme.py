@@ -34,6 +34,7 @@ SMALL: dict[str, dict[str, str]] = {
     "imsearch eval encoder": {"--n": "40"},
     "imsearch train reranker": {"--steps": "2", "--batch": "4", "--val-n": "20",
                                 "--out": "{work}/reranker.safetensors"},
+    "imsearch train calibrate": {"--val-n": "20", "--per-kind": "2", "--out": "{work}/calibrated.safetensors"},
     "imsearch eval tradeoff": {"--n": "40", "--ks": "8"},
     "imsearch eval freeform": {"--n": "40", "--per-kind": "3"},
 }

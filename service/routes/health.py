@@ -1,4 +1,4 @@
-"""Routes: liveness, readiness, Prometheus metrics and the served indexes' manifests."""
+"""Routes: liveness, readiness, Prometheus metrics, the served indexes' manifests and what the model knows."""
 
 from __future__ import annotations
 
@@ -8,6 +8,8 @@ from typing import Any
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from indexer.descriptions import VOCABULARY, example_queries
+from indexer.encoder import EMBEDDED
 from service.deps import EngineDep
 
 router = APIRouter(tags=["health"])
@@ -36,6 +38,16 @@ def index_info(engine: EngineDep, index: str | None = None) -> dict[str, Any]:
     served = engine.index(index)
     return {"name": index or engine.default_index, "version": served.version, "count": len(served),
             "search_device": served.search_device, "manifest": served.manifest}
+
+
+@router.get("/v1/model")
+def model_info(engine: EngineDep) -> dict[str, Any]:
+    """The served encoder; for the embedded model, the words it was trained on (`vocabulary`: colours,
+    shapes, sizes, relations) and `examples` of queries it understands. Both are null for other models,
+    whose vocabulary is open."""
+    embedded = engine.encoder.model_name == EMBEDDED
+    return {"model": engine.encoder.model_id, "vocabulary": VOCABULARY if embedded else None,
+            "examples": example_queries() if embedded else None}
 
 
 @router.get("/metrics", response_class=Response,

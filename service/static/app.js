@@ -301,6 +301,25 @@ async function loadTiers() {
   }));
 }
 
+// The embedded model knows a small world: say which words, and offer queries it understands.
+async function loadVocabulary() {
+  const model = await send("/v1/model");
+  if (!model.vocabulary) return;  // a real model's vocabulary is open
+  const groups = Object.entries(model.vocabulary).map(([group, words]) => [element("b", "", `${group}: `),
+    document.createTextNode(`${words.join(", ")}. `)]);
+  $("#vocabulary").replaceChildren("The embedded model knows only these words. ", ...groups.flat());
+  $("#examples").replaceChildren("Try: ", ...model.examples.map((text) => {
+    const button = element("button", "example", text);
+    button.type = "button";
+    button.addEventListener("click", () => {
+      $("#query").value = text;
+      search(formQuery());
+    });
+    return button;
+  }));
+  $("#knows").hidden = false;
+}
+
 async function loadIndexes() {
   const names = await send("/indices-list");
   $("#index").replaceChildren(...names.map((name) => Object.assign(element("option", "", name), { value: name })));
@@ -343,7 +362,7 @@ document.addEventListener("dragleave", (event) => {
   if (!event.relatedTarget) document.body.classList.remove("dropping");
 });
 document.addEventListener("drop", onDrop);
-Promise.all([loadIndexes(), loadTiers()]).then(() => {
+Promise.all([loadIndexes(), loadTiers(), loadVocabulary()]).then(() => {
   document.body.dataset.ready = "1";
   readUrl();
 }).catch((err) => { $("#status").textContent = `The service did not answer: ${err.message}`; });

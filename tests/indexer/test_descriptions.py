@@ -8,11 +8,13 @@ import pytest
 
 from indexer.descriptions import (
     KINDS,
+    VOCABULARY,
     Description,
     Ref,
     allowed,
     caption_claim,
     describe,
+    example_queries,
     grounding,
     holds,
     mention_order,
@@ -101,3 +103,11 @@ def test_mention_order_follows_the_text_and_gives_up_on_twins() -> None:
     assert mention_order("a red shape left of a square", claim) == [0, 1]
     assert mention_order("a square", claim) is None
     assert mention_order("a red shape above a red shape", Description((Ref(colour="red"), Ref(colour="red")))) is None
+
+
+def test_example_queries_name_colours_and_differ() -> None:
+    examples = example_queries()
+    assert examples == example_queries() and len(set(examples)) == len(examples) == 5
+    colours = set(VOCABULARY["colours"])
+    assert all(colours & set(text.split()) for text in examples)
+    assert any(relation in examples[-1] for relation in VOCABULARY["relations"])  # the last relates two objects

@@ -1,16 +1,20 @@
 """The freeform evaluation: its gallery, queries and truth, its calibration error on hand-made
-predictions, and a small run end to end through the CLI."""
+predictions, the temperature fit, and small runs end to end through the CLI."""
 
 from __future__ import annotations
 
 import json
+import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from indexer.descriptions import KINDS, holds
-from reranker.freeform import calibration_error, freeform_gallery, freeform_queries, truth
+from reranker.freeform import best_calibration, calibration_error, freeform_gallery, freeform_queries, truth
+from reranker.model import Matcher, load_reranker
 from service.cli import app
 
 
@@ -43,3 +47,41 @@ def test_eval_freeform_prints_rows_per_tier_and_kind() -> None:
     assert 0.0 <= report["calibration_error"]["mid"] <= 1.0 and set(report["examples"]) == set(KINDS)
     refused = CliRunner().invoke(app, ["eval", "freeform", "--seed", "1"])
     assert refused.exit_code == 2 and "validation" in refused.output
+
+
+def test_calibration_fit_recovers_an_over_confident_shifted_head() -> None:
+    rng = np.random.default_rng(0)
+    margins = rng.normal(0.0, 12.0, 20000)  # the head says margin m; the truth follows sigmoid(m / 4 - 1.5)
+    true = rng.random(20000) < 1 / (1 + np.exp(-(margins / 4.0 - 1.5)))
+    temperature, bias = best_calibration(margins, true)
+    assert 3.5 < temperature < 4.6 and -1.8 < bias < -1.2
+    said = [(float(1 / (1 + np.exp(-m))), bool(t)) for m, t in zip(margins, true, strict=True)]
+    fitted = 1 / (1 + np.exp(-(margins / temperature + bias)))
+    calibrated = [(float(p), bool(t)) for p, t in zip(fitted, true, strict=True)]
+    assert calibration_error(calibrated) < 0.02 < 0.1 < calibration_error(said)
+
+
+def test_calibration_moves_log_p_without_reordering() -> None:
+    logits = torch.tensor([[0.0, 6.0], [3.0, -3.0], [0.0, 1.0]])
+    sharp, calibrated = Matcher.log_match(logits), Matcher.log_match(logits, 3.0, -0.5)
+    assert torch.allclose(sharp, torch.log_softmax(logits, dim=-1)[:, 1])  # the defaults change nothing
+    assert torch.equal(torch.argsort(sharp), torch.argsort(calibrated))
+    assert calibrated[0] < sharp[0] and calibrated[1] > sharp[1]  # both pulled towards p = 0.5
+    assert torch.allclose(calibrated.exp(), torch.sigmoid((logits[:, 1] - logits[:, 0]) / 3.0 - 0.5))
+
+
+def test_calibrate_command_rewrites_the_checkpoint(tmp_path: Path) -> None:
+    from indexer.encoder import MODELS_DIR
+
+    checkpoint = tmp_path / "mid.safetensors"
+    shutil.copy(MODELS_DIR / "reranker-mid.safetensors", checkpoint)
+    args = ["train", "calibrate", "--checkpoint", str(checkpoint), "--val-n", "40", "--per-kind", "3"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    fitted = json.loads(result.stdout.strip().splitlines()[-1])
+    cfg = load_reranker(checkpoint).cfg
+    assert cfg.temperature == pytest.approx(fitted["temperature"]) and cfg.bias == pytest.approx(fitted["bias"])
+    assert cfg.fusion_weight == fitted["fusion_weight"]
+    assert 0.0 <= fitted["val_calibration_error"] <= 1.0
+    missing = CliRunner().invoke(app, ["train", "calibrate", "--checkpoint", str(tmp_path / "none.safetensors")])
+    assert missing.exit_code == 2 and "none.safetensors" in missing.output

@@ -188,6 +188,9 @@ def test_health_ready_and_index_info(client: TestClient) -> None:
     assert ready["status"] == "ready" and ready["indexes"] == ["scenes"] and "mid" in ready["rerankers"]
     info = client.get("/v1/index").json()
     assert info["count"] == 60 and info["manifest"]["model"]["id"] == ready["model"]
+    model = client.get("/v1/model").json()  # the embedded model: its words and queries it understands
+    assert model["model"] == ready["model"] and "circle" in model["vocabulary"]["shapes"]
+    assert "beside" in model["vocabulary"]["relations"] and len(model["examples"]) == 5
 
 
 def test_service_refuses_an_index_of_another_model(index_dir: Path, tmp_path: Path) -> None:

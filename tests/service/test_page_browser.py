@@ -377,3 +377,18 @@ def test_api_docs_render_offline(server: str, browser: webdriver.Chrome, path: s
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, rendered)) >= 5)
     assert "imsearch" in browser.find_element(By.TAG_NAME, "body").text
     assert "/v1/search" in browser.find_element(By.TAG_NAME, "body").text
+
+
+def test_the_page_says_what_the_embedded_model_knows(server: str, browser: webdriver.Chrome) -> None:
+    wait = _open(browser, server)
+    known = httpx.get(f"{server}/v1/model", timeout=10).json()
+    line = browser.find_element(By.ID, "vocabulary").text
+    assert browser.find_element(By.ID, "knows").is_displayed()
+    assert all(word in line for words in known["vocabulary"].values() for word in words)
+    examples = browser.find_elements(By.CSS_SELECTOR, "#examples button.example")
+    assert [b.text for b in examples] == known["examples"]
+    examples[-1].click()  # a click searches it, as typed
+    text = known["examples"][-1]
+    wait.until(lambda d: _column(d, "fast")[0] == _ids(server, text=text, rerank="none") and _idle(d))
+    assert browser.find_element(By.ID, "query").get_attribute("value") == text
+    assert _query_string(browser)["q"] == [text]
