@@ -36,6 +36,8 @@ def train_reranker_cmd(
     shape_negatives: Annotated[bool, typer.Option(help="a 6th negative: the image with one shape changed")] = False,
     describe_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of positives described as "
                                                   "people write them, not in the caption grammar")] = 0.0,
+    hard_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of described positives asked "
+                                              "the hardest kind their scene allows (two of three, no sizes)")] = 0.0,
     warmup: Annotated[int, typer.Option(min=1)] = 100,
     encoder_weights: Annotated[Path | None, typer.Option(help="the embedded encoder's weights to train over "
                                                          "(default: models/tiny-clip)")] = None,
@@ -55,7 +57,7 @@ def train_reranker_cmd(
     cfg = RerankTrainConfig(kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out,
                             ground_weight=ground_weight, init=init, first_step=first_step,
                             image_mix=image_mix, shape_negatives=shape_negatives, describe_share=describe_share,
-                            warmup=warmup, command=" ".join(["imsearch", *sys.argv[1:]]))
+                            hard_share=hard_share, warmup=warmup, command=" ".join(["imsearch", *sys.argv[1:]]))
     if cfg.run_log().is_file():
         err.print(f"resuming the run saved in {cfg.run_log()}")
     with _progress() as bar:

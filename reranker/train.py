@@ -63,6 +63,7 @@ class RerankTrainConfig:
     first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
     image_mix: int = 0  # hidden width of the image-side neighbourhood block (0: none); may be added on a warm start
     describe_share: float = 0.0  # share of positives described as people write them (indexer.descriptions)
+    hard_share: float = 0.0  # of described positives: two of three objects, or sizes left out (see _kind)
     save_every: int = 100  # steps between resumable saves of the weights and the run's log
     rewarm: int = 50  # on a resume the optimizer restarts: its learning rate ramps up again over these steps
     command: str = ""  # the command line, recorded in the run's log
@@ -182,8 +183,8 @@ def grounding_targets(encoder: DualEncoder, scenes: list[Scene], texts: list[str
             (torch.tensor(rel_rows, dtype=torch.long), torch.tensor(rel, dtype=torch.float32).reshape(-1, 2)))
 
 
-def _texts(neg: Negatives, rng: np.random.Generator, step_rng: np.random.Generator | None, share: float
-           ) -> tuple[list[str], list[Description]]:
+def _texts(neg: Negatives, rng: np.random.Generator, step_rng: np.random.Generator | None, share: float,
+           hard_share: float = 0.0) -> tuple[list[str], list[Description]]:
     """Captions of the positives, their order swaps and perturbations (the text-side negatives).
 
     With step_rng, some positives are described as people write them instead, and so are their two
@@ -200,12 +201,20 @@ def _texts(neg: Negatives, rng: np.random.Generator, step_rng: np.random.Generat
         if step_rng.random() >= share:
             continue
         group = [i, i + b, i + 2 * b]
-        kinds = [k for k in KINDS if allowed(neg.positives[i], k)]
-        kind, seed = kinds[int(step_rng.integers(len(kinds)))], int(step_rng.integers(2**62))
+        kind, seed = _kind(neg.positives[i], step_rng, hard_share), int(step_rng.integers(2**62))
         for row in group:
             written = _described(scenes[row], kind, seed)
             texts[row], claims[row] = written.text, written.claim
     return texts, claims
+
+
+def _kind(scene: Scene, rng: np.random.Generator, hard_share: float) -> str:
+    """A kind of description the scene allows: with probability `hard_share` the one the tiers learn
+    last (two of three objects, else sizes left out), otherwise any, uniformly."""
+    if hard_share > 0 and rng.random() < hard_share:
+        return "two_of_three" if allowed(scene, "two_of_three") else "no_size"
+    kinds = [k for k in KINDS if allowed(scene, k)]
+    return kinds[int(rng.integers(len(kinds)))]
 
 
 def _described(scene: Scene, kind: str, seed: int) -> Written:
@@ -223,7 +232,7 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     neg, rng = sample_negatives(cfg.seed, step, cfg.batch, cfg.image_negatives, cfg.shape_negatives)
     size = int(encoder.model.visual.image_size[0])
     step_rng = np.random.default_rng([cfg.seed, 78, step]) if cfg.describe_share > 0 else None
-    texts, claims = _texts(neg, rng, step_rng, cfg.describe_share)
+    texts, claims = _texts(neg, rng, step_rng, cfg.describe_share, cfg.hard_share)
     image_scenes = neg.positives + neg.twins + neg.perturbed_images + neg.shape_images
     img_emb, img_tok = encoder.encode_images_and_tokens([render(s, size) for s in image_scenes])
     txt_emb, txt_tok, txt_mask = encoder.encode_texts_and_tokens(texts)

@@ -79,12 +79,12 @@ def _mean_accuracy(reranker: TokenReranker, encoder: DualEncoder, seeds: tuple[i
 
 
 @pytest.mark.slow
-def test_short_training_beats_chance_on_compositional_negatives(encoder: DualEncoder) -> None:
+def test_short_training_beats_chance_on_compositional_negatives(encoder: DualEncoder, tmp_path: Path) -> None:
     # the lighter recipe (no perturbed images) keeps this run short; the full batch is checked below
     # 300 steps and 256 positives: at 150 steps and 64 the accuracy sat on the threshold (0.50 to 0.67
     # over six evaluation batches, mean 0.60), so any change to the scene stream could fail it
     cfg = RerankTrainConfig(kind="mid", steps=300, batch=32, lr=5e-4, warmup=10, layers=2, width=128,
-                            image_negatives=False)
+                            image_negatives=False, out=tmp_path / "mid.safetensors")
     seeds = (5, 6, 7, 8)
     before = _mean_accuracy(TokenReranker(new_matcher(encoder, cfg), encoder), encoder, seeds)
     model, log = train_reranker(encoder, cfg)
@@ -167,3 +167,16 @@ def test_described_pairs_are_labelled_by_truth(encoder: DualEncoder) -> None:
     caption_only = make_pairs(encoder, replace(cfg, describe_share=0.0), step=2)
     assert not torch.equal(caption_only.text[:16], batch.text[:16])
     assert len(batch.ground[0]) > 0 and len(batch.relate[0]) > 0
+
+
+def test_the_hard_share_asks_the_hardest_kind_a_scene_allows() -> None:
+    from reranker.train import _kind
+
+    objects = [SceneObject("red", "circle", "small", 0, 1), SceneObject("blue", "square", "large", 1, 1),
+               SceneObject("green", "cross", "small", 2, 1)]
+    three, two = Scene(tuple(objects), "horizontal"), Scene(tuple(objects[:2]), "horizontal")
+    rng = np.random.default_rng(0)
+    assert {_kind(three, rng, 1.0) for _ in range(20)} == {"two_of_three"}
+    assert {_kind(two, rng, 1.0) for _ in range(20)} == {"no_size"}
+    drawn = [_kind(three, rng, 0.0) for _ in range(200)]
+    assert "two_of_three" in drawn and len(set(drawn)) >= 5  # no hard share: every kind the scene allows
