@@ -362,7 +362,8 @@ document.addEventListener("dragleave", (event) => {
   if (!event.relatedTarget) document.body.classList.remove("dropping");
 });
 document.addEventListener("drop", onDrop);
-Promise.all([loadIndexes(), loadTiers(), loadVocabulary()]).then(() => {
+// the vocabulary line is a hint: the page works without it
+Promise.all([loadIndexes(), loadTiers(), loadVocabulary().catch(() => null)]).then(() => {
   document.body.dataset.ready = "1";
   readUrl();
 }).catch((err) => { $("#status").textContent = `The service did not answer: ${err.message}`; });
