@@ -159,7 +159,7 @@ def train_encoder(cfg: TrainConfig, on_step: Callback | None = None) -> dict[str
             on_step(step, losses[-1])
         done = step + 1
         if cfg.eval_every and done % cfg.eval_every == 0 and done < cfg.steps:
-            evals.append(_checkpoint_and_eval(encoder, cfg, done, start))
+            evals.append(_evaluate(encoder, cfg, done, start))
             model.train()
         if done % cfg.save_every == 0 or done == cfg.steps:
             save_checkpoint(model, cfg.out)
@@ -204,10 +204,10 @@ def save_log(path: Path, log: RunLog, config: object) -> None:
     tmp.replace(path)
 
 
-def _checkpoint_and_eval(encoder: DualEncoder, cfg: TrainConfig, step: int, start: float) -> dict[str, object]:
+def _evaluate(encoder: DualEncoder, cfg: TrainConfig, step: int, start: float) -> dict[str, object]:
+    """Validation metrics of the weights in training (the periodic save, not this, writes them out)."""
     from indexer.evaluate import VAL_GALLERY, evaluate_encoder  # evaluation imports training data helpers
 
-    save_checkpoint(encoder.model, cfg.out)
     encoder.model.eval()
     metrics = evaluate_encoder(encoder, n=VAL_GALLERY, seed=VAL_SEED)
     if cfg.describe_share > 0:

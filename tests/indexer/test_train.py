@@ -10,7 +10,7 @@ import torch
 from open_clip.loss import ClipLoss
 from safetensors.torch import load_file
 
-from indexer.descriptions import caption_claim, holds
+from indexer.descriptions import KINDS, caption_claim, holds
 from indexer.encoder import EncoderSpec, create_embedded, load_encoder
 from indexer.scenes import VAL_SEED
 from indexer.train import (
@@ -112,3 +112,12 @@ def test_a_run_resumes_from_its_last_save(tmp_path: Path) -> None:
     assert len(report["losses"]) == 6 and report["losses"][:4] == saved["losses"]
     assert report["commands"] == ["first (from step 0)", "second (from step 4)"]
     assert json.loads((tmp_path / RUN_LOG).read_text())["step"] == 6
+
+
+def test_a_run_evaluates_on_validation_scenes_and_descriptions(tmp_path: Path) -> None:
+    report = train_encoder(TrainConfig(steps=3, batch_pairs=4, eval_every=2, save_every=100, describe_share=0.5,
+                                       out=tmp_path))
+    [evaluated] = report["evals"]  # at step 2 (the last step is left to the caller's evaluation)
+    assert evaluated["step"] == 2 and 0.0 <= evaluated["t2i_r1"] <= 1.0
+    assert set(evaluated["freeform_p1"]) == set(KINDS)
+    assert json.loads((tmp_path / RUN_LOG).read_text())["evals"] == [evaluated]
