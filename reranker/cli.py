@@ -14,10 +14,15 @@ from indexer.cli import _progress, err, fail, guarded
 from indexer.scenes import EVAL_SEED, TRAIN_SEED, VAL_SEED
 
 if TYPE_CHECKING:
-    from reranker.score import TokenReranker
+    from indexer.encoder import DualEncoder
+    from reranker.score import Reranker, TokenReranker
 
 CALIBRATION_PER_KIND = 40  # 7 kinds x 40 descriptions x 16 candidates: about 4,500 scored pairs
 
+EncoderWeightsOpt = Annotated[Path | None, typer.Option(help="the embedded encoder's weights (default: "
+                                                     "models/tiny-clip), e.g. a training run's")]
+RerankerDirOpt = Annotated[Path | None, typer.Option(help="read reranker-TIER.safetensors from this folder "
+                                                   "(default: models/), e.g. models/runs")]
 KindOpt = Annotated[str, typer.Option(help="mid (cross-attention ITM) or early (single stream)")]
 
 
@@ -117,6 +122,17 @@ def calibrate_cmd(
     sys.stdout.write(json.dumps(fitted) + "\n")
 
 
+def _models(tiers: str, encoder_weights: Path | None, reranker_dir: Path | None
+            ) -> tuple[DualEncoder, dict[str, Reranker]]:
+    """The encoder and the rerank tiers to evaluate: the committed ones, or a run's before it is promoted."""
+    from indexer.encoder import EncoderSpec, load_encoder
+    from reranker.score import load_tier
+
+    encoder = guarded(lambda: load_encoder(EncoderSpec(pretrained=str(encoder_weights)) if encoder_weights else None))
+    paths = {t: reranker_dir / f"reranker-{t}.safetensors" if reranker_dir else None for t in tiers.split(",") if t}
+    return encoder, {t: guarded(partial(load_tier, t, encoder, path)) for t, path in paths.items()}
+
+
 def eval_tradeoff_cmd(
     n: Annotated[int, typer.Option(min=2, help="gallery size (even)")] = 1000,
     seed: Annotated[int, typer.Option(help="gallery seed (disjoint from training and validation)")] = EVAL_SEED,
@@ -124,19 +140,16 @@ def eval_tradeoff_cmd(
     ks: Annotated[str, typer.Option(help="comma-separated candidate counts")] = "8,16,32,64",
     errors: Annotated[bool, typer.Option("--errors", help="break top-1 errors down by kind")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON list")] = False,
+    encoder_weights: EncoderWeightsOpt = None,
+    reranker_dir: RerankerDirOpt = None,
 ) -> None:
     """Late vs mid vs early fusion: R@1, R@5, binding accuracy and ms per query at each k."""
 
-    from indexer.encoder import load_encoder
     from reranker.evaluate import evaluate_tradeoff
-    from reranker.score import Reranker, load_tier
 
     if seed in (TRAIN_SEED, VAL_SEED):
         fail(f"seed {seed} is used for training or validation; evaluate on a held-out seed")
-    encoder = guarded(load_encoder)
-    rerankers: dict[str, Reranker] = {}
-    for tier in (t for t in tiers.split(",") if t):
-        rerankers[tier] = guarded(partial(load_tier, tier, encoder))
+    encoder, rerankers = _models(tiers, encoder_weights, reranker_dir)
     k_values = tuple(int(k) for k in ks.split(",") if k)
     rows = guarded(lambda: evaluate_tradeoff(encoder, rerankers, n, seed, k_values, errors))
     if as_json:
@@ -154,16 +167,15 @@ def eval_freeform_cmd(
     k: Annotated[int, typer.Option(min=1, max=256, help="candidates each reranker rescores")] = 16,
     tiers: Annotated[str, typer.Option(help="comma-separated rerank tiers")] = "mid,early",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    encoder_weights: EncoderWeightsOpt = None,
+    reranker_dir: RerankerDirOpt = None,
 ) -> None:
     """Queries as people type them: p@1, p@5 and ms per tier and kind; the rerankers' calibration error."""
-    from indexer.encoder import load_encoder
     from reranker.freeform import evaluate_freeform
-    from reranker.score import Reranker, load_tier
 
     if seed in (TRAIN_SEED, VAL_SEED):
         fail(f"seed {seed} is used for training or validation; evaluate on a held-out seed")
-    encoder = guarded(load_encoder)
-    rerankers: dict[str, Reranker] = {t: guarded(partial(load_tier, t, encoder)) for t in tiers.split(",") if t}
+    encoder, rerankers = _models(tiers, encoder_weights, reranker_dir)
     report = guarded(lambda: evaluate_freeform(encoder, rerankers, n, seed, per_kind, k))
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")

@@ -85,3 +85,19 @@ def test_calibrate_command_rewrites_the_checkpoint(tmp_path: Path) -> None:
     assert 0.0 <= fitted["val_calibration_error"] <= 1.0
     missing = CliRunner().invoke(app, ["train", "calibrate", "--checkpoint", str(tmp_path / "none.safetensors")])
     assert missing.exit_code == 2 and "none.safetensors" in missing.output
+
+
+def test_eval_reads_a_runs_encoder_and_rerankers_before_they_are_promoted(tmp_path: Path) -> None:
+    from indexer.encoder import EMBEDDED_DIR, MODELS_DIR
+
+    shutil.copy(MODELS_DIR / "reranker-mid.safetensors", tmp_path / "reranker-mid.safetensors")
+    run = ["--encoder-weights", str(EMBEDDED_DIR / "open_clip_model.safetensors"), "--reranker-dir", str(tmp_path)]
+    small = ["eval", "freeform", "--n", "20", "--per-kind", "2", "--tiers", "mid", "--json"]
+    committed, result = CliRunner().invoke(app, small), CliRunner().invoke(app, [*small, *run])
+    assert result.exit_code == committed.exit_code == 0, result.output
+    def scores(output: str) -> list[tuple[str, str, float, float]]:  # the same models: the same answers
+        return [(r["tier"], r["kind"], r["p1"], r["p5"]) for r in json.loads(output.splitlines()[-1])["rows"]]
+
+    assert scores(result.stdout) == scores(committed.stdout)
+    missing = CliRunner().invoke(app, ["eval", "tradeoff", "--n", "20", "--tiers", "early", *run])
+    assert missing.exit_code == 2 and "reranker-early.safetensors" in missing.output
