@@ -8,6 +8,7 @@ import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -115,12 +116,23 @@ def _param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str,
     ]
 
 
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warm-up then cosine decay to zero."""
+class Schedule(Protocol):
+    """What a learning-rate schedule reads off a training config (the encoder's and the rerankers')."""
+
+    lr: float
+    warmup: int
+    steps: int
+    rewarm: int
+
+
+def lr_at(step: int, cfg: Schedule, resumed: int = 0) -> float:
+    """Linear warm-up then cosine decay to zero; a run resumed at step `resumed` ramps up again over
+    cfg.rewarm steps, because its optimizer's moments restart from zero."""
+    ramp = min(1.0, (step - resumed + 1) / cfg.rewarm) if resumed else 1.0
     if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
+        return cfg.lr * (step + 1) / cfg.warmup * ramp
     progress = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress))
+    return 0.5 * cfg.lr * (1 + math.cos(math.pi * progress)) * ramp
 
 
 Callback = Callable[[int, float], None]
@@ -141,9 +153,8 @@ def train_encoder(cfg: TrainConfig, on_step: Callback | None = None) -> dict[str
     resumed, losses, evals = log.step, log.losses, log.evals
     start = time.perf_counter() - log.seconds
     for step in range(resumed, cfg.steps):
-        ramp = min(1.0, (step - resumed + 1) / cfg.rewarm) if resumed else 1.0
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg) * ramp
+            group["lr"] = lr_at(step, cfg, resumed)
         samples = batch_samples(cfg.seed, cfg.start_step + step, cfg.batch_pairs)
         texts, truth = batch_texts(samples, cfg.seed, cfg.start_step + step, cfg.describe_share)
         images, tokens = make_batch(encoder, samples, texts, image_size)

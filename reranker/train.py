@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -37,7 +36,7 @@ from indexer.scenes import (
     scene_pair,
     twin,
 )
-from indexer.train import resume_log, save_log
+from indexer.train import lr_at, resume_log, save_log
 from reranker.model import Matcher, RerankerConfig, load_reranker, save_reranker
 
 
@@ -265,12 +264,6 @@ def pair_loss(model: Matcher, batch: PairBatch, class_weight: torch.Tensor, grou
     return loss
 
 
-def lr_at(step: int, cfg: RerankTrainConfig) -> float:
-    if step < cfg.warmup:
-        return cfg.lr * (step + 1) / cfg.warmup
-    return 0.5 * cfg.lr * (1 + math.cos(math.pi * (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)))
-
-
 def new_matcher(encoder: DualEncoder, cfg: RerankTrainConfig) -> Matcher:
     torch.manual_seed(cfg.seed)
     if cfg.init is not None:
@@ -315,9 +308,8 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
     losses = log.losses
     start = time.perf_counter() - log.seconds
     for step in range(resumed, cfg.steps):
-        ramp = min(1.0, (step - resumed + 1) / cfg.rewarm) if resumed else 1.0
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, cfg) * ramp
+            group["lr"] = lr_at(step, cfg, resumed)
         batch = make_pairs(encoder, cfg, cfg.first_step + step)
         positives = max(1, int(batch.labels.sum()))
         class_weight = torch.tensor([1.0, (len(batch.labels) - positives) / positives])

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 import torch
 from open_clip.loss import ClipLoss
 from safetensors.torch import load_file
@@ -66,6 +67,11 @@ def test_learning_rate_warms_up_then_decays() -> None:
     cfg = TrainConfig(steps=100, warmup=10, lr=1.0)
     assert lr_at(0, cfg) == 0.1 and lr_at(9, cfg) == 1.0
     assert lr_at(50, cfg) < 1.0 and lr_at(99, cfg) < 0.01
+    resumed = lr_at(40, cfg, resumed=40)  # a resumed run's fresh optimizer ramps up over cfg.rewarm steps
+    assert resumed == pytest.approx(lr_at(40, cfg) / cfg.rewarm) and lr_at(40 + cfg.rewarm, cfg, 40) == lr_at(90, cfg)
+    from reranker.train import RerankTrainConfig  # the rerankers' runs follow the same schedule
+
+    assert lr_at(5, RerankTrainConfig(steps=100, warmup=10, lr=1.0)) == lr_at(5, cfg)
 
 
 def test_multi_positive_loss_is_clip_loss_when_each_text_has_one_image() -> None:
