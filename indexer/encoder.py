@@ -268,14 +268,20 @@ def create_embedded(seed: int = 0) -> DualEncoder:
     return DualEncoder(model, preprocess, open_clip.get_tokenizer(EMBEDDED), f"{EMBEDDED}@random", torch.device("cpu"))
 
 
+def save_fp16(model: torch.nn.Module, path: Path, metadata: dict[str, str] | None = None) -> Path:
+    """Write a module's weights as fp16 safetensors, atomically: a reader (a server, a resumed run)
+    never sees a half-written checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
+    tmp = path.with_suffix(".tmp")
+    save_file(state, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+    return path
+
+
 def save_checkpoint(model: torch.nn.Module, out_dir: Path, model_name: str = EMBEDDED) -> Path:
     """Write fp16 safetensors + open_clip JSON config in the `local-dir:` layout; returns the weights path."""
-    out_dir.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
-    weights = out_dir / WEIGHTS_NAME
-    tmp = weights.with_suffix(".tmp")
-    save_file(state, str(tmp))
-    os.replace(tmp, weights)  # a reader never sees a half-written checkpoint
+    weights = save_fp16(model, out_dir / WEIGHTS_NAME)
     register_embedded_configs()
     config = {"model_cfg": open_clip.get_model_config(model_name), "model_name": model_name}
     (out_dir / CONFIG_NAME).write_text(json.dumps(config, indent=2) + "\n")

@@ -10,8 +10,9 @@ from typing import cast
 import torch
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 from torch import nn
+
+from indexer.encoder import save_fp16
 
 
 @dataclass
@@ -286,12 +287,7 @@ class Matcher(nn.Module):
 
 def save_reranker(model: Matcher, path: Path) -> Path:
     """fp16 safetensors with the config (and fitted fusion weight) in the file's metadata."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    state = {k: v.detach().to(torch.float16).contiguous().cpu() for k, v in model.state_dict().items()}
-    tmp = path.with_suffix(".tmp")
-    save_file(state, str(tmp), metadata={"config": model.cfg.to_json()})
-    tmp.replace(path)
-    return path
+    return save_fp16(model, path, {"config": model.cfg.to_json()})
 
 
 def load_reranker(path: Path, device: str | torch.device = "cpu") -> Matcher:
