@@ -101,8 +101,7 @@ def calibrate_cmd(
     out: Annotated[Path | None, typer.Option(help="where to write it (default: over the checkpoint)")] = None,
     val_n: Annotated[int, typer.Option(min=2, help="validation gallery: n/2 scenes and their twins")] = 2000,
     per_kind: Annotated[int, typer.Option(min=1, help="validation descriptions of each kind")] = CALIBRATION_PER_KIND,
-    encoder_weights: Annotated[Path | None, typer.Option(help="the embedded encoder's weights it reads "
-                                                         "(default: models/tiny-clip)")] = None,
+    encoder_weights: EncoderWeightsOpt = None,
 ) -> None:
     """Refit a trained reranker's p(match) calibration (temperature, bias) and fusion weight on the
     validation seed."""
