@@ -95,7 +95,6 @@ def evaluate_freeform(encoder: DualEncoder, rerankers: dict[str, Reranker], n: i
             "examples": {kind: next(q.text for q in queries if q.kind == kind) for kind in KINDS}}
 
 
-
 def _margins(scored: list[tuple[float, bool]], cfg: RerankerConfig) -> tuple[np.ndarray, np.ndarray]:
     """The heads' raw logit margins (undoing the calibration `cfg` holds) and the truth of each
     scored candidate."""
