@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import time
-import unicodedata
 from collections.abc import Sequence
 from typing import Any
 
@@ -14,29 +12,12 @@ import numpy as np
 import redis
 
 from service.batching import MicroBatcher
+from service.names import CACHE_PREFIX
 
 log = logging.getLogger(__name__)
 
-PREFIX = "imsearch:"
 WARN_EVERY_S = 30.0  # one warning per interval while Redis is down, not one per request
 RETRY_AFTER_S = 1.0  # after a failure, requests skip Redis this long (a hung Redis must not cost each one a timeout)
-
-
-def result_key(model_id: str, index_version: str, request: dict[str, Any]) -> str:
-    """Keyed by index version, so publishing a new version invalidates every cached result."""
-    canonical = json.dumps(request, sort_keys=True, separators=(",", ":"))
-    digest = hashlib.sha256(canonical.encode()).hexdigest()[:32]
-    return f"{PREFIX}result:{model_id}:{index_version}:{digest}"
-
-
-def normalise_text(text: str) -> str:
-    """The text as the tokenizer sees it (CLIP's BPE lower-cases and collapses whitespace)."""
-    return " ".join(unicodedata.normalize("NFC", text).lower().split())
-
-
-def text_key(model_id: str, text: str) -> str:
-    digest = hashlib.sha256(normalise_text(text).encode()).hexdigest()[:32]
-    return f"{PREFIX}text:{model_id}:{digest}"
 
 
 def pack_text(pooled: np.ndarray, tokens: np.ndarray, mask: np.ndarray) -> bytes:
@@ -114,13 +95,13 @@ class QueryCache:
         self.put_many([(key, value_json)])
 
     def clear(self) -> int:
-        """Delete this service's result and text keys; returns how many were removed."""
+        """Delete every cached result and text embedding (the jobs' keys stay); returns how many were removed."""
         if self.client is None:
             return 0
         removed = 0
         try:
             batch: list[bytes] = []
-            for key in self.client.scan_iter(match=f"{PREFIX}*", count=1000):
+            for key in self.client.scan_iter(match=f"{CACHE_PREFIX}*", count=1000):
                 batch.append(key)
                 if len(batch) >= 1000:
                     removed += int(self.client.delete(*batch))

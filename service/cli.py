@@ -185,13 +185,14 @@ def worker(
     import logging
 
     from service.config import Settings
-    from service.worker import run_worker
+    from service.jobs.worker import run_worker
+    from service.names import QUEUE
 
     url = redis_url or Settings().redis_url
     if not url:
         fail("a worker needs Redis: pass --redis-url or set IMSEARCH_REDIS_URL")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    err.print(f"worker on {url}, queue imsearch-index")
+    err.print(f"worker on {url}, queue {QUEUE}")
     run_worker(str(url), burst=burst)
 
 

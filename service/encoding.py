@@ -9,8 +9,9 @@ from PIL import Image
 
 from indexer.encoder import DualEncoder
 from service.batching import MicroBatcher
-from service.cache import QueryCache, pack_text, text_key, unpack_text
+from service.cache import QueryCache, pack_text, unpack_text
 from service.metrics import Metrics
+from service.names import text_key
 
 
 @dataclass

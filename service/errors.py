@@ -12,7 +12,7 @@ from fastapi.responses import JSONResponse
 from indexer.integrity import IndexCorrupt
 from indexer.store import UnknownImage
 from service.admission import Overloaded
-from service.jobs import JobNotFound, JobRejected
+from service.jobs.api import JobNotFound, JobRejected
 from service.search import BadQuery
 
 log = logging.getLogger(__name__)

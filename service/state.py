@@ -22,7 +22,7 @@ from service.cache import QueryCache, ResultStore
 from service.config import Settings
 from service.encoding import QueryEncoder
 from service.errors import StartupError, UnknownIndex
-from service.jobs import JobQueue, LocalJobs, RQJobs
+from service.jobs.queues import JobQueue, LocalJobs, RQJobs
 from service.metrics import Metrics
 from service.search import RerankedSearch, Searcher
 from service.swap import IndexSwapper, VersionWatcher

@@ -12,7 +12,7 @@ import redis
 
 from indexer.store import Index
 from indexer.versions import current_version
-from service.jobs import VERSIONS_CHANNEL
+from service.names import VERSIONS_CHANNEL
 from service.search import Searcher
 
 log = logging.getLogger(__name__)

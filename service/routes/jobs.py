@@ -10,7 +10,8 @@ from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
 from service.deps import ApiKeyDep, EngineDep
-from service.jobs import JobRejected, JobRequest, JobSpec, check_source, new_job_id
+from service.jobs.api import JobRejected, JobRequest, JobSpec, new_job_id
+from service.jobs.policy import check_source
 
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=[ApiKeyDep])
 

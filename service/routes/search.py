@@ -19,8 +19,8 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from indexer.store import Index
-from service.cache import result_key
 from service.deps import ApiKeyDep, EngineDep
+from service.names import result_key
 from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
 from service.search import BadQuery, QueryInput, Searcher, SearchOutput, search, search_async, shown_path, source_roots
 from service.state import Engine

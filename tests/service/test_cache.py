@@ -14,9 +14,10 @@ from indexer.build import BuildOptions, build_or_add, remove
 from indexer.encoder import DualEncoder
 from indexer.scenes import write_scenes
 from service.app import create_app
-from service.cache import PREFIX, QueryCache
+from service.cache import QueryCache
 from service.config import Settings
 from service.encoding import QueryEncoder
+from service.names import CACHE_PREFIX
 from service.state import load_engine
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -26,10 +27,10 @@ QUERY = {"text": "a large red square above a small green circle", "k": 3}
 @pytest.fixture()
 def clean_redis() -> Iterator[redis.Redis]:
     client = redis.Redis.from_url(REDIS_URL)
-    for key in client.scan_iter(f"{PREFIX}*"):
+    for key in client.scan_iter(f"{CACHE_PREFIX}*"):
         client.delete(key)
     yield client
-    for key in client.scan_iter(f"{PREFIX}*"):
+    for key in client.scan_iter(f"{CACHE_PREFIX}*"):
         client.delete(key)
     client.close()
 
@@ -52,9 +53,9 @@ def test_second_identical_query_is_served_from_redis(index_dir: Path, clean_redi
         other = client.post("/v1/search", json={**QUERY, "k": 4}).json()
     assert first["cached"] is False and second["cached"] is True and other["cached"] is False
     assert [h["id"] for h in second["hits"]] == [h["id"] for h in first["hits"]]
-    keys = list(clean_redis.scan_iter(f"{PREFIX}result:*"))
+    keys = list(clean_redis.scan_iter(f"{CACHE_PREFIX}result:*"))
     assert len(keys) == 2 and all(0 < clean_redis.ttl(k) <= 3600 for k in keys)  # a TTL on every key
-    texts = list(clean_redis.scan_iter(f"{PREFIX}text:*"))
+    texts = list(clean_redis.scan_iter(f"{CACHE_PREFIX}text:*"))
     assert len(texts) == 1 and 0 < clean_redis.ttl(texts[0]) <= 3600  # the two k's share one text encoding
 
 
@@ -65,7 +66,7 @@ def test_cache_switched_off_keeps_redis_for_the_rest_but_stores_nothing(index_di
         answers = [client.post("/v1/search", json=QUERY).json() for _ in range(2)]
         assert client.get("/readyz").json()["cache"] == "disabled"
     assert [a["cached"] for a in answers] == [False, False]
-    assert not list(clean_redis.scan_iter(f"{PREFIX}*"))
+    assert not list(clean_redis.scan_iter(f"{CACHE_PREFIX}*"))
 
 
 def test_text_embedding_cache_round_trips_and_ignores_case_and_spacing(encoder: DualEncoder,
@@ -78,7 +79,7 @@ def test_text_embedding_cache_round_trips_and_ignores_case_and_spacing(encoder: 
     cache.close()
     labels = {"cache": "text", "outcome": "hit"}
     hits = queries.metrics.registry.get_sample_value("imsearch_cache_requests_total", labels)
-    assert hits == 1 and len(list(clean_redis.scan_iter(f"{PREFIX}text:*"))) == 1
+    assert hits == 1 and len(list(clean_redis.scan_iter(f"{CACHE_PREFIX}text:*"))) == 1
     np.testing.assert_array_equal(again.pooled, fresh.pooled)
     np.testing.assert_allclose(again.tokens, np.where(fresh.mask[:, None], fresh.tokens, 0), atol=2e-3)
     assert (again.mask == fresh.mask).all()
@@ -122,10 +123,10 @@ def test_no_redis_configured_is_not_degraded(index_dir: Path) -> None:
 def test_a_batch_of_keys_is_one_round_trip_in_order_with_ttls(clean_redis: redis.Redis) -> None:
     cache = QueryCache(REDIS_URL, 60)
     calls = clean_redis.info("commandstats").get("cmdstat_mget", {}).get("calls", 0)
-    assert cache.put_many([(f"{PREFIX}t:a", b"1"), (f"{PREFIX}t:c", "3")]) == [True, True]
-    assert cache.get_many([f"{PREFIX}t:a", f"{PREFIX}t:b", f"{PREFIX}t:c"]) == [b"1", None, b"3"]
+    assert cache.put_many([(f"{CACHE_PREFIX}t:a", b"1"), (f"{CACHE_PREFIX}t:c", "3")]) == [True, True]
+    assert cache.get_many([f"{CACHE_PREFIX}t:a", f"{CACHE_PREFIX}t:b", f"{CACHE_PREFIX}t:c"]) == [b"1", None, b"3"]
     assert clean_redis.info("commandstats")["cmdstat_mget"]["calls"] == calls + 1
-    assert 0 < clean_redis.ttl(f"{PREFIX}t:a") <= 60 and 0 < clean_redis.ttl(f"{PREFIX}t:c") <= 60
+    assert 0 < clean_redis.ttl(f"{CACHE_PREFIX}t:a") <= 60 and 0 < clean_redis.ttl(f"{CACHE_PREFIX}t:c") <= 60
     cache.close()
     down = QueryCache("redis://127.0.0.1:1/0", 60)
     assert down.get_many(["x", "y"]) == [None, None] and down.put_many([("x", b"1")]) == [False] and down.degraded

@@ -275,7 +275,8 @@ def test_jobs_routes_answer_503_while_redis_is_down_or_hung(scenes: tuple[Path, 
 
 
 def test_a_worker_outlives_a_redis_restart_and_its_job_is_run_again(scenes: tuple[Path, Path], tmp_path: Path) -> None:
-    from service.jobs import JobInfo, JobNotFound, JobSpec, RQJobs
+    from service.jobs.api import JobInfo, JobNotFound, JobSpec
+    from service.jobs.queues import RQJobs
 
     index_dir, incoming = scenes
     served = tmp_path / "idx"

@@ -208,3 +208,25 @@ def test_cancel_a_running_worker_job(corpus: tuple[Path, Path], flushed: redis.R
     finally:
         terminate(worker)
     assert Index.open(index_dir).version == version
+
+
+def test_the_recent_jobs_list_stays_bounded_and_a_cache_flush_leaves_it(flushed: redis.Redis,
+                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    from rq import Queue
+    from rq.serializers import JSONSerializer
+
+    from service.cache import QueryCache
+    from service.jobs import queues
+    from service.names import JOB_KEEP_S, QUEUE, RECENT_JOBS, result_key
+
+    monkeypatch.setattr(queues, "RECENT_JOBS_MAX", 3)
+    flushed.zadd(RECENT_JOBS, {"ancient": time.time() - JOB_KEEP_S - 60})
+    queue = Queue(QUEUE, connection=flushed, serializer=JSONSerializer)
+    for i in range(5):
+        queues.enqueue(queue, {"job_id": f"j{i}", "mode": "add", "source": "/nowhere"}, 60)
+    assert [raw.decode() for raw in flushed.zrange(RECENT_JOBS, 0, -1)] == ["j2", "j3", "j4"]
+    cache = QueryCache(REDIS_URL, 60)
+    cache.put(result_key("m", "v", {"text": "x"}), "{}")
+    assert cache.clear() == 1  # the cached result, and nothing of the jobs'
+    assert flushed.zcard(RECENT_JOBS) == 3 and queue.count == 5
+    cache.close()

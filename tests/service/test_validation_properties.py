@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.cache import normalise_text, result_key, text_key
+from service.names import normalise_text, result_key, text_key
 from service.routes.search import _decode_base64
 from service.schemas import SearchRequest
 from service.search import BadQuery

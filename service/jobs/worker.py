@@ -17,7 +17,8 @@ from rq.job import Job, JobStatus
 from rq.registry import StartedJobRegistry
 from rq.serializers import JSONSerializer
 
-from service.jobs import QUEUE, enqueue
+from service.jobs.queues import enqueue
+from service.names import QUEUE
 
 log = logging.getLogger(__name__)
 RECONNECT_EVERY_S = 1.0

@@ -1,0 +1,97 @@
+"""Service jobs, execution: one indexing job run in a worker process, or in the API's own thread."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import redis
+
+from indexer.build import BuildOptions, build_or_add, remove
+from indexer.encoder import DualEncoder, EncoderSpec, load_encoder
+from indexer.reader import list_source
+from service.jobs.api import JobRejected, JobSpec
+from service.names import VERSIONS_CHANNEL
+from service.workers import signal_on_parent_death
+
+log = logging.getLogger(__name__)
+PROGRESS_EVERY_S = 0.5
+
+_ENCODERS: dict[tuple[str, str | None, str], DualEncoder] = {}
+
+
+def _encoder(spec: JobSpec) -> DualEncoder:
+    from service.config import Settings
+
+    device = spec.device or Settings().device  # "" = the worker's own IMSEARCH_DEVICE (a GPU worker: cuda)
+    key = (spec.model, spec.pretrained, device)
+    if key not in _ENCODERS:  # once per worker process, shared by its jobs
+        _ENCODERS[key] = load_encoder(EncoderSpec(spec.model, spec.pretrained, device))
+    return _ENCODERS[key]
+
+
+def _options(spec: JobSpec) -> BuildOptions:
+    options = spec.options
+    budget = (options["memory_budget_mb"] or 0) * 2**20 or None
+    return BuildOptions(batch_size=options["batch_size"], shard_size=options["shard_size"],
+                        index_kind=options["index_kind"], memory_budget=budget, replace=spec.mode == "build",
+                        roots=tuple(spec.roots))
+
+
+def execute(spec: JobSpec, report: Callable[[dict[str, float]], None]) -> dict[str, Any]:
+    """Run one indexing job; `report` gets throttled progress and may raise JobCancelled."""
+    if not spec.roots:  # never unchecked: a job reads only under the roots its source was checked against
+        raise JobRejected("the job names no allowed roots (IMSEARCH_JOB_ROOTS)", 403)
+    opts = _options(spec)
+    start, last = time.perf_counter(), 0.0
+
+    def progress(done: int, total: int, indexed: int) -> None:
+        nonlocal last
+        now = time.perf_counter()
+        if now - last >= PROGRESS_EVERY_S or done == total:
+            last = now
+            report({"done": done, "total": total, "images_per_s": round(indexed / max(1e-9, now - start), 1)})
+
+    if spec.mode == "remove":
+        paths = [item.path for item in list_source(Path(spec.source))]
+        return remove(Path(spec.index_dir), paths=paths, opts=opts).to_json()
+    return build_or_add(Path(spec.source), Path(spec.index_dir), _encoder(spec), opts, spec.mode, progress).to_json()
+
+
+def announce(client: redis.Redis | None, index_dir: str, version: str) -> None:
+    """Tell every API process that an index has a new version (they also poll, in case this is missed)."""
+    if client is None:
+        return
+    try:
+        client.publish(VERSIONS_CHANNEL, json.dumps({"index_dir": index_dir, "version": version}))
+    except redis.RedisError as exc:
+        log.warning("could not announce version %s of %s: %s", version, index_dir, exc)
+
+
+def rq_job(payload: dict[str, Any]) -> dict[str, Any]:
+    """The function RQ workers run (importable by name): progress goes to the job's meta."""
+    from rq import get_current_job
+
+    # RQ runs each job in a forked process of its own process group, which would otherwise outlive a
+    # killed worker and race the retried job
+    signal_on_parent_death(signal.SIGKILL, os.getppid())
+    job = get_current_job()
+    spec = JobSpec(**payload)
+
+    def report(progress: dict[str, float]) -> None:
+        if job is not None:
+            try:
+                job.meta["progress"] = progress
+                job.save_meta()
+            except redis.RedisError as exc:  # Redis away: the indexing goes on, the progress waits
+                log.warning("job %s: progress not saved: %s", spec.job_id, exc)
+
+    result = execute(spec, report)
+    announce(job.connection if job is not None else None, spec.index_dir, str(result["version"]))
+    return result
