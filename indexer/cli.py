@@ -1,4 +1,4 @@
-"""Command line: `imsearch` subcommands for scenes, encoder training and evaluation."""
+"""Command line, indexer floor: `scenes`, `train|eval encoder`, `index ...`, and the helpers all floors share."""
 
 from __future__ import annotations
 
@@ -16,29 +16,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from indexer.scenes import EVAL_SEED, TRAIN_SEED
 
-app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True,
-                  help="Image search: scenes, dual encoder, index, rerank, serve.")
-train_app = typer.Typer(no_args_is_help=True, help="Train the embedded models.")
-eval_app = typer.Typer(no_args_is_help=True, help="Evaluate models on held-out scenes.")
-app.add_typer(train_app, name="train")
-index_app = typer.Typer(no_args_is_help=True, help="Build and mutate versioned FAISS indexes.")
-app.add_typer(eval_app, name="eval")
-app.add_typer(index_app, name="index")
 err = Console(stderr=True)
-
-
-def _print_version(value: bool) -> None:
-    if value:
-        from importlib.metadata import version
-
-        sys.stdout.write(f"imsearch {version('imsearch')}\n")
-        raise typer.Exit()
-
-
-@app.callback()
-def root(version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True,
-                                               help="print the version and exit")] = False) -> None:
-    """Image search: scenes, dual encoder, index, rerank, serve."""
 
 ModelOpt = Annotated[
     str, typer.Option(help="open_clip architecture (tiny, ViT-B-32, ...), local-dir:PATH or a JSON config")
@@ -76,7 +54,6 @@ def guarded(fn: Callable[[], Any]) -> Any:
         fail(str(exc))
 
 
-@app.command()
 def scenes(
     out_dir: Annotated[Path, typer.Argument(help="folder for the PNGs and captions.jsonl")],
     n: Annotated[int, typer.Option(min=1, help="number of scenes")] = 1000,
@@ -94,14 +71,13 @@ def scenes(
     err.print(f"wrote {count} images and {manifest}")
 
 
-def _progress() -> Progress:
+def progress_bar() -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
     )
 
 
-@train_app.command("encoder")
 def train_encoder_cmd(
     steps: Annotated[int, typer.Option(min=1)] = 2500,
     out: Annotated[Path | None, typer.Option(help="checkpoint folder (default: models/tiny-clip)")] = None,
@@ -128,13 +104,12 @@ def train_encoder_cmd(
         cfg.out = out
     if (cfg.out / RUN_LOG).is_file():
         err.print(f"resuming the run saved in {cfg.out}")
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task("train encoder", total=steps, loss=float("nan"))
         report = train_encoder(cfg, lambda step, loss: bar.update(task, completed=step + 1, loss=loss))
     err.print(f"saved {cfg.out} after {report['seconds']} s")
 
 
-@eval_app.command("encoder")
 def eval_encoder_cmd(
     n: Annotated[int, typer.Option(min=2, help="gallery size (even)")] = 1000,
     seed: Annotated[int, typer.Option(help="gallery seed (disjoint from training)")] = EVAL_SEED,
@@ -245,7 +220,6 @@ RayOpt = Annotated[str | None, typer.Option(
     "--ray", help="encode on Ray: 'local' starts one here, else a cluster address ('auto', 'ray://host:10001')")]
 
 
-@index_app.command("build")
 def index_build(
     src: SrcArg, index_dir: IndexDirOpt,
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
@@ -260,7 +234,6 @@ def index_build(
     _run_ingest(src, index_dir, "build", model, pretrained, device, opts, as_json)
 
 
-@index_app.command("add")
 def index_add(
     src: SrcArg, index_dir: IndexDirOpt,
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
@@ -273,7 +246,6 @@ def index_add(
     _run_ingest(src, index_dir, "add", model, pretrained, device, opts, as_json)
 
 
-@index_app.command("remove")
 def index_remove(
     index_dir: IndexDirOpt,
     paths: Annotated[list[str] | None, typer.Option("--paths", help="image paths to remove")] = None,
@@ -289,7 +261,6 @@ def index_remove(
     _print_report(report, as_json)
 
 
-@index_app.command("info")
 def index_info(index_dir: IndexDirOpt,
                as_json: Annotated[bool, typer.Option("--json", help="print the whole manifest as JSON")] = False,
                ) -> None:
@@ -311,7 +282,6 @@ def index_info(index_dir: IndexDirOpt,
     sys.stdout.write("\n".join(lines) + "\n")
 
 
-@index_app.command("verify")
 def index_verify(index_dir: IndexDirOpt,
                  version: Annotated[str | None, typer.Option(help="check this version only (default: every kept "
                                                                   "one, and CURRENT)")] = None,
@@ -328,9 +298,13 @@ def index_verify(index_dir: IndexDirOpt,
         raise typer.Exit(1)
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
+def register(root: typer.Typer, train: typer.Typer, evaluate: typer.Typer, index: typer.Typer) -> None:
+    """Attach the indexer's commands to the root CLI and its groups."""
+    root.command()(scenes)
+    train.command("encoder")(train_encoder_cmd)
+    evaluate.command("encoder")(eval_encoder_cmd)
+    index.command("build")(index_build)
+    index.command("add")(index_add)
+    index.command("remove")(index_remove)
+    index.command("info")(index_info)
+    index.command("verify")(index_verify)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from indexer.cli import _progress, err, fail, guarded
+from indexer.cli import err, fail, guarded, progress_bar
 from indexer.scenes import EVAL_SEED, TRAIN_SEED, VAL_SEED
 
 if TYPE_CHECKING:
@@ -65,7 +65,7 @@ def train_reranker_cmd(
                             hard_share=hard_share, warmup=warmup, command=" ".join(["imsearch", *sys.argv[1:]]))
     if cfg.run_log().is_file():
         err.print(f"resuming the run saved in {cfg.run_log()}")
-    with _progress() as bar:
+    with progress_bar() as bar:
         task = bar.add_task(f"train {kind} reranker", total=steps, loss=float("nan"))
         def advance(step: int, loss: float) -> None:
             bar.update(task, completed=step + 1, loss=loss)
@@ -186,9 +186,9 @@ def eval_freeform_cmd(
         sys.stdout.write(f"{tier} calibration error of p(match): {error:.3f}\n")
 
 
-def register(train_app: typer.Typer, eval_app: typer.Typer) -> None:
-    """Attach the reranker commands to the root CLI's groups."""
-    train_app.command("reranker")(train_reranker_cmd)
-    train_app.command("calibrate")(calibrate_cmd)
-    eval_app.command("tradeoff")(eval_tradeoff_cmd)
-    eval_app.command("freeform")(eval_freeform_cmd)
+def register(train: typer.Typer, evaluate: typer.Typer) -> None:
+    """Attach the reranker's commands to the root CLI's groups."""
+    train.command("reranker")(train_reranker_cmd)
+    train.command("calibrate")(calibrate_cmd)
+    evaluate.command("tradeoff")(eval_tradeoff_cmd)
+    evaluate.command("freeform")(eval_freeform_cmd)

@@ -1,4 +1,4 @@
-"""Command line root: `imsearch` with every floor's subcommands (indexer, reranker, service)."""
+"""Command line, service floor: `imsearch serve`, `search` and `worker`."""
 
 from __future__ import annotations
 
@@ -12,16 +12,12 @@ from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
-from indexer.cli import DeviceOpt, IndexDirOpt, ModelOpt, PretrainedOpt, app, err, eval_app, fail, train_app
-from reranker.cli import register
-
-register(train_app, eval_app)
+from indexer.cli import DeviceOpt, IndexDirOpt, ModelOpt, PretrainedOpt, err, fail
 
 if TYPE_CHECKING:
     from service.config import Settings
 
 
-@app.command()
 def serve(
     index: Annotated[list[str] | None, typer.Option(
         help="DIR or NAME=DIR; repeat to serve several (first = default); default: IMSEARCH_INDEXES")] = None,
@@ -112,7 +108,6 @@ def _serve_one(settings: Settings, host: str, port: int) -> None:
     uvicorn.Server(config).run(sockets=[sock])
 
 
-@app.command()
 def search(
     index_dir: IndexDirOpt,
     text: Annotated[str | None, typer.Argument(help="what to look for, in words")] = None,
@@ -176,7 +171,6 @@ def _print_hits(out: Any, as_json: bool) -> None:
               highlight=False)
 
 
-@app.command()
 def worker(
     redis_url: Annotated[str | None, typer.Option(help="Redis URL (default: IMSEARCH_REDIS_URL)")] = None,
     burst: Annotated[bool, typer.Option(help="exit when the queue is empty")] = False,
@@ -196,9 +190,8 @@ def worker(
     run_worker(str(url), burst=burst)
 
 
-def main() -> None:
-    app()
-
-
-if __name__ == "__main__":
-    main()
+def register(root: typer.Typer) -> None:
+    """Attach the service's commands to the root CLI."""
+    root.command()(serve)
+    root.command()(search)
+    root.command()(worker)

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from typer.testing import CliRunner
 
-from service.cli import app
+from imsearch.cli import app
 
 ROOT = Path(__file__).resolve().parent.parent
 COMPOSE_WHEELS = Path(sys.prefix) / "share" / "compose"  # downloaded by `make dev` (make test)

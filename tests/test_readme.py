@@ -20,7 +20,7 @@ import pytest
 import redis
 from typer.testing import CliRunner
 
-from service.cli import app
+from imsearch.cli import app
 from tests.service.procs import CLI, free_port, terminate, wait_for
 
 ROOT = Path(__file__).resolve().parents[1]

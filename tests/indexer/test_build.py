@@ -18,8 +18,8 @@ import pyarrow as pa
 import pytest
 from typer.testing import CliRunner
 
+from imsearch.cli import app
 from indexer.build import BuildError, BuildOptions, build_or_add, remove
-from indexer.cli import app
 from indexer.durable import save_faiss, save_npy
 from indexer.encoder import DualEncoder, create_embedded
 from indexer.layout import STAGING
@@ -222,7 +222,7 @@ def test_a_typo_in_the_index_type_or_device_is_refused_before_encoding(corpus: P
     runner = CliRunner()
     typo = runner.invoke(app, ["index", "build", str(corpus), "--index", str(tmp_path / "idx"), "--index-type", "ivfp"])
     assert typo.exit_code == 2 and "ivfp" in typo.output and not (tmp_path / "idx").exists()
-    cmd = [sys.executable, "-m", "service.cli", "index", "build", str(corpus), "--index", str(tmp_path / "idx"),
+    cmd = [sys.executable, "-m", "imsearch.cli", "index", "build", str(corpus), "--index", str(tmp_path / "idx"),
            "--device", "gpu"]
     device = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert device.returncode == 2 and "Traceback" not in device.stderr
@@ -230,7 +230,7 @@ def test_a_typo_in_the_index_type_or_device_is_refused_before_encoding(corpus: P
 
 
 def _build_cmd(src: Path, out: Path) -> list[str]:
-    return [sys.executable, "-m", "indexer.cli", "index", "build", str(src), "--index", str(out), "--workers", "0",
+    return [sys.executable, "-m", "imsearch.cli", "index", "build", str(src), "--index", str(out), "--workers", "0",
             "--batch-size", "8", "--shard-size", "16", "--device", "cpu", "--json"]
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from indexer.cli import app
+from imsearch.cli import app
 
 runner = CliRunner()
 
@@ -43,7 +43,7 @@ def test_eval_refuses_the_training_seed() -> None:
 
 
 def test_unavailable_model_is_a_clear_cli_error_without_traceback() -> None:
-    cmd = [sys.executable, "-m", "indexer.cli", "eval", "encoder", "--model", "ViT-B-32",
+    cmd = [sys.executable, "-m", "imsearch.cli", "eval", "encoder", "--model", "ViT-B-32",
            "--pretrained", "laion2b_s34b_b79k", "--n", "10"]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from typer.testing import CliRunner
 
-from indexer.cli import app
+from imsearch.cli import app
 from indexer.layout import CURRENT, MANIFEST, VERSIONS
 from indexer.scenes import write_scenes
 from indexer.store import Index

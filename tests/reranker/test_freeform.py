@@ -12,10 +12,10 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from imsearch.cli import app
 from indexer.descriptions import KINDS, holds
 from reranker.freeform import best_calibration, calibration_error, freeform_gallery, freeform_queries, truth
 from reranker.model import Matcher, load_reranker
-from service.cli import app
 
 
 def test_gallery_queries_and_truth() -> None:

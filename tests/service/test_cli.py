@@ -11,10 +11,10 @@ import pytest
 from click.testing import Result
 from typer.testing import CliRunner
 
+from imsearch.cli import app
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
 from indexer.scenes import write_scenes
-from service.cli import app
 from tests.service.procs import CLI, free_port
 
 

@@ -1,0 +1,1 @@
+"""imsearch: text-to-image search with a dual encoder, FAISS and cross-attention rerankers."""
