@@ -39,8 +39,15 @@ class AnnPlan:
 
 
 def _nlist(n: int) -> int:
-    # FAISS guidance: between 4*sqrt(n) and 16*sqrt(n) inverted lists; keep at least 39 points per list
-    return int(max(1, min(4 * math.sqrt(n), n // 39)))
+    # FAISS guidance: between 4*sqrt(n) and 16*sqrt(n) inverted lists, each trained on enough points
+    return int(max(1, min(4 * math.sqrt(n), n // TRAIN_POINTS_PER_LIST)))
+
+
+def trainable(plan: AnnPlan, n: int) -> bool:
+    """Whether n vectors are enough to train the plan's quantizers (a flat or HNSW index needs none)."""
+    if plan.kind == "ivf":
+        return n >= TRAIN_POINTS_PER_LIST * plan.nlist
+    return plan.kind != "ivfpq" or n >= PQ_MIN_TRAIN
 
 
 def plan_index(n: int, dim: int, kind: str = "auto", memory_budget: int | None = None) -> AnnPlan:

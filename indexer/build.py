@@ -18,7 +18,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from indexer.ann import PQ_MIN_TRAIN, AnnPlan, build_index, plan_index
+from indexer.ann import AnnPlan, build_index, plan_index, trainable
 from indexer.distributed import EncodedBatch, RayOptions
 from indexer.durable import mutation_lock, save_faiss, save_npy
 from indexer.encoder import DualEncoder
@@ -240,7 +240,7 @@ def _write_version(tmp: Path, shard_dirs: list[Path], deleted: set[int], failure
     if len(ids) == 0:
         vectors = np.zeros((0, dim), np.float32)
     plan = plan_index(len(ids), dim, opts.index_kind, opts.memory_budget)
-    if (plan.kind == "ivf" and len(ids) < 39 * plan.nlist) or (plan.kind == "ivfpq" and len(ids) < PQ_MIN_TRAIN):
+    if not trainable(plan, len(ids)):
         plan = plan_index(len(ids), dim, "flat")  # too few vectors to train the quantizers
     save_faiss(tmp / INDEX_FILE, build_index(plan, vectors, ids))
     save_npy(tmp / DELETED, np.array(sorted(deleted), np.int64))

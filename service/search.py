@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -22,6 +24,14 @@ from service.metrics import Metrics
 
 class BadQuery(ValueError):
     """A query the client must fix (the message says how)."""
+
+
+def decode_base64(data: str) -> bytes:
+    """An image sent as base64 (a data: URL's prefix allowed), or BadQuery."""
+    try:
+        return base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadQuery("image must be base64 of the image file's bytes") from None
 
 
 RERANK_NEEDS_TEXT = "reranking needs a text query; use rerank='none' for image or embedding queries"

@@ -16,7 +16,7 @@ from indexer.store import Index, UnknownImage
 from service.deps import EngineDep
 from service.routes.images import read_indexed, thumbnail_jpeg
 from service.routes.search import image_url, path_view
-from service.search import BadQuery, QueryInput, search
+from service.search import BadQuery, QueryInput, decode_base64, search
 from service.state import Engine
 
 router = APIRouter(tags=["clip-retrieval"])
@@ -92,11 +92,7 @@ def _query(body: KnnRequest, engine: Engine) -> QueryInput:
     if body.text and body.text.strip():
         return QueryInput(text=body.text, k=depth)
     if body.image:
-        try:
-            data = base64.b64decode(body.image.split(",", 1)[-1], validate=True)
-        except ValueError:
-            raise BadQuery("image must be base64 of the image file's bytes") from None
-        return QueryInput(image=data, k=depth)
+        return QueryInput(image=decode_base64(body.image), k=depth)
     if body.image_url:
         raise BadQuery("image_url is not fetched (this service makes no outbound requests); send `image` as base64")
     if body.embedding_input:

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
 import inspect
 import time
 from collections.abc import Callable
@@ -22,18 +20,21 @@ from indexer.store import Index
 from service.deps import ApiKeyDep, EngineDep
 from service.names import result_key
 from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
-from service.search import BadQuery, QueryInput, Searcher, SearchOutput, search, search_async, shown_path, source_roots
+from service.search import (
+    BadQuery,
+    QueryInput,
+    Searcher,
+    SearchOutput,
+    decode_base64,
+    search,
+    search_async,
+    shown_path,
+    source_roots,
+)
 from service.state import Engine
 
 router = APIRouter(prefix="/v1", tags=["search"])
 COLUMNS = ("path", "caption")  # the metadata a hit carries
-
-
-def _decode_base64(data: str) -> bytes:
-    try:
-        return base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data, validate=True)
-    except (binascii.Error, ValueError):
-        raise BadQuery("image must be base64 of the image file's bytes") from None
 
 
 def _respond(engine: Engine, name: str | None, query: QueryInput, searcher: Searcher | None = None) -> SearchResponse:
@@ -244,7 +245,7 @@ def _cached_search(engine: Engine, body: SearchRequest, searcher: Searcher) -> S
         engine.metrics.cache_lookup("result", hit is not None)
         if hit is not None:
             return _from_cache(hit, start)
-    image = _decode_base64(body.image) if body.image is not None else None
+    image = decode_base64(body.image) if body.image is not None else None
     response = _respond(engine, body.index, _query(engine, body, image), searcher)
     if key is not None:
         engine.cache.put(key, response.model_dump_json())

@@ -6,7 +6,7 @@ import faiss
 import numpy as np
 import pytest
 
-from indexer.ann import FLAT_MAX, AnnPlan, ann_search, build_index, exact_search, plan_index, rescore
+from indexer.ann import FLAT_MAX, AnnPlan, ann_search, build_index, exact_search, plan_index, rescore, trainable
 
 
 def clustered(n: int, dim: int, seed: int = 0, centres: int = 50) -> np.ndarray:
@@ -113,3 +113,10 @@ def test_gpu_copy_answers_like_the_cpu_index(data) -> None:
         assert where == "cuda" and copy is not None
         cpu_ids = ann_search(index, plan, queries, 10)[1]
         assert recall_at_10(ann_search(copy, plan, queries, 10)[1], cpu_ids) >= 0.99
+
+
+def test_quantizers_need_enough_vectors_to_train() -> None:
+    ivf = AnnPlan("ivf", nlist=100)
+    assert not trainable(ivf, 3_899) and trainable(ivf, 3_900)  # 39 points per list
+    assert not trainable(AnnPlan("ivfpq", nlist=10), 9_999) and trainable(AnnPlan("ivfpq", nlist=10), 10_000)
+    assert trainable(AnnPlan("flat"), 0) and trainable(AnnPlan("hnsw"), 1)

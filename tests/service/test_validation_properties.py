@@ -12,9 +12,8 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.names import normalise_text, result_key, text_key
-from service.routes.search import _decode_base64
 from service.schemas import SearchRequest
-from service.search import BadQuery
+from service.search import BadQuery, decode_base64
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
@@ -45,11 +44,11 @@ def test_any_body_validates_into_one_query_or_is_refused(body: dict[str, Any]) -
 @given(data=st.binary(max_size=200))
 def test_base64_round_trips_and_garbage_is_a_bad_query(data: bytes) -> None:
     encoded = base64.b64encode(data).decode()
-    assert _decode_base64(encoded) == data
-    assert _decode_base64(f"data:image/png;base64,{encoded}") == data
+    assert decode_base64(encoded) == data
+    assert decode_base64(f"data:image/png;base64,{encoded}") == data
     if encoded:
         with pytest.raises(BadQuery, match="base64"):
-            _decode_base64(encoded[:-1] + "!")
+            decode_base64(encoded[:-1] + "!")
 
 
 @settings(max_examples=300, deadline=None)
