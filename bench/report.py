@@ -110,15 +110,16 @@ def section_encoder() -> str:
     a, b = load("encoder"), load("encoder_seed7")
     if not a:
         return "## Embedded dual encoder\n\nNot measured yet: `python bench/report.py --run --only encoder`.\n"
-    log = json.loads((ROOT / "models" / "tiny-clip" / "training_log.json").read_text())
+    history = training_history(json.loads((ROOT / "models" / "tiny-clip" / "training_log.json").read_text()))
+    steps, seconds = sum(int(log["config"]["steps"]) for log in history), sum(log["seconds"] for log in history)
     size = (ROOT / "models" / "tiny-clip" / "open_clip_model.safetensors").stat().st_size / 2**20
     rows = [[f"seed {r['seed']}", r["t2i_r1"], r["t2i_r5"], r["t2i_r10"], r["i2t_r1"], r["binding_acc"]]
             for r in (a, b) if r]
     errors = ", ".join(f"{k} {v}" for k, v in sorted(a["errors"].items(), key=lambda kv: -kv[1]))
     return f"""## Embedded dual encoder (late fusion)
 
-Training (`imsearch train encoder`, {log['config']['steps']} steps of {log['config']['batch_pairs']} scene/twin
-pairs): {log['seconds']:,.0f} s on the development machine; committed fp16 checkpoint {size:.1f} MB.
+Training (`imsearch train encoder`, {steps} steps of {history[-1]['config']['batch_pairs']} scene/twin or description
+pairs, in {len(history)} runs): {seconds:,.0f} s on the development machine; committed fp16 checkpoint {size:.1f} MB.
 `{STEPS[0].command()}` and `{STEPS[1].command()}` (twin gallery, n 1000):
 
 {table(["gallery", "t2i R@1", "R@5", "R@10", "i2t R@1", "binding_acc"], rows)}
@@ -167,6 +168,18 @@ def plot(rows: list[dict[str, Any]]) -> None:
     plt.close(fig)
 
 
+def training_history(log: dict[str, Any]) -> list[dict[str, Any]]:
+    """A checkpoint's training log and those of the runs it was warm-started from, oldest first."""
+    earlier = log.get("previous") or []
+    earlier = [earlier] if isinstance(earlier, dict) else earlier  # one run, or several (newest first)
+    return [old for prior in reversed(earlier) for old in training_history(prior)] + [log]
+
+
+def _commands(log: dict[str, Any]) -> list[str]:
+    commands = log.get("commands", log.get("command", []))
+    return [commands] if isinstance(commands, str) else list(commands)
+
+
 def section_rerankers() -> str:
     rows, seven = load("tradeoff"), load("tradeoff_seed7")
     if not rows:
@@ -175,9 +188,11 @@ def section_rerankers() -> str:
     trained = []
     for kind in ("mid", "early"):
         info = json.loads((ROOT / "models" / f"reranker-{kind}.json").read_text())
-        runs = [info["command"]] if isinstance(info["command"], str) else info["command"]
+        history = training_history(info)
+        runs = [run for log in history for run in _commands(log)]
         how = f"`{runs[0]}`" + (f" + {len(runs) - 1} warm-started continuations" if len(runs) > 1 else "")
-        trained.append([kind, how, info["steps"], f"{info['seconds']:,.0f}", f"{info['parameters']:,}",
+        steps, seconds = (sum(float(log[key]) for log in history) for key in ("steps", "seconds"))
+        trained.append([kind, how, int(steps), f"{seconds:,.0f}", f"{info['parameters']:,}",
                         f"{info['bytes'] / 2**20:.1f}", info["fusion_weight"], info["val_r1_at_16"]])
     late = next(r for r in rows if r["tier"] == "late")
     mid16 = next((r for r in rows if r["tier"] == "mid" and r["k"] == 16), None)
@@ -242,7 +257,32 @@ description is true of it. p@1 per tier (seed 2026 / seed 7), rerankers at k = {
 query: {ms}. Calibration error of p(match) over the reranked candidates (seed 2026): {calibration}.
 
 {table(["kind", "example", *(f"{t} p@1" for t in tiers)], rows)}
+
+{freeform_targets([x for x in (a, b) if x])}
 """
+
+
+RELATION_KINDS = ("full", "no_size", "two_of_three", "relation_synonym")  # the kinds whose queries name relations
+
+
+def freeform_targets(runs: list[dict[str, Any]]) -> str:
+    """Issue 23's targets, per seed: the worst kind of each."""
+    def p1(run: dict[str, Any], tier: str, kind: str) -> float:
+        return next(r["p1"] for r in run["rows"] if r["tier"] == tier and r["kind"] == kind)
+
+    def worst(tier: str, gap: str | None = None, kinds: tuple[str, ...] | None = None) -> list[float]:
+        return [min(p1(run, tier, k) - (p1(run, gap, k) if gap else 0.0) for k in (kinds or tuple(run["examples"])))
+                for run in runs]
+
+    checks = [("mid p@1 ≥ 0.90 on every kind (worst kind)", worst("mid"), 0.90),
+              ("late p@1 ≥ 0.60 on every kind (worst kind)", worst("late"), 0.60),
+              ("early − mid ≥ 0 on every kind (worst kind)", worst("early", "mid"), 0.0),
+              ("mid − late ≥ 0.15 where relations are named (worst kind)", worst("mid", "late", RELATION_KINDS), 0.15)]
+    rows = [[name, *(round(v, 2) for v in values), verdict(min(values) >= floor)] for name, values, floor in checks]
+    for tier in ("mid", "early"):
+        errors = [run["calibration_error"][tier] for run in runs]
+        rows.append([f"{tier} calibration error ≤ 0.05", *(round(e, 3) for e in errors), verdict(max(errors) <= 0.05)])
+    return table(["target (issue 23)", *(f"seed {run['seed']}" for run in runs), ""], rows)
 
 
 def section_ann() -> str:
