@@ -64,7 +64,9 @@ def read_staged(staging: Path) -> list[StagedShard]:
         return []
     for path in sorted(folder.iterdir()):
         marker = path / DONE
-        if not marker.is_file():
+        # a temporary folder holds its marker before the rename that completes it: a kill in between
+        # leaves a marked folder that is not a shard
+        if path.name.startswith(".") or not marker.is_file():
             continue
         info = json.loads(marker.read_text())
         failures = [Failure(f["path"], f["reason"]) for f in info["failures"]]

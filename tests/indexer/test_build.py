@@ -338,3 +338,12 @@ def test_index_files_are_written_through_python_so_a_full_disk_is_an_enospc(tmp_
         with pytest.raises(OSError) as info:  # /dev/full: every write fails as on a full disk
             write(Path("/dev/full"))
         assert info.value.errno == errno.ENOSPC
+
+
+def test_a_resumed_run_ignores_a_marked_shard_folder_killed_before_its_rename(tmp_path: Path) -> None:
+    from indexer.writer import DONE, read_staged
+
+    unfinished = tmp_path / "shards" / ".a420f68b4a4c-00005.tmp"  # the marker is written before the rename
+    unfinished.mkdir(parents=True)
+    (unfinished / DONE).write_text('{"rows": 32, "processed": [], "sha256": [], "failures": [], "files": {}}')
+    assert read_staged(tmp_path) == []
