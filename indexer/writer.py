@@ -56,6 +56,13 @@ class StagedShard:
     sha256: list[str]
 
 
+TMP_SUFFIX = ".tmp"  # a shard is written as .NAME.tmp, then renamed to NAME
+
+
+def _temporary(path: Path) -> bool:
+    return path.name.startswith(".") and path.name.endswith(TMP_SUFFIX)
+
+
 def read_staged(staging: Path) -> list[StagedShard]:
     """Completed shards of an interrupted run (a shard without its marker is ignored and redone)."""
     shards = []
@@ -66,7 +73,7 @@ def read_staged(staging: Path) -> list[StagedShard]:
         marker = path / DONE
         # a temporary folder holds its marker before the rename that completes it: a kill in between
         # leaves a marked folder that is not a shard
-        if path.name.startswith(".") or not marker.is_file():
+        if _temporary(path) or not marker.is_file():
             continue
         info = json.loads(marker.read_text())
         failures = [Failure(f["path"], f["reason"]) for f in info["failures"]]
@@ -112,7 +119,7 @@ class ShardWriter:
         if not self.processed:
             return
         name = f"{self.prefix}-{self.seq:05d}"
-        tmp = self.folder / f".{name}.tmp"
+        tmp = self.folder / f".{name}{TMP_SUFFIX}"
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir()
         ids = np.arange(self.next_id, self.next_id + len(self.rows), dtype=np.int64)

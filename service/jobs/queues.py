@@ -79,12 +79,9 @@ class RQJobs:
         self.timeout_s = timeout_s
 
     def submit(self, spec: JobSpec) -> tuple[JobInfo, bool]:
-        from rq.exceptions import NoSuchJobError
-        from rq.job import Job
-
         try:  # an enqueue is idempotent by job id
-            return self._info(Job.fetch(spec.job_id, connection=self.connection, serializer=JSONSerializer)), False
-        except NoSuchJobError:
+            return self._info(self._fetch(spec.job_id)), False
+        except JobNotFound:
             pass
         return self._info(enqueue(self.queue, spec.to_json(), self.timeout_s)), True
 
