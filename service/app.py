@@ -46,7 +46,6 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, o
     if settings.cors_origins:
         app.add_middleware(CORSMiddleware, allow_origins=settings.cors_origins, allow_methods=["GET", "POST", "DELETE"],
                            allow_headers=["Content-Type", "X-API-Key"])
-    app.add_middleware(search.FastSearch)  # innermost: inside the body limit and the timing
     app.add_middleware(BodyLimit, limit=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(TimedRoutes)  # added last = outermost: times the 413s too
     install_handlers(app)
@@ -97,8 +96,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 
 
 class TimedRoutes:
-    """HTTP latency per route template (not per raw path: ids would explode the label set), and the
-    count of requests in flight (Engine.run uses it to skip the thread hop when a request is alone).
+    """HTTP latency per route template (not per raw path: ids would explode the label set).
 
     Plain ASGI rather than `@app.middleware("http")`: that wrapper runs every request through an
     extra task and memory stream, which cost more than the search itself on small queries.
@@ -113,8 +111,6 @@ class TimedRoutes:
             return
         start, status = time.perf_counter(), 500
         engine = getattr(scope["app"].state, "engine", None) if "app" in scope else None
-        if engine is not None:
-            engine.in_flight += 1
 
         async def send_status(message: Message) -> None:
             nonlocal status
@@ -125,8 +121,6 @@ class TimedRoutes:
         try:
             await self.app(scope, receive, send_status)
         finally:
-            if engine is not None:
-                engine.in_flight -= 1
             route = scope.get("route")  # set by the router on this same scope
             if engine is not None and route is not None:
                 engine.metrics.http.labels(scope["method"], getattr(route, "path", "?"), str(status)).observe(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import socket
@@ -29,13 +30,9 @@ def serve(
         min=1, help="API processes (IMSEARCH_WORKERS); more than one needs IMSEARCH_REDIS_URL")] = None,
 ) -> None:
     """Serve the search API and web page with uvicorn."""
-    import uvicorn
     from pydantic import ValidationError
 
     from service.config import Settings
-    from service.metrics import MULTIPROC_ENV
-    from service.server import protocol
-    from service.workers import APP, Listen, Supervisor, check_settings, claim_port, reuse_port_supported
 
     given: dict[str, Any] = {"indexes": index, "model": model, "pretrained": pretrained, "workers": workers}
     try:
@@ -48,6 +45,21 @@ def serve(
     if not settings.redis_url:
         fail("--workers above 1 needs Redis (IMSEARCH_REDIS_URL): the worker processes share indexing jobs, "
              "caches and new index versions through it")
+    # the workers read their settings from IMSEARCH_*: the parent puts its command-line options there
+    os.environ.update({f"IMSEARCH_{k.upper()}": json.dumps(v) if isinstance(v, list) else str(v)
+                       for k, v in given.items() if v})
+    _serve_many(settings, host, port)
+
+
+def _serve_many(settings: Settings, host: str, port: int) -> None:
+    """Worker processes, each loading its own engine (one process's Python holds one GIL: a loaded
+    server keeps about one core busy); shard embeddings and tokens are memory-mapped, so shared."""
+    import uvicorn
+
+    from service.metrics import MULTIPROC_ENV
+    from service.server import protocol
+    from service.workers import APP, Listen, Supervisor, check_settings, claim_port, reuse_port_supported
+
     lock = claim_port(host, port) if reuse_port_supported() else None
     if reuse_port_supported() and lock is None:
         fail(f"cannot listen on {host}:{port}: the address is in use")
@@ -58,11 +70,6 @@ def serve(
     except ValueError as exc:
         fail(str(exc))
     err.print(f"serving {', '.join(names)} on http://{host}:{port} with {settings.workers} worker processes")
-    # one process's Python holds one GIL (a loaded server keeps about one core busy): each worker
-    # loads its own engine (shard embeddings and tokens are memory-mapped, so those pages are shared;
-    # each holds its own model and FAISS structure)
-    os.environ.update({f"IMSEARCH_{k.upper()}": json.dumps(v) if isinstance(v, list) else str(v)
-                       for k, v in given.items() if v})
     with tempfile.TemporaryDirectory(prefix="imsearch-metrics-") as shared:
         os.environ[MULTIPROC_ENV] = shared  # /metrics sums what every worker writes there
         if lock is None:  # uvicorn's workers then share one socket (see service.workers)
@@ -121,8 +128,8 @@ def search(
     """Search an index from the terminal: rank, score and path of the best matches."""
     from service.config import Settings
     from service.errors import StartupError
-    from service.search import BadQuery, QueryInput
-    from service.search import search as run_search
+    from service.pipeline.search import QueryInput
+    from service.pipeline.stages import BadQuery
     from service.state import load_engine
 
     if (text is None) == (image is None):
@@ -140,7 +147,7 @@ def search(
     try:
         if rerank in engine.failed_tiers:
             fail(f"rerank tier {rerank!r} is unavailable: {engine.failed_tiers[rerank]}")
-        out = run_search(engine.queries, engine.searcher(None), engine.rerankers, query, settings.max_pixels)
+        out = asyncio.run(engine.pipeline.search(engine.index(None), query))
     except BadQuery as exc:
         fail(str(exc))
     finally:

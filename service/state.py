@@ -18,13 +18,12 @@ from indexer.encoder import DualEncoder, EncoderSpec, EncoderUnavailable, load_e
 from indexer.integrity import IndexNotFound
 from indexer.store import Index
 from reranker.score import Reranker, load_tier
-from service.cache import QueryCache, ResultStore
 from service.config import Settings
-from service.encoding import QueryEncoder
 from service.errors import StartupError, UnknownIndex
 from service.jobs.queues import JobQueue, LocalJobs, RQJobs
 from service.metrics import Metrics
-from service.search import RerankedSearch, Searcher
+from service.pipeline.cache import QueryCache
+from service.pipeline.search import Pipeline, PipelineSettings
 from service.swap import IndexSwapper, VersionWatcher
 
 log = logging.getLogger(__name__)
@@ -40,62 +39,47 @@ class Engine:
     rerankers: dict[str, Reranker]
     cache: QueryCache
     metrics: Metrics
-    queries: QueryEncoder
+    pipeline: Pipeline
     swapper: IndexSwapper
     jobs: JobQueue
-    reranked: RerankedSearch  # reranked text queries: batched encode and search, then `slots` rerank threads
-    results: ResultStore | None = None  # the result cache, batched for coroutines (None: caching off)
     watcher: VersionWatcher | None = None
-    # blocking request work (image queries, thumbnails) runs here, off the event loop: a plain executor hands a
-    # call over in a third of the time of FastAPI's default thread pool (anyio), which showed on 3 ms searches
+    # blocking request work (thumbnails, previews) runs here, off the event loop: a plain executor hands a
+    # call over in a third of the time of FastAPI's default thread pool (anyio)
     pool: ThreadPoolExecutor = field(default_factory=lambda: ThreadPoolExecutor(64, "request"))
     failed_tiers: dict[str, str] = field(default_factory=dict)  # configured rerank tiers that did not load, and why
-    in_flight: int = 0  # HTTP requests being handled now (counted by service.app.TimedRoutes)
-
-    async def alone(self) -> bool:
-        """Whether this request is the only one in flight: then its short stages run on the event loop
-        at once, since the hop to a thread and back cost a fifth of such a request (profiled) and with
-        nobody else waiting it would block nobody."""
-        if self.in_flight > 1:
-            return False
-        await asyncio.sleep(0)  # let requests that arrived meanwhile start and be counted
-        return self.in_flight <= 1
 
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run a blocking call (image queries, thumbnails) on the request pool and await it."""
+        """Run a blocking call (thumbnails, previews) on the request pool and await it."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
 
     @property
     def indexes(self) -> dict[str, Index]:
         """Name → the version served now (the default first)."""
-        return {name: searcher.index for name, searcher in self.swapper.searchers.items()}
+        return dict(self.swapper.indexes)
 
     @property
     def default_index(self) -> str:
-        return next(iter(self.swapper.searchers))
+        return next(iter(self.swapper.indexes))
 
     def index(self, name: str | None) -> Index:
-        return self.searcher(name).index
-
-    def searcher(self, name: str | None) -> Searcher:
         """Taken once per request: the request finishes on this version even if a swap happens."""
         key = name or self.default_index
-        searcher = self.swapper.searchers.get(key)
-        if searcher is None:
-            raise UnknownIndex(f"unknown index {key!r}; served: {', '.join(self.swapper.searchers)}")
-        return searcher
+        index = self.swapper.indexes.get(key)
+        if index is None:
+            raise UnknownIndex(f"unknown index {key!r}; served: {', '.join(self.swapper.indexes)}")
+        return index
 
     def image_source(self, name: str | None, version: str | None) -> Index:
         """The index version whose metadata answers an image URL: the version named there while it is
         kept (a hit fetched just before a swap), else the version served now."""
         key = name or self.default_index
-        self.searcher(key)
+        self.index(key)
         return self.swapper.version(key, version)
 
     def index_dir(self, name: str | None) -> tuple[str, Path]:
         """(name, folder) of a served index; UnknownIndex for any other name."""
         key = name or self.default_index
-        self.searcher(key)
+        self.index(key)
         return key, self.swapper.dirs[key]
 
     def start(self) -> None:
@@ -109,10 +93,7 @@ class Engine:
             self.watcher.stop()
         self.jobs.close()
         self.pool.shutdown(wait=True, cancel_futures=False)
-        self.reranked.close()
-        self.queries.close()
-        if self.results is not None:
-            self.results.close()
+        self.pipeline.close()
         self.cache.close()
         self.swapper.close()
 
@@ -132,7 +113,7 @@ def configure_process(settings: Settings) -> None:
     logging.getLogger("service").setLevel(logging.INFO)  # libraries' INFO (open_clip's) stays quiet
     if settings.threads:
         torch.set_num_threads(settings.threads)  # every thread torch runs in follows this
-        threadpool_limits(settings.threads)  # numpy's and FAISS's BLAS (OpenMP: this thread; see Searcher)
+        threadpool_limits(settings.threads)  # numpy's and FAISS's BLAS (OpenMP: this thread; see AnnStage)
 
 
 def load_engine(settings: Settings) -> Engine:
@@ -175,23 +156,24 @@ def load_tiers(tiers: list[str], encoder: DualEncoder) -> tuple[dict[str, Rerank
 
 def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index],
              rerankers: dict[str, Reranker]) -> Engine:
-    """Wire loaded models and indexes into an engine: cache, metrics, batched encoder and searchers."""
+    """Wire loaded models and indexes into an engine: cache, metrics, the pipeline, the swapper and the jobs."""
     cache = QueryCache(settings.redis_url if settings.cache else None, settings.cache_ttl_s)
     metrics = Metrics()
-    queries = QueryEncoder(encoder, cache, metrics, settings.max_batch, settings.max_wait_ms)
+    # the machine's cores shared by the worker processes (each process sees only its own reranks)
+    workers = settings.rerank_slots or max(1, (os.cpu_count() or 1) // settings.workers)
+    batching = PipelineSettings(settings.max_batch, settings.max_wait_ms, workers, settings.rerank_queue,
+                                settings.threads, settings.max_pixels)
+    pipeline = Pipeline(encoder, rerankers, cache, metrics, batching)
 
-    def make_searcher(index: Index) -> Searcher:
+    def placed(index: Index) -> Index:
         where = index.use_device(settings.search_device)
         log.info("index %s version %s: FAISS search on %s", index.root.name, index.version, where)
-        return Searcher(index, metrics, settings.max_batch, settings.max_wait_ms, settings.threads)
+        return index
 
     held = {name for name, (_, version) in settings.index_dirs().items() if version}
     swapper = IndexSwapper({name: index.root for name, index in indexes.items()},
-                           {name: make_searcher(index) for name, index in indexes.items()}, make_searcher, held)
+                           {name: placed(index) for name, index in indexes.items()},
+                           lambda folder: placed(Index.open(folder)), held)
     jobs: JobQueue = (RQJobs(settings.redis_url, settings.job_timeout_s) if settings.redis_url
                       else LocalJobs(lambda _dir, _version: swapper.refresh()))
-    results = ResultStore(cache, settings.max_batch) if cache.enabled else None
-    # the machine's cores shared by the worker processes (each process sees only its own reranks)
-    slots = settings.rerank_slots or max(1, (os.cpu_count() or 1) // settings.workers)
-    reranked = RerankedSearch(queries, rerankers, slots, settings.max_batch, settings.rerank_queue)
-    return Engine(settings, encoder, rerankers, cache, metrics, queries, swapper, jobs, reranked, results)
+    return Engine(settings, encoder, rerankers, cache, metrics, pipeline, swapper, jobs)

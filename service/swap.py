@@ -13,26 +13,24 @@ import redis
 from indexer.store import Index
 from indexer.versions import current_version
 from service.names import VERSIONS_CHANNEL
-from service.search import Searcher
 
 log = logging.getLogger(__name__)
-RETIRE_AFTER_S = 30.0  # an old version's batcher stops this long after the swap (later calls run inline)
 KEEP_OLD_S = 300.0  # a swapped-out version still answers its hits' image URLs this long
 
 
 class IndexSwapper:
-    """Holds the served searchers by name and replaces one when its folder publishes a new version.
+    """Holds the served index versions by name and replaces one when its folder publishes a new version.
 
-    A request takes its searcher once, at its start, so it finishes on the version it began with;
+    A request takes its version once, at its start, so it finishes on the version it began with;
     the swap is a single dict assignment. The result cache is keyed by version, so it needs no flush.
     """
 
-    def __init__(self, dirs: dict[str, Path], searchers: dict[str, Searcher],
-                 make_searcher: Callable[[Index], Searcher], held: set[str] | None = None):
+    def __init__(self, dirs: dict[str, Path], indexes: dict[str, Index], open_index: Callable[[Path], Index],
+                 held: set[str] | None = None):
         self.dirs = dirs
         self.held = held or set()  # served at a version named in the settings: never swapped
-        self.searchers = searchers
-        self.make_searcher = make_searcher
+        self.indexes = indexes
+        self.open_index = open_index
         self.lock = threading.Lock()
         self.swaps = 0
         self.old: dict[tuple[str, str], Index] = {}  # (name, version) → a version swapped out less than KEEP_OLD_S ago
@@ -40,7 +38,7 @@ class IndexSwapper:
     def version(self, name: str, version: str | None) -> Index:
         """The named version of a served index while it is current or recently swapped out, else the
         current one (ids are never reused within an index folder, so an id there is the same image)."""
-        return self.old.get((name, version or ""), self.searchers[name].index)
+        return self.old.get((name, version or ""), self.indexes[name])
 
     def _keep_old(self, name: str, index: Index) -> None:
         self.old[(name, index.version)] = index
@@ -55,11 +53,8 @@ class IndexSwapper:
 
     def close(self) -> None:
         """Release every version held: the served ones and those kept after a swap."""
-        for searcher in self.searchers.values():
-            searcher.close()
-            searcher.index.close()
-        for old in list(self.old.values()):
-            old.close()
+        for index in [*self.indexes.values(), *self.old.values()]:
+            index.close()
         self.old.clear()
 
     def refresh(self) -> list[str]:
@@ -67,24 +62,19 @@ class IndexSwapper:
         swapped = []
         with self.lock:  # pub/sub and polling may both notice the same version
             for name, folder in self.dirs.items():
-                if name in self.held:
-                    continue
-                old = self.searchers[name]
-                if current_version(folder) in (None, old.index.version):
+                old = self.indexes[name]
+                if name in self.held or current_version(folder) in (None, old.version):
                     continue
                 try:
-                    new = self.make_searcher(Index.open(folder))
+                    new = self.open_index(folder)
                 except (OSError, ValueError) as exc:  # keep serving the old version
                     log.warning("could not open the new version of index %s: %s", name, exc)
                     continue
-                self.searchers[name] = new
-                self._keep_old(name, old.index)
+                self.indexes[name] = new
+                self._keep_old(name, old)
                 self.swaps += 1
                 swapped.append(name)
-                log.info("index %s: now serving version %s (was %s)", name, new.index.version, old.index.version)
-                timer = threading.Timer(RETIRE_AFTER_S, old.close)
-                timer.daemon = True
-                timer.start()
+                log.info("index %s: now serving version %s (was %s)", name, new.version, old.version)
         return swapped
 
 

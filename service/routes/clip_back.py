@@ -14,9 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from indexer.reader import BadImage
 from indexer.store import Index, UnknownImage
 from service.deps import EngineDep
+from service.pipeline.search import QueryInput, SearchOutput, decode_base64
+from service.pipeline.stages import BadQuery
 from service.routes.images import read_indexed, thumbnail_jpeg
 from service.routes.search import image_url, path_view
-from service.search import BadQuery, QueryInput, decode_base64, search
 from service.state import Engine
 
 router = APIRouter(tags=["clip-retrieval"])
@@ -151,27 +152,25 @@ def _documented(model: type[BaseModel]) -> dict[str, Any]:
 async def knn_service(request: Request, engine: EngineDep) -> list[dict[str, Any]]:
     """clip-retrieval's query endpoint: a flat list, metadata on the first `num_images` items."""
     body: KnnRequest = _parse(KnnRequest, await _json_body(request))
-    return await engine.run(_knn, engine, body)  # blocking work off the event loop
-
-
-def _knn(engine: Engine, body: KnnRequest) -> list[dict[str, Any]]:
     name = body.indice_name or engine.default_index
-    searcher = engine.searcher(name)
-    query = _query(body, engine)
-    out = search(engine.queries, searcher, engine.rerankers, query, engine.settings.max_pixels)
-    engine.metrics.observe_search(out.timings_ms, "none")
+    index = engine.index(name)
+    out = await engine.pipeline.search(index, _query(body, engine))
+    return await engine.run(_knn, engine, body, name, index, out)  # previews read files: off the event loop
+
+
+def _knn(engine: Engine, body: KnnRequest, name: str, index: Index, out: SearchOutput) -> list[dict[str, Any]]:
     similarity = {h.id: h.similarity for h in out.hits}
     rows = {h.id: h.meta for h in out.hits}
     ids = [h.id for h in out.hits]
     if body.deduplicate:
-        ids = _deduplicate(searcher.index, ids)
+        ids = _deduplicate(index, ids)
     ids = ids[: body.num_result_ids or body.num_images]
     results: list[dict[str, Any]] = []
-    shown = path_view(engine, searcher.index)
+    shown = path_view(engine, index)
     for rank, image_id in enumerate(ids):
         item: dict[str, Any] = {"id": image_id, "similarity": similarity[image_id]}
         if rank < body.num_images:
-            item.update(_metadata(engine, name, searcher.index, image_id, rows[image_id], shown))
+            item.update(_metadata(engine, name, index, image_id, rows[image_id], shown))
         results.append(item)
     return results
 

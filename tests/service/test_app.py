@@ -25,8 +25,7 @@ from service.app import create_app
 from service.config import Settings
 from service.deps import get_engine
 from service.errors import StartupError
-from service.routes.search import _awaited_search
-from service.schemas import SearchRequest, SearchResponse
+from service.pipeline.search import QueryInput, SearchOutput
 from service.state import Engine, load_engine
 
 
@@ -126,29 +125,29 @@ def test_oversized_body_is_413(client: TestClient) -> None:
     assert upload.status_code == 413, upload.text
 
 
-def test_json_queries_skip_fastapis_request_machinery_with_the_routes_answers_and_errors(client: TestClient) -> None:
+def test_every_search_request_takes_fastapis_routing_and_dependencies(client: TestClient) -> None:
     app = client.app
     solved: list[int] = []
 
-    async def counted(request: Request) -> Engine:  # FastAPI solves this dependency only on the route's way
+    async def counted(request: Request) -> Engine:  # FastAPI solves this dependency on the route's way
         solved.append(1)
         return await get_engine(request)
 
     app.dependency_overrides[get_engine] = counted  # type: ignore[attr-defined]
     try:
         query = json.dumps({"text": "a large red square right of a small blue circle", "k": 6}).encode()
-        fast = client.post("/v1/search", content=query, headers={"Content-Type": "application/json; charset=utf-8"})
-        assert fast.status_code == 200 and not solved  # answered in front of FastAPI
-        routed = client.post("/v1/search", content=query, headers={"Content-Type": "application/vnd.query+json"})
-        assert routed.status_code == 200 and len(solved) == 1  # another JSON type: the route itself, body replayed
-        assert [h["id"] for h in fast.json()["hits"]] == [h["id"] for h in routed.json()["hits"]]
-        assert [h["score"] for h in fast.json()["hits"]] == pytest.approx([h["score"] for h in routed.json()["hits"]])
-        invalid = client.post("/v1/search", json={"text": "", "k": 3})  # refused by the route, with its message
-        assert invalid.status_code == 422 and invalid.json()["detail"].startswith("text: ") and len(solved) == 2
+        plain = client.post("/v1/search", content=query, headers={"Content-Type": "application/json; charset=utf-8"})
+        assert plain.status_code == 200 and len(solved) == 1
+        other = client.post("/v1/search", content=query, headers={"Content-Type": "application/vnd.query+json"})
+        assert other.status_code == 200 and len(solved) == 2
+        assert [h["id"] for h in plain.json()["hits"]] == [h["id"] for h in other.json()["hits"]]
+        invalid = client.post("/v1/search", json={"text": "", "k": 3})  # refused by validation, with its message
+        assert invalid.status_code == 422 and invalid.json()["detail"].startswith("text: ")
         untiered = client.post("/v1/search", json={"text": "a red circle", "rerank": "early"})  # raised by the search
         assert untiered.status_code == 422 and "'early' is not loaded" in untiered.json()["detail"]
         unknown = client.post("/v1/search", json={"text": "a red circle", "index": "nope"})
-        assert unknown.status_code == 404 and "nope" in unknown.json()["detail"] and len(solved) == 2
+        assert unknown.status_code == 404 and "nope" in unknown.json()["detail"]
+        assert len(solved) == 5  # every request, the refused ones too
     finally:
         app.dependency_overrides.clear()  # type: ignore[attr-defined]
 
@@ -228,40 +227,26 @@ def test_metrics_count_stages_per_rerank_tier_and_http_routes(client: TestClient
         assert line is not None and float(line.split()[-1]) >= 1, series
 
 
-def test_a_request_alone_is_told_so_and_long_calls_go_to_the_pool(client: TestClient) -> None:
+def test_blocking_calls_go_to_the_request_pool(client: TestClient) -> None:
     engine = client.app.state.engine  # type: ignore[attr-defined]
-    client.post("/v1/search", json={"text": "a red circle", "k": 2})
-    client.post("/v1/search", json={"text": "", "k": 2})  # a 422 is counted out again too
-    assert engine.in_flight == 0
 
-    async def check() -> tuple[bool, bool, int, int]:
-        engine.in_flight += 1  # this request
-        try:
-            alone = await engine.alone()
-            engine.in_flight += 1  # and another one
-            busy = await engine.alone()
-        finally:
-            engine.in_flight -= 2
-        return alone, busy, threading.get_ident(), await engine.run(threading.get_ident)
+    async def threads() -> tuple[int, int]:
+        return threading.get_ident(), await engine.run(threading.get_ident)
 
-    alone, busy, loop, pool = asyncio.run(check())
-    assert alone and not busy and pool != loop
+    loop, pool = asyncio.run(threads())
+    assert pool != loop
 
 
-def test_concurrent_awaited_searches_await_shared_batches_and_match_one_at_a_time(client: TestClient) -> None:
+def test_concurrent_searches_await_shared_batches_and_match_one_at_a_time(client: TestClient) -> None:
     engine = client.app.state.engine  # type: ignore[attr-defined]
     texts = [f"a {size} {colour} circle left of a square" for size in ("small", "large")
              for colour in ("red", "blue", "green", "yellow", "purple", "orange", "white", "cyan")]
     one_by_one = [client.post("/v1/search", json={"text": t, "k": 5}).json() for t in texts]
     batches = engine.metrics.registry.get_sample_value("imsearch_batch_size_count", {"batcher": "text"})
 
-    async def together() -> list[SearchResponse]:
-        engine.in_flight += len(texts)  # as if all were being handled: nothing runs inline
-        try:
-            request = [SearchRequest(text=t, k=5) for t in texts]
-            return list(await asyncio.gather(*(_awaited_search(engine, r, engine.searcher(None)) for r in request)))
-        finally:
-            engine.in_flight -= len(texts)
+    async def together() -> list[SearchOutput]:
+        index = engine.index(None)
+        return list(await asyncio.gather(*(engine.pipeline.search(index, QueryInput(text=t, k=5)) for t in texts)))
 
     for alone, joint in zip(one_by_one, asyncio.run(together()), strict=True):
         assert [h["id"] for h in alone["hits"]] == [h.id for h in joint.hits]
@@ -277,16 +262,16 @@ def test_concurrent_reranked_searches_share_encodes_and_match_one_at_a_time(clie
     one_by_one = [client.post("/v1/search", json={"text": t, "k": 5, "rerank": "mid"}).json() for t in texts]
     batches = engine.metrics.registry.get_sample_value("imsearch_batch_size_count", {"batcher": "text"})
 
-    async def together() -> list[SearchResponse]:
-        request = [SearchRequest(text=t, k=5, rerank="mid") for t in texts]
-        return list(await asyncio.gather(*(_awaited_search(engine, r, engine.searcher(None)) for r in request)))
+    async def together() -> list[SearchOutput]:
+        index, asked = engine.index(None), [QueryInput(text=t, k=5, rerank="mid") for t in texts]
+        return list(await asyncio.gather(*(engine.pipeline.search(index, q) for q in asked)))
 
     for alone, joint in zip(one_by_one, asyncio.run(together()), strict=True):
-        assert joint.rerank == "mid" and [h["id"] for h in alone["hits"]] == [h.id for h in joint.hits]
+        assert alone["rerank"] == "mid" and [h["id"] for h in alone["hits"]] == [h.id for h in joint.hits]
         assert [h["rerank_score"] for h in alone["hits"]] == pytest.approx([h.rerank_score for h in joint.hits],
                                                                            abs=1e-4)
-        stages = joint.timings_ms.encode + joint.timings_ms.search + joint.timings_ms.rerank
-        assert joint.timings_ms.total == pytest.approx(stages, abs=0.5)  # the wait for a slot counts as rerank
+        stages = sum(joint.timings_ms[stage] for stage in ("encode", "search", "rerank"))
+        assert joint.timings_ms["total"] == pytest.approx(stages, abs=0.5)  # the wait for a slot counts as rerank
     shared = engine.metrics.registry.get_sample_value("imsearch_batch_size_count", {"batcher": "text"}) - batches
     assert 1 <= shared < len(texts)  # queued behind a rerank, the texts met in one forward
 

@@ -14,10 +14,10 @@ from indexer.build import BuildOptions, build_or_add, remove
 from indexer.encoder import DualEncoder
 from indexer.scenes import write_scenes
 from service.app import create_app
-from service.cache import QueryCache
 from service.config import Settings
-from service.encoding import QueryEncoder
 from service.names import CACHE_PREFIX
+from service.pipeline.cache import QueryCache
+from service.pipeline.stages import TextStage
 from service.state import load_engine
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
@@ -71,15 +71,12 @@ def test_cache_switched_off_keeps_redis_for_the_rest_but_stores_nothing(index_di
 
 def test_text_embedding_cache_round_trips_and_ignores_case_and_spacing(encoder: DualEncoder,
                                                                        clean_redis: redis.Redis) -> None:
-    cache = QueryCache(REDIS_URL, 60)
-    queries = QueryEncoder(encoder, cache)
-    fresh = queries.text("A red  circle left of a blue square")
-    again = queries.text("a red circle left of a blue square ")
-    queries.close()
+    cache, lookups = QueryCache(REDIS_URL, 60), []
+    stage = TextStage(encoder, cache, False, lookups.append)  # with a cache, tokens are kept all the same
+    [fresh] = stage(["A red  circle left of a blue square"])
+    [again] = stage(["a red circle left of a blue square "])
     cache.close()
-    labels = {"cache": "text", "outcome": "hit"}
-    hits = queries.metrics.registry.get_sample_value("imsearch_cache_requests_total", labels)
-    assert hits == 1 and len(list(clean_redis.scan_iter(f"{CACHE_PREFIX}text:*"))) == 1
+    assert lookups == [False, True] and len(list(clean_redis.scan_iter(f"{CACHE_PREFIX}text:*"))) == 1
     np.testing.assert_array_equal(again.pooled, fresh.pooled)
     np.testing.assert_allclose(again.tokens, np.where(fresh.mask[:, None], fresh.tokens, 0), atol=2e-3)
     assert (again.mask == fresh.mask).all()

@@ -215,9 +215,9 @@ def test_the_recent_jobs_list_stays_bounded_and_a_cache_flush_leaves_it(flushed:
     from rq import Queue
     from rq.serializers import JSONSerializer
 
-    from service.cache import QueryCache
     from service.jobs import queues
     from service.names import JOB_KEEP_S, QUEUE, RECENT_JOBS, result_key
+    from service.pipeline.cache import QueryCache
 
     monkeypatch.setattr(queues, "RECENT_JOBS_MAX", 3)
     flushed.zadd(RECENT_JOBS, {"ancient": time.time() - JOB_KEEP_S - 60})
@@ -226,7 +226,7 @@ def test_the_recent_jobs_list_stays_bounded_and_a_cache_flush_leaves_it(flushed:
         queues.enqueue(queue, {"job_id": f"j{i}", "mode": "add", "source": "/nowhere"}, 60)
     assert [raw.decode() for raw in flushed.zrange(RECENT_JOBS, 0, -1)] == ["j2", "j3", "j4"]
     cache = QueryCache(REDIS_URL, 60)
-    cache.put(result_key("m", "v", {"text": "x"}), "{}")
+    cache.put_many([(result_key("m", "v", {"text": "x"}), "{}")])
     assert cache.clear() == 1  # the cached result, and nothing of the jobs'
     assert flushed.zcard(RECENT_JOBS) == 3 and queue.count == 5
     cache.close()

@@ -12,8 +12,9 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.names import normalise_text, result_key, text_key
+from service.pipeline.search import decode_base64
+from service.pipeline.stages import BadQuery
 from service.schemas import SearchRequest
-from service.search import BadQuery, decode_base64
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),

@@ -1,17 +1,14 @@
-"""Service cache: Redis keys (prefixed, a TTL on every key) for results and text embeddings; never fatal."""
+"""Service pipeline, cache: Redis keys (prefixed, a TTL on every key) for results and text embeddings; never fatal."""
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Sequence
-from typing import Any
 
 import numpy as np
 import redis
 
-from service.batching import MicroBatcher
 from service.names import CACHE_PREFIX
 
 log = logging.getLogger(__name__)
@@ -85,15 +82,6 @@ class QueryCache:
             self._failed(exc)
             return [False] * len(items)
 
-    def get(self, key: str) -> dict[str, Any] | None:
-        """A cached JSON result, parsed; None on a miss."""
-        raw = self.get_many([key])[0]
-        return json.loads(raw) if raw is not None else None
-
-    def put(self, key: str, value_json: str) -> None:
-        """Cache a JSON result (already serialised) under the key, with the TTL."""
-        self.put_many([(key, value_json)])
-
     def clear(self) -> int:
         """Delete every cached result and text embedding (the jobs' keys stay); returns how many were removed."""
         if self.client is None:
@@ -130,25 +118,3 @@ class QueryCache:
         self._retry_at = 0.0
         return True
 
-
-class ResultStore:
-    """The result cache as coroutines use it: the lookups (and the stores) of concurrent requests
-    share one Redis round trip, MGET or a pipelined SET, awaited without holding a thread."""
-
-    def __init__(self, cache: QueryCache, max_batch: int = 32):
-        self.cache = cache
-        self._reads: MicroBatcher[str, bytes | None] = MicroBatcher(cache.get_many, max_batch, 0.0, "cache-get")
-        self._writes: MicroBatcher[tuple[str, bytes | str], bool] = MicroBatcher(cache.put_many, max_batch, 0.0,
-                                                                                 "cache-put")
-
-    async def get(self, key: str, inline: bool = False) -> dict[str, Any] | None:
-        raw = await self._reads.acall(key, inline)
-        return json.loads(raw) if raw is not None else None
-
-    async def put(self, key: str, value_json: str, inline: bool = False) -> None:
-        await self._writes.acall((key, value_json), inline)
-
-    def close(self) -> None:
-        """Stop the batchers (the cache itself belongs to the engine, which closes it)."""
-        self._reads.close()
-        self._writes.close()

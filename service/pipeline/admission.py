@@ -1,4 +1,4 @@
-"""Service stage, admission: per rerank tier, a bound on the reranking work queued ahead of a request;
+"""Service pipeline, admission: per rerank tier, a bound on the reranking work queued ahead of a request;
 past it the request is refused at once (503, Retry-After) instead of waiting without end."""
 
 from __future__ import annotations
@@ -7,13 +7,7 @@ import math
 import threading
 from dataclasses import dataclass
 
-
-class Overloaded(RuntimeError):
-    """A request refused because its tier's queue is full; `retry_after_s` estimates when it drains."""
-
-    def __init__(self, message: str, retry_after_s: int):
-        super().__init__(message)
-        self.retry_after_s = retry_after_s
+from service.pipeline.batcher import Overloaded
 
 
 @dataclass(eq=False)
@@ -28,7 +22,7 @@ class Ticket:
 class Admission:
     """Counts, per tier, the candidates still to score of every admitted request.
 
-    The reranker serves smaller requests first (service.batching.StagedBatcher), so the work ahead of
+    The reranker serves smaller requests first (service.pipeline.search), so the work ahead of
     a request is that of the requests of its tier no larger than it. A request is refused when that
     work plus its own exceeds `bound` candidates; a request alone in its tier is always admitted.
     The refusal says when to retry, from the tier's measured cost per candidate.

@@ -1,0 +1,148 @@
+"""Service pipeline, batching: coroutines' items queued for one stage, run in batches on its own threads."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Generic, TypeVar
+
+In = TypeVar("In")
+Out = TypeVar("Out")
+BatchFn = Callable[[list[In]], Sequence[Any]]  # one result per item: its value, or the exception it raised
+
+
+class Overloaded(RuntimeError):
+    """Work refused because a queue is full; `retry_after_s` estimates when it drains."""
+
+    def __init__(self, message: str, retry_after_s: int):
+        super().__init__(message)
+        self.retry_after_s = retry_after_s
+
+
+@dataclass(order=True)
+class _Queued:
+    key: float  # smaller first, then by arrival
+    seq: int
+    item: Any = field(compare=False)
+    waiter: asyncio.Future[Any] = field(compare=False)
+
+
+class Batcher(Generic[In, Out]):
+    """A stage behind a bounded queue: awaited items run as calls of `fn` on lists, on `workers` threads.
+
+    A worker takes up to `max_batch` queued items, smallest `key` first. Under load (its last batch
+    held more than one item) it first waits up to `max_wait_ms` for stragglers: a fuller forward for a
+    millisecond. While `hold()` is true it leaves the queue to fill (up to `max_batch`): the stage
+    after this one is saturated, so running now would only queue the results there, whereas run when
+    it frees up, the whole backlog shares one call. Coroutines wait without holding a thread; each
+    batch settles its waiters with one call per event loop. `fn` returns one result per item, an
+    exception instance for an item that failed alone; an exception it raises fails the whole batch.
+    Past `max_queue` waiting items a call is refused with Overloaded (the admission signal).
+    """
+
+    def __init__(self, fn: BatchFn[In], name: str, *, max_batch: int = 32, max_wait_ms: float = 1.0, workers: int = 1,
+                 max_queue: int = 4096, hold: Callable[[], bool] | None = None,
+                 observe: Callable[[int], None] | None = None):
+        if max_batch < 1 or workers < 1:
+            raise ValueError("max_batch and workers must be at least 1")
+        self.fn, self.name, self.max_batch, self.workers = fn, name, max_batch, workers
+        self.max_wait_s, self.max_queue = max_wait_ms / 1000, max_queue
+        self.hold, self.observe = hold or (lambda: False), observe
+        self.running = 0  # batches running now
+        self._queue: list[_Queued] = []  # a heap
+        self._seq = 0
+        self._busy = False
+        self._closed = False
+        self._cond = threading.Condition()  # guards the queue, the counters and _closed
+        self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
+        for thread in self._threads:
+            thread.start()
+
+    async def __call__(self, item: In, key: float = 0.0) -> Out:
+        """The item's result (or its exception), once a batch has run it."""
+        waiter: asyncio.Future[Out] = asyncio.get_running_loop().create_future()
+        with self._cond:
+            if self._closed:
+                raise RuntimeError(f"the {self.name} stage is closed")
+            if len(self._queue) >= self.max_queue:
+                raise Overloaded(f"the {self.name} stage has {len(self._queue)} items queued; retry later", 1)
+            heapq.heappush(self._queue, _Queued(key, self._seq, item, waiter))
+            self._seq += 1
+            self._cond.notify()
+        return await waiter
+
+    def backlog(self) -> int:
+        """Items queued or running (a saturated stage has at least `workers`)."""
+        return len(self._queue) + self.running
+
+    def close(self) -> None:
+        """Stop the workers once the queued items have run."""
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        for thread in self._threads:
+            thread.join(timeout=30)
+
+    def _ready(self) -> bool:
+        return self._closed or len(self._queue) >= self.max_batch or (bool(self._queue) and not self.hold())
+
+    def _take(self) -> list[_Queued] | None:
+        """The next batch; None once closed and drained."""
+        with self._cond:
+            while not self._ready():
+                self._cond.wait(self.max_wait_s or 0.001 if self._queue else None)  # a hold is re-checked
+            if self._busy and not self._closed:
+                deadline = time.monotonic() + self.max_wait_s
+                while len(self._queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
+                    self._cond.wait(left)
+            if not self._queue:
+                return None
+            self.running += 1
+            return [heapq.heappop(self._queue) for _ in range(min(self.max_batch, len(self._queue)))]
+
+    def _work(self) -> None:
+        while (batch := self._take()) is not None:
+            self._busy = len(batch) > 1
+            try:
+                self._run([q for q in batch if not q.waiter.done()])  # done: its client went away
+            finally:
+                with self._cond:
+                    self.running -= 1
+
+    def _run(self, batch: list[_Queued]) -> None:
+        if not batch:
+            return
+        if self.observe is not None:
+            self.observe(len(batch))
+        try:
+            results = list(self.fn([q.item for q in batch]))
+            if len(results) != len(batch):
+                raise RuntimeError(f"{self.name}: {len(results)} results for {len(batch)} items")
+        except Exception as exc:  # noqa: BLE001 (every waiter of the batch gets it)
+            results = [exc] * len(batch)
+        _settle([q.waiter for q in batch], results)
+
+
+def _settle(waiters: Sequence[asyncio.Future[Any]], results: Sequence[Any]) -> None:
+    """Hand each waiter its result, in one call per event loop (a future is only touched from its loop)."""
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[asyncio.Future[Any], Any]]] = {}
+    for waiter, result in zip(waiters, results, strict=True):
+        by_loop.setdefault(waiter.get_loop(), []).append((waiter, result))
+    for loop, pairs in by_loop.items():
+        with contextlib.suppress(RuntimeError):  # the loop closed meanwhile: nobody is left to await these
+            loop.call_soon_threadsafe(_resolve, pairs)
+
+
+def _resolve(pairs: list[tuple[asyncio.Future[Any], Any]]) -> None:
+    for waiter, result in pairs:
+        if waiter.done():  # cancelled: the client went away
+            continue
+        if isinstance(result, BaseException):
+            waiter.set_exception(result)
+        else:
+            waiter.set_result(result)

@@ -1,0 +1,238 @@
+"""Service pipeline: one way for every query, result cache → encode → ANN search → rerank → hits, timed per stage."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from indexer.encoder import DualEncoder
+from indexer.store import Index
+from reranker.score import Query, Reranker
+from service.metrics import Metrics
+from service.names import result_key
+from service.pipeline.admission import Admission, Ticket
+from service.pipeline.batcher import Batcher
+from service.pipeline.cache import QueryCache
+from service.pipeline.stages import (
+    AnnQuery,
+    AnnStage,
+    BadQuery,
+    ImageStage,
+    RerankChunk,
+    TextEncoding,
+    TextStage,
+    order,
+    rerank_stage,
+)
+
+RERANK_STEP = 32  # candidates scored per step: between steps a worker takes the smallest query waiting
+RERANK_NEEDS_TEXT = "reranking needs a text query; use rerank='none' for image or embedding queries"
+
+
+def decode_base64(data: str) -> bytes:
+    """An image sent as base64 (a data: URL's prefix allowed), or BadQuery."""
+    try:
+        return base64.b64decode(data.split(",", 1)[-1] if data.startswith("data:") else data, validate=True)
+    except (binascii.Error, ValueError):
+        raise BadQuery("image must be base64 of the image file's bytes") from None
+
+
+@dataclass
+class QueryInput:
+    """Exactly one of text, image (file bytes) or embedding."""
+
+    text: str | None = None
+    image: bytes | None = None
+    embedding: list[float] | None = None
+    k: int = 10
+    rerank: str = "none"
+    rerank_k: int = 16
+    min_similarity: float | None = None
+
+
+@dataclass
+class Hit:
+    id: int
+    score: float
+    similarity: float
+    rerank_score: float | None
+    meta: dict[str, Any]
+
+
+@dataclass
+class SearchOutput:
+    hits: list[Hit]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    index_version: str = ""
+    cached: bool = False
+
+
+@dataclass
+class PipelineSettings:
+    """How the stages batch and how many rerank workers they get (from service.config.Settings)."""
+
+    max_batch: int = 32
+    max_wait_ms: float = 1.0
+    rerank_workers: int = 1
+    rerank_queue: int = 1024  # candidates a tier may hold queued ahead of a query (service.admission)
+    threads: int = 0
+    max_pixels: int = 40_000_000
+
+
+def normalised(embedding: list[float], dim: int) -> np.ndarray:
+    """A client's embedding as a unit (d,) vector, or BadQuery."""
+    vector = np.asarray(embedding, dtype=np.float64)  # float64 first: a huge value must not overflow the cast
+    if vector.shape[0] != dim:
+        raise BadQuery(f"embedding has {vector.shape[0]} dimensions; this index expects {dim}")
+    with np.errstate(over="ignore", invalid="ignore"):  # an overflowing norm is inf, refused below
+        norm = float(np.linalg.norm(vector)) if np.isfinite(vector).all() else float("nan")
+    if not np.isfinite(norm) or norm == 0.0:
+        raise BadQuery("embedding must be a finite, non-zero vector")
+    return (vector / norm).astype(np.float32)
+
+
+class Pipeline:
+    """The stages of one process, each behind its Batcher, and the coroutine that takes a query through them.
+
+    Reranked texts are encoded apart from the others, held while every rerank worker is busy: under
+    load they arrive a rerank apart (1.06 texts per forward at 64 clients, measured), so encoded on
+    arrival each would take a forward of its own, whereas held until a worker frees up, the backlog
+    shares one. Candidates are scored RERANK_STEP at a time, the query reranking fewest first, so a
+    query of 256 cannot hold up one of 16; each tier admits a bounded amount of queued work.
+    """
+
+    def __init__(self, encoder: DualEncoder, rerankers: Mapping[str, Reranker], cache: QueryCache, metrics: Metrics,
+                 settings: PipelineSettings | None = None):
+        s = settings or PipelineSettings()
+        self.encoder, self.rerankers, self.cache, self.metrics = encoder, rerankers, cache, metrics
+        self.admission = Admission(s.rerank_queue, s.rerank_workers)
+
+        def stage(fn: Any, name: str, **kw: Any) -> Batcher[Any, Any]:
+            return Batcher(fn, name, max_batch=kw.pop("max_batch", s.max_batch), max_wait_ms=s.max_wait_ms,
+                           observe=metrics.batch.labels(name.split("-")[0]).observe, **kw)
+
+        lookup = lambda hit: metrics.cache_lookup("text", hit)  # noqa: E731
+        self.rerank = stage(rerank_stage, "rerank", max_batch=1, workers=s.rerank_workers)
+        self.texts = stage(TextStage(encoder, cache, False, lookup), "text")
+        self.rerank_texts = stage(TextStage(encoder, cache, True, lookup), "text-rerank",
+                                  hold=lambda: self.rerank.backlog() >= self.rerank.workers)
+        self.images = stage(ImageStage(encoder, s.max_pixels), "image")
+        self.ann = stage(AnnStage(s.threads), "search")
+        self.reads = stage(cache.get_many, "cache-get")
+        self.writes = stage(cache.put_many, "cache-put")
+        self.stages = [self.rerank, self.texts, self.rerank_texts, self.images, self.ann, self.reads, self.writes]
+
+    def close(self) -> None:
+        for batcher in self.stages:
+            batcher.close()
+
+    async def search(self, index: Index, q: QueryInput, columns: Sequence[str] | None = None) -> SearchOutput:
+        """The query's hits (carrying the metadata `columns`, default all) with encode, search, rerank and
+        total ms; a cached answer (the index version is in its key) times only the lookup."""
+        start = time.perf_counter()
+        self._check(q)
+        key = self._key(index, q, columns)
+        if key is not None and (raw := (await self.reads(key))) is not None:
+            self.metrics.cache_lookup("result", True)
+            return _from_cache(json.loads(raw), start)
+        if key is not None:
+            self.metrics.cache_lookup("result", False)
+        ticket = self.admission.admit(q.rerank, q.rerank_k) if q.rerank != "none" else None
+        try:
+            out = await self._run(index, q, columns, ticket)
+        finally:  # answered, failed, or abandoned by its client
+            if ticket is not None:
+                self.admission.release(ticket)
+        if key is not None:
+            await self.writes((key, json.dumps(asdict(out))))
+        self.metrics.observe_search(out.timings_ms, q.rerank)
+        return out
+
+    def _check(self, q: QueryInput) -> None:
+        if q.rerank != "none" and q.rerank not in self.rerankers:
+            raise BadQuery(f"rerank tier {q.rerank!r} is not loaded; available: none, {', '.join(self.rerankers)}")
+        if q.rerank != "none" and q.text is None:
+            raise BadQuery(RERANK_NEEDS_TEXT)
+
+    def _key(self, index: Index, q: QueryInput, columns: Sequence[str] | None) -> str | None:
+        """The result-cache key (None when nothing is cached): the index folder and version, the query, the columns."""
+        if not self.cache.enabled:
+            return None
+        image = hashlib.sha256(q.image).hexdigest() if q.image is not None else None
+        request = {**asdict(q), "image": image, "index": str(index.root), "columns": list(columns or [])}
+        return result_key(self.encoder.model_id, index.version, request)
+
+    async def _run(self, index: Index, q: QueryInput, columns: Sequence[str] | None,
+                   ticket: Ticket | None) -> SearchOutput:
+        start = time.perf_counter()
+        vector, query = await self._encode(index, q)
+        encoded = time.perf_counter()
+        scores, ids = await self.ann(AnnQuery(index, vector, max(q.k, q.rerank_k if query else 0)))
+        searched = time.perf_counter()
+        reranked = None  # (log p(match), fused score), NaN past rerank_k
+        if query is not None and ticket is not None:
+            scores, ids, reranked = await self._rerank(index, q, query, scores, ids, ticket)
+        marks = (start, encoded, searched, time.perf_counter())
+        return _output(index, _hits(index, scores, ids, reranked, q, columns), marks)
+
+    async def _encode(self, index: Index, q: QueryInput) -> tuple[np.ndarray, Query | None]:
+        """(d,) query vector, plus the reranker's text query when the query is text to rerank."""
+        if q.text is not None and q.rerank == "none":
+            return (await self.texts(q.text)).pooled, None
+        if q.text is not None:
+            text: TextEncoding = await self.rerank_texts(q.text)
+            return text.pooled, Query(q.text, text.tokens, text.mask)
+        if q.image is not None:
+            return await self.images(q.image), None
+        return normalised(q.embedding or [], index.dim), None
+
+    async def _rerank(self, index: Index, q: QueryInput, query: Query, scores: np.ndarray, ids: np.ndarray,
+                      ticket: Ticket) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+        """Score the top rerank_k, RERANK_STEP at a time (each step queued again, smallest query first), then order."""
+        reranker = self.rerankers[q.rerank]
+        depth = min(q.rerank_k, len(ids))
+        parts = []
+        for at in range(0, depth, RERANK_STEP):
+            chunk = ids[at : min(depth, at + RERANK_STEP)]
+            log_p, seconds = await self.rerank(RerankChunk(reranker, query, index, chunk), key=depth)
+            self.admission.scored(ticket, len(chunk), seconds)
+            parts.append(log_p)
+        log_p = np.concatenate(parts) if parts else np.zeros(0, np.float32)
+        return order(log_p, scores, ids, reranker.fusion_weight)
+
+
+def _from_cache(data: dict[str, Any], start: float) -> SearchOutput:
+    lookup = round((time.perf_counter() - start) * 1000, 3)
+    hits = [Hit(**h) for h in data["hits"]]
+    timings = {"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup}
+    return SearchOutput(hits, timings, data["index_version"], cached=True)
+
+
+def _output(index: Index, hits: list[Hit], marks: tuple[float, float, float, float]) -> SearchOutput:
+    """Hits with the stage timings (ms) from the start, encoded, searched and reranked clock marks."""
+    start, encoded, searched, done = marks
+    timings = {"encode": encoded - start, "search": searched - encoded, "rerank": done - searched,
+               "total": time.perf_counter() - start}
+    return SearchOutput(hits, {k: round(v * 1000, 3) for k, v in timings.items()}, index.version)
+
+
+def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: tuple[np.ndarray, np.ndarray] | None,
+          q: QueryInput, columns: Sequence[str] | None) -> list[Hit]:
+    """The first k hits (after min_similarity); score is the fused score of a rerank, else the cosine."""
+    keep = np.ones(len(ids), bool) if q.min_similarity is None else cosine >= q.min_similarity
+    ids, cosine = ids[keep][: q.k], cosine[keep][: q.k]
+    log_p, score = (r[keep][: q.k] for r in reranked) if reranked else (None, cosine)
+    metas = index.metadata(ids, columns) if len(ids) else []
+    hits = []
+    for i, (image_id, sim, meta) in enumerate(zip(ids, cosine, metas, strict=True)):
+        rerank = None if log_p is None or np.isnan(log_p[i]) else float(log_p[i])
+        hits.append(Hit(int(image_id), float(score[i]), float(sim), rerank, meta))
+    return hits
