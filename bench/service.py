@@ -9,7 +9,7 @@ one per core; several need the Redis at 127.0.0.1:6379, caching and access log o
 client processes (a bare asyncio HTTP/1.1 client), one per setting.
 
 (1) overhead: HTTP p50 of /v1/search (rerank none, one client) / in-process p50 of encode + search,
-    in interleaved blocks, on one core shared by the server and the benchmark (see `overhead`).
+    in interleaved blocks, free on every core and pinned to one (see `overhead`).
 (2) throughput: QPS and p50/p95/p99 at 1, 16 and 64 concurrent clients, rerank none and mid.
 """
 
@@ -202,18 +202,10 @@ def search_request(text: str, rerank: str) -> bytes:
 def overhead(url: str, encoder, index, texts: list[str], pgid: int, rounds: int = 90,  # noqa: ANN001
              block: int = 40) -> dict:
     """HTTP p50 of /v1/search (rerank none, one client) against the in-process p50 of encode + ANN
-    search of one text at a time, in interleaved blocks, twice: with the server's processes and
-    this one on one shared core (the figure), then free to run on any core.
-
-    Interleaved: this machine switches between a fast and a slow phase every few seconds (block
-    p50s 2.5 vs 3.7 ms in-process, 3.2 vs 4.7 over HTTP), which a baseline measured once, before the
-    server starts, would count as overhead; ninety rounds (36 s) span many switches.
-
-    On one core: run free, each response must wake the client's core, which the hypervisor halted
-    through the whole search; on this 2-vCPU KVM guest that wake costs 0.1 to 1 ms, depending on
-    the other tenants (stretches where only the HTTP blocks slow down: runs of the same code gave
-    1.29 to 1.58). On one core the hand-offs are context switches and the client's own work is
-    charged to the HTTP side; the in-process side runs there too, one thread, as the server runs a call.
+    search of one text at a time, in interleaved blocks (a baseline measured once, before the server
+    starts, would count the machine's drift as overhead), twice: free to run on any core (the figure a
+    user sees), then with the server's processes and this one pinned to one shared core (there the
+    hand-offs are context switches, and the client's own work is charged to the HTTP side).
     """
     requests = [search_request(text, "none") for text in texts]
     cores = max(1, os.cpu_count() or 1)

@@ -1,4 +1,4 @@
-"""Stage 2–5 orchestration: reader → encoder → writer shards → FAISS index → published version."""
+"""Indexer, orchestration: reader → encoder → writer shards → FAISS index → published version."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 0, data: descriptions of scenes as people write them (any subset of attributes and objects,
+"""Training floor, data: descriptions of scenes as people write them (any subset of attributes and objects,
 relation synonyms, counts), and the one function that decides whether a description is true of a scene."""
 
 from __future__ import annotations

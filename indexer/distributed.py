@@ -1,4 +1,4 @@
-"""Stage 2, at scale: Ray Data decodes on CPU tasks and encodes on an actor pool (GPU actors if any).
+"""Indexer, at scale: Ray Data decodes on CPU tasks and encodes on an actor pool (GPU actors if any).
 
 The driver receives encoded batches in source order and feeds them to the same shard writer, FAISS
 build and publish as the single-process build, so both produce the same ids, vectors and tokens.

@@ -1,4 +1,4 @@
-"""Stage 5, store: durable writes — fsync, atomic replace, sealed files, hashed .npy and FAISS writes, locks."""
+"""Indexer, store: durable writes — fsync, atomic replace, sealed files, hashed .npy and FAISS writes, locks."""
 
 from __future__ import annotations
 

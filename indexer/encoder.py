@@ -1,4 +1,4 @@
-"""Stage 1, encode: one dual-encoder interface over open_clip (the embedded tiny model or any pretrained)."""
+"""Indexer, encode: one dual-encoder interface over open_clip (the embedded tiny model or any pretrained)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 1, evaluate: retrieval recall and binding accuracy of a dual encoder on a held-out twin gallery."""
+"""Training floor, evaluate: retrieval recall and binding accuracy of a dual encoder on a held-out twin gallery."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 5, store: what a version needs, checked cheaply at open — its manifest, files, sizes, headers, footers."""
+"""Indexer, store: what a version needs, checked cheaply at open — its manifest, files, sizes, headers, footers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 5, store: the names in an index directory — CURRENT, versions/, and each version's files."""
+"""Indexer, store: the names in an index directory — CURRENT, versions/, and each version's files."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 2, read: list a source, then decode and preprocess images in DataLoader workers."""
+"""Indexer, read: list a source, then decode and preprocess images in DataLoader workers."""
 
 from __future__ import annotations
 

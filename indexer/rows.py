@@ -1,4 +1,4 @@
-"""Stage 5, store: a shard's files read by row — arrays by pread, metadata columns through numpy views."""
+"""Indexer, store: a shard's files read by row — arrays by pread, metadata columns through numpy views."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 0, data: seeded procedural scenes with captions and hard twins (training data and benchmark)."""
+"""Training floor, data: seeded procedural scenes with captions and hard twins (training data and benchmark)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 5, store: the Index reader over a published version — ANN search, stored vectors, tokens, metadata."""
+"""Indexer, store: the Index reader over a published version — ANN search, stored vectors, tokens, metadata."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 1, train: contrastive training of the embedded dual encoder on streamed scenes with hard twins."""
+"""Training floor, train: contrastive training of the embedded dual encoder on streamed scenes with hard twins."""
 
 from __future__ import annotations
 

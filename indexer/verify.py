@@ -1,4 +1,4 @@
-"""Stage 5, store: `imsearch index verify` — every recorded file of every kept version against its size and sha256."""
+"""Indexer, store: `imsearch index verify` — every recorded file of every kept version against its size and sha256."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 5, store: index versions — CURRENT, which version to open, atomic publish, old versions collected."""
+"""Indexer, store: index versions — CURRENT, which version to open, atomic publish, old versions collected."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 3, write: buffer encoded rows and flush them as immutable, atomically completed shards."""
+"""Indexer, write: buffer encoded rows and flush them as immutable, atomically completed shards."""
 
 from __future__ import annotations
 

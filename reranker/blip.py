@@ -1,4 +1,4 @@
-"""Stage 6, rerank backend: HF BLIP ITM (BlipForImageTextRetrieval) behind the reranker interface."""
+"""Reranker, backend: HF BLIP ITM (BlipForImageTextRetrieval) behind the reranker interface."""
 
 from __future__ import annotations
 

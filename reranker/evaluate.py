@@ -1,4 +1,4 @@
-"""Stage 6, evaluate: the speed/depth table (late, mid, early fusion at each k) on a twin gallery."""
+"""Training floor, reranker evaluate: the speed/depth table (late, mid, early fusion at each k) on a twin gallery."""
 
 from __future__ import annotations
 

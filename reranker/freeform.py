@@ -1,4 +1,4 @@
-"""Stage 6, evaluate: queries as people type them (partial descriptions, synonyms, counts) on a gallery
+"""Training floor, reranker evaluate: queries as people type them (partial descriptions, synonyms, counts) on a gallery
 of random scenes and their twins, where a hit counts when the description is true of it."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Stage 6, rerank models: mid fusion (ITM cross-attention) and early fusion (single stream) matchers."""
+"""Reranker, models: mid fusion (ITM cross-attention) and early fusion (single stream) matchers."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 6, rerank: one interface to rescore top-k candidates from their cached image tokens."""
+"""Reranker, interface: one interface to rescore top-k candidates from their cached image tokens."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Stage 6, train: ITM training of a reranker over the frozen dual encoder's tokens, with hard negatives."""
+"""Training floor, reranker train: ITM training over the frozen dual encoder's tokens, with hard negatives."""
 
 from __future__ import annotations
 
