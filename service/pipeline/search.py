@@ -25,9 +25,10 @@ from service.pipeline.stages import (
     AnnQuery,
     AnnStage,
     BadQuery,
+    EncodeThenSearch,
+    Found,
     ImageStage,
     RerankChunk,
-    TextEncoding,
     TextStage,
     order,
     rerank_stage,
@@ -120,12 +121,15 @@ class Pipeline:
                            observe=metrics.batch.labels(name.split("-")[0]).observe, **kw)
 
         lookup = lambda hit: metrics.cache_lookup("text", hit)  # noqa: E731
+        ann = AnnStage(s.threads, metrics.batch.labels("search").observe)
+        pooled = lambda enc: enc.pooled  # noqa: E731
         self.rerank = stage(rerank_stage, "rerank", max_batch=1, workers=s.rerank_workers)
-        self.texts = stage(TextStage(encoder, cache, False, lookup), "text")
-        self.rerank_texts = stage(TextStage(encoder, cache, True, lookup), "text-rerank",
-                                  hold=lambda: self.rerank.backlog() >= self.rerank.workers)
-        self.images = stage(ImageStage(encoder, s.max_pixels), "image")
-        self.ann = stage(AnnStage(s.threads), "search")
+        self.texts = stage(EncodeThenSearch(TextStage(encoder, cache, False, lookup), ann, pooled), "text")
+        self.rerank_texts = stage(EncodeThenSearch(TextStage(encoder, cache, True, lookup), ann, pooled),
+                                  "text-rerank", hold=lambda: self.rerank.backlog() >= self.rerank.workers)
+        self.images = stage(EncodeThenSearch(ImageStage(encoder, s.max_pixels), ann, lambda v: v), "image")
+        self.ann: Batcher[AnnQuery, tuple[np.ndarray, np.ndarray]] = Batcher(  # embedding queries
+            ann, "search", max_batch=s.max_batch, max_wait_ms=s.max_wait_ms)
         self.reads = stage(cache.get_many, "cache-get")
         self.writes = stage(cache.put_many, "cache-put")
         self.stages = [self.rerank, self.texts, self.rerank_texts, self.images, self.ann, self.reads, self.writes]
@@ -173,26 +177,27 @@ class Pipeline:
     async def _run(self, index: Index, q: QueryInput, columns: Sequence[str] | None,
                    ticket: Ticket | None) -> SearchOutput:
         start = time.perf_counter()
-        vector, query = await self._encode(index, q)
-        encoded = time.perf_counter()
-        scores, ids = await self.ann(AnnQuery(index, vector, max(q.k, q.rerank_k if query else 0)))
+        found = await self._find(index, q)
         searched = time.perf_counter()
         reranked = None  # (log p(match), fused score), NaN past rerank_k
-        if query is not None and ticket is not None:
+        scores, ids = found.scores, found.ids
+        if ticket is not None:
+            query = Query(str(q.text), found.encoding.tokens, found.encoding.mask)
             scores, ids, reranked = await self._rerank(index, q, query, scores, ids, ticket)
-        marks = (start, encoded, searched, time.perf_counter())
+        marks = (start, searched - found.search_s, searched, time.perf_counter())
         return _output(index, _hits(index, scores, ids, reranked, q, columns), marks)
 
-    async def _encode(self, index: Index, q: QueryInput) -> tuple[np.ndarray, Query | None]:
-        """(d,) query vector, plus the reranker's text query when the query is text to rerank."""
-        if q.text is not None and q.rerank == "none":
-            return (await self.texts(q.text)).pooled, None
+    async def _find(self, index: Index, q: QueryInput) -> Found:
+        """The query encoded (a text for a reranker: with its tokens) and its candidates found."""
+        depth = max(q.k, q.rerank_k if q.rerank != "none" else 0)
         if q.text is not None:
-            text: TextEncoding = await self.rerank_texts(q.text)
-            return text.pooled, Query(q.text, text.tokens, text.mask)
+            return await (self.texts if q.rerank == "none" else self.rerank_texts)((q.text, index, depth))
         if q.image is not None:
-            return await self.images(q.image), None
-        return normalised(q.embedding or [], index.dim), None
+            return await self.images((q.image, index, depth))
+        vector = normalised(q.embedding or [], index.dim)
+        start = time.perf_counter()
+        scores, ids = await self.ann(AnnQuery(index, vector, depth))
+        return Found(vector, scores, ids, time.perf_counter() - start)
 
     async def _rerank(self, index: Index, q: QueryInput, query: Query, scores: np.ndarray, ids: np.ndarray,
                       ticket: Ticket) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:

@@ -110,10 +110,14 @@ class AnnQuery:
 class AnnStage:
     """(d,) queries → (scores, ids) best first, without FAISS's -1 padding: one FAISS call per index version."""
 
-    def __init__(self, threads: int = 0):
+    def __init__(self, threads: int = 0, observe: Callable[[int], None] = lambda _: None):
         self.threads = threads  # FAISS OpenMP threads (0: its default); see service.state.configure_process
+        self.observe = observe  # queries per FAISS call
 
     def __call__(self, queries: list[AnnQuery]) -> list[tuple[np.ndarray, np.ndarray]]:
+        if not queries:
+            return []
+        self.observe(len(queries))
         if self.threads:  # OpenMP thread counts are per calling thread: set in the stage's own
             faiss.omp_set_num_threads(self.threads)
         out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0), np.zeros(0, np.int64))] * len(queries)
@@ -125,6 +129,34 @@ class AnnStage:
                 d = queries[i].depth
                 keep = ids[r, :d] >= 0
                 out[i] = (scores[r, :d][keep], ids[r, :d][keep])
+        return out
+
+
+@dataclass
+class Found:
+    """A query's encoding and its ANN candidates, with the seconds its batch's search took."""
+
+    encoding: Any  # a TextEncoding, or an image's (d,) vector
+    scores: np.ndarray
+    ids: np.ndarray
+    search_s: float
+
+
+class EncodeThenSearch:
+    """encode → ANN as one batch call, (query, index version, depth) → Found: a query's two stages cost
+    one hand-off to a worker thread and back, not two, and each batch is one forward and one FAISS call."""
+
+    def __init__(self, encode: Callable[[list[Any]], list[Any]], ann: AnnStage, vector: Callable[[Any], np.ndarray]):
+        self.encode, self.ann, self.vector = encode, ann, vector
+
+    def __call__(self, items: list[tuple[Any, Index, int]]) -> list[Any]:
+        out: list[Any] = list(self.encode([query for query, _, _ in items]))
+        good = [i for i, enc in enumerate(out) if not isinstance(enc, Exception)]
+        start = time.perf_counter()
+        found = self.ann([AnnQuery(items[i][1], self.vector(out[i]), items[i][2]) for i in good])
+        seconds = time.perf_counter() - start
+        for i, (scores, ids) in zip(good, found, strict=True):
+            out[i] = Found(out[i], scores, ids, seconds)
         return out
 
 
