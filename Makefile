@@ -61,7 +61,7 @@ redis: $(RUNTIME)
 	done; echo "redis did not start on 127.0.0.1:$(REDIS_PORT)"; exit 1
 
 lint: dev
-	$(BIN)/ruff check indexer reranker service tests bench
+	$(BIN)/ruff check imsearch indexer reranker service training tests bench
 	$(BIN)/mypy
 
 # Debian's Chromium and ChromeDriver for the web page's browser test

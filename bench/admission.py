@@ -101,8 +101,8 @@ def main() -> None:
 
     from indexer.build import BuildOptions, build_or_add
     from indexer.encoder import load_encoder
-    from indexer.scenes import write_scenes
     from indexer.store import Index
+    from training.scenes import write_scenes
 
     work = args.work or Path(tempfile.mkdtemp(prefix="bench-admission-"))
     if not (work / "idx" / "CURRENT").exists():

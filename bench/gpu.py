@@ -65,7 +65,7 @@ def pipeline_rate(device: str, n: int, model: str) -> float:
 
     from indexer.build import BuildOptions, build_or_add
     from indexer.encoder import DualEncoder, EncoderSpec, load_encoder
-    from indexer.scenes import write_scenes
+    from training.scenes import write_scenes
 
     work = Path(tempfile.mkdtemp(prefix="bench-gpu-"))
     manifest = write_scenes(work / "src", n // 2, seed=9, twins=True, size=224 if model == "ViT-B-32" else 64)

@@ -21,7 +21,7 @@ import torch
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder, load_encoder
 from indexer.reader import decode_image
-from indexer.scenes import write_scenes
+from training.scenes import write_scenes
 
 
 def bare_loop(encoder: DualEncoder, src: Path, batch: int) -> float:

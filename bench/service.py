@@ -350,8 +350,8 @@ def bench(args: argparse.Namespace) -> dict:
 
     from indexer.build import BuildOptions, build_or_add
     from indexer.encoder import load_encoder
-    from indexer.scenes import write_scenes
     from indexer.store import Index
+    from training.scenes import write_scenes
 
     torch.set_num_threads(max(1, os.cpu_count() or 1))
     encoder = load_encoder()

@@ -105,7 +105,7 @@ def summary(results: dict[str, list], seconds: float) -> dict[str, object]:
 def prepare(work: Path, scenes: int) -> tuple[Path, list[str], list[bytes]]:
     from indexer.build import BuildOptions, build_or_add
     from indexer.encoder import load_encoder
-    from indexer.scenes import write_scenes
+    from training.scenes import write_scenes
 
     manifest = write_scenes(work / "src", scenes, seed=17, twins=True)
     build_or_add(manifest, work / "idx", load_encoder(), BuildOptions(workers=0), "build")

@@ -8,8 +8,8 @@ from typing import Annotated
 import typer
 
 from indexer import cli as indexer_cli
-from reranker import cli as reranker_cli
 from service import cli as service_cli
+from training import cli as training_cli
 
 HELP = "Image search: scenes, dual encoder, index, rerank, serve."
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, no_args_is_help=True, help=HELP)
@@ -35,8 +35,8 @@ def root(version: Annotated[bool, typer.Option("--version", callback=_print_vers
     """The options before any command."""
 
 
-indexer_cli.register(app, train, evaluate, index)
-reranker_cli.register(train, evaluate)
+indexer_cli.register(index)
+training_cli.register(app, train, evaluate)
 service_cli.register(app)
 
 

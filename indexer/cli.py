@@ -1,4 +1,4 @@
-"""Command line, indexer floor: `scenes`, `train|eval encoder`, `index ...`, and the helpers all floors share."""
+"""Command line, indexer floor: `imsearch index ...`, and the helpers all floors share."""
 
 from __future__ import annotations
 
@@ -13,8 +13,6 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-from indexer.scenes import EVAL_SEED, TRAIN_SEED
 
 err = Console(stderr=True)
 
@@ -52,85 +50,6 @@ def guarded(fn: Callable[[], Any]) -> Any:
         return fn()
     except (EncoderUnavailable, OSError, ValueError) as exc:
         fail(str(exc))
-
-
-def scenes(
-    out_dir: Annotated[Path, typer.Argument(help="folder for the PNGs and captions.jsonl")],
-    n: Annotated[int, typer.Option(min=1, help="number of scenes")] = 1000,
-    seed: Annotated[int, typer.Option(help="stream seed")] = EVAL_SEED,
-    twins: Annotated[bool, typer.Option(help="also write each scene's hard twin")] = False,
-    size: Annotated[int, typer.Option(min=16, max=1024, help="image side in pixels")] = 64,
-) -> None:
-    """Generate captioned synthetic scenes (PNG + captions.jsonl)."""
-    from indexer.scenes import write_scenes
-
-    if out_dir.exists() and not out_dir.is_dir():
-        fail(f"{out_dir} exists and is not a directory")
-    manifest = guarded(lambda: write_scenes(out_dir, n, seed, twins=twins, size=size))
-    count = n * (2 if twins else 1)
-    err.print(f"wrote {count} images and {manifest}")
-
-
-def progress_bar() -> Progress:
-    return Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
-    )
-
-
-def train_encoder_cmd(
-    steps: Annotated[int, typer.Option(min=1)] = 2500,
-    out: Annotated[Path | None, typer.Option(help="checkpoint folder (default: models/tiny-clip)")] = None,
-    seed: Annotated[int, typer.Option()] = TRAIN_SEED,
-    batch_pairs: Annotated[int, typer.Option(min=2, help="scene/twin pairs per batch")] = 64,
-    lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
-    eval_every: Annotated[int, typer.Option(min=0, help="validate every N steps (0: never)")] = 250,
-    init: Annotated[Path | None, typer.Option(help="continue from these weights with a new schedule")] = None,
-    start_step: Annotated[int, typer.Option(min=0, help="offset into the scene stream")] = 0,
-    describe_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of texts written as people "
-                                                  "write them, not in the caption grammar")] = 0.0,
-    warmup: Annotated[int, typer.Option(min=1)] = 150,
-) -> None:
-    """Train the embedded `tiny` dual encoder contrastively on streamed scenes; a rerun with the same
-    --out resumes from the run's last save (every 100 steps)."""
-    from indexer.train import RUN_LOG, TrainConfig, train_encoder
-
-    if seed == EVAL_SEED or seed == 7:
-        fail(f"seed {seed} is reserved for evaluation; pick another training seed")
-    cfg = TrainConfig(steps=steps, seed=seed, batch_pairs=batch_pairs, lr=lr, eval_every=eval_every, init=init,
-                      start_step=start_step, describe_share=describe_share, warmup=warmup,
-                      command=" ".join(["imsearch", *sys.argv[1:]]))
-    if out is not None:
-        cfg.out = out
-    if (cfg.out / RUN_LOG).is_file():
-        err.print(f"resuming the run saved in {cfg.out}")
-    with progress_bar() as bar:
-        task = bar.add_task("train encoder", total=steps, loss=float("nan"))
-        report = train_encoder(cfg, lambda step, loss: bar.update(task, completed=step + 1, loss=loss))
-    err.print(f"saved {cfg.out} after {report['seconds']} s")
-
-
-def eval_encoder_cmd(
-    n: Annotated[int, typer.Option(min=2, help="gallery size (even)")] = 1000,
-    seed: Annotated[int, typer.Option(help="gallery seed (disjoint from training)")] = EVAL_SEED,
-    model: ModelOpt = "tiny",
-    pretrained: PretrainedOpt = None,
-    device: DeviceOpt = "cpu",
-    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
-) -> None:
-    """Text→image recall and binding accuracy on a deduplicated twin gallery."""
-    from indexer.encoder import EncoderSpec, load_encoder
-    from indexer.evaluate import evaluate_encoder
-
-    if seed in (TRAIN_SEED,):
-        fail(f"seed {seed} is the training seed; evaluate on a held-out seed")
-    encoder = guarded(lambda: load_encoder(EncoderSpec(model, pretrained, device)))
-    metrics = guarded(lambda: evaluate_encoder(encoder, n=n, seed=seed))
-    if as_json:
-        sys.stdout.write(json.dumps(metrics) + "\n")
-        return
-    for key, value in metrics.items():
-        sys.stdout.write(f"{key:>12}: {value}\n")
 
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="print a JSON summary at the end")]
@@ -298,11 +217,8 @@ def index_verify(index_dir: IndexDirOpt,
         raise typer.Exit(1)
 
 
-def register(root: typer.Typer, train: typer.Typer, evaluate: typer.Typer, index: typer.Typer) -> None:
-    """Attach the indexer's commands to the root CLI and its groups."""
-    root.command()(scenes)
-    train.command("encoder")(train_encoder_cmd)
-    evaluate.command("encoder")(eval_encoder_cmd)
+def register(index: typer.Typer) -> None:
+    """Attach the indexer's commands to the `imsearch index` group."""
     index.command("build")(index_build)
     index.command("add")(index_add)
     index.command("remove")(index_remove)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Literal
@@ -61,6 +62,11 @@ class Settings(BaseSettings):
             if not folder:
                 raise ValueError(f"index spec {spec!r} must be DIR or NAME=DIR")
         return value
+
+    def rerank_workers(self) -> int:
+        """Reranks a process runs at once: the machine's cores shared by the worker processes (each
+        process sees only its own reranks)."""
+        return self.rerank_slots or max(1, (os.cpu_count() or 1) // self.workers)
 
     def index_dirs(self) -> dict[str, tuple[Path, str | None]]:
         """Index name → (folder, the version to hold, or None to follow CURRENT); an unnamed DIR is

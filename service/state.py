@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +22,7 @@ from service.errors import StartupError, UnknownIndex
 from service.jobs.queues import JobQueue, LocalJobs, RQJobs
 from service.metrics import Metrics
 from service.pipeline.cache import QueryCache
-from service.pipeline.search import Pipeline, PipelineSettings
+from service.pipeline.search import Pipeline
 from service.swap import IndexSwapper, VersionWatcher
 
 log = logging.getLogger(__name__)
@@ -159,11 +158,7 @@ def assemble(settings: Settings, encoder: DualEncoder, indexes: dict[str, Index]
     """Wire loaded models and indexes into an engine: cache, metrics, the pipeline, the swapper and the jobs."""
     cache = QueryCache(settings.redis_url if settings.cache else None, settings.cache_ttl_s)
     metrics = Metrics()
-    # the machine's cores shared by the worker processes (each process sees only its own reranks)
-    workers = settings.rerank_slots or max(1, (os.cpu_count() or 1) // settings.workers)
-    batching = PipelineSettings(settings.max_batch, settings.max_wait_ms, workers, settings.rerank_queue,
-                                settings.threads, settings.max_pixels)
-    pipeline = Pipeline(encoder, rerankers, cache, metrics, batching)
+    pipeline = Pipeline(encoder, rerankers, cache, metrics, settings)
 
     def placed(index: Index) -> Index:
         where = index.use_device(settings.search_device)

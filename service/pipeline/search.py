@@ -16,6 +16,7 @@ import numpy as np
 from indexer.encoder import DualEncoder
 from indexer.store import Index
 from reranker.score import Query, Reranker
+from service.config import Settings
 from service.metrics import Metrics
 from service.names import result_key
 from service.pipeline.admission import Admission, Ticket
@@ -76,18 +77,6 @@ class SearchOutput:
     cached: bool = False
 
 
-@dataclass
-class PipelineSettings:
-    """How the stages batch and how many rerank workers they get (from service.config.Settings)."""
-
-    max_batch: int = 32
-    max_wait_ms: float = 1.0
-    rerank_workers: int = 1
-    rerank_queue: int = 1024  # candidates a tier may hold queued ahead of a query (service.admission)
-    threads: int = 0
-    max_pixels: int = 40_000_000
-
-
 def normalised(embedding: list[float], dim: int) -> np.ndarray:
     """A client's embedding as a unit (d,) vector, or BadQuery."""
     vector = np.asarray(embedding, dtype=np.float64)  # float64 first: a huge value must not overflow the cast
@@ -111,10 +100,11 @@ class Pipeline:
     """
 
     def __init__(self, encoder: DualEncoder, rerankers: Mapping[str, Reranker], cache: QueryCache, metrics: Metrics,
-                 settings: PipelineSettings | None = None):
-        s = settings or PipelineSettings()
+                 settings: Settings | None = None):
+        s = settings or Settings()
+        workers = s.rerank_workers()
         self.encoder, self.rerankers, self.cache, self.metrics = encoder, rerankers, cache, metrics
-        self.admission = Admission(s.rerank_queue, s.rerank_workers)
+        self.admission = Admission(s.rerank_queue, workers)
 
         def stage(fn: Any, name: str, **kw: Any) -> Batcher[Any, Any]:
             return Batcher(fn, name, max_batch=kw.pop("max_batch", s.max_batch), max_wait_ms=s.max_wait_ms,
@@ -123,7 +113,7 @@ class Pipeline:
         lookup = lambda hit: metrics.cache_lookup("text", hit)  # noqa: E731
         ann = AnnStage(s.threads, metrics.batch.labels("search").observe)
         pooled = lambda enc: enc.pooled  # noqa: E731
-        self.rerank = stage(rerank_stage, "rerank", max_batch=1, workers=s.rerank_workers)
+        self.rerank = stage(rerank_stage, "rerank", max_batch=1, workers=workers)
         self.texts = stage(EncodeThenSearch(TextStage(encoder, cache, False, lookup), ann, pooled), "text")
         self.rerank_texts = stage(EncodeThenSearch(TextStage(encoder, cache, True, lookup), ann, pooled),
                                   "text-rerank", hold=lambda: self.rerank.backlog() >= self.rerank.workers)

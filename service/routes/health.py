@@ -8,9 +8,9 @@ from typing import Any
 from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from indexer.descriptions import VOCABULARY, example_queries
 from indexer.encoder import EMBEDDED
 from service.deps import EngineDep
+from training.descriptions import VOCABULARY, example_queries
 
 router = APIRouter(tags=["health"])
 

@@ -9,7 +9,7 @@ import pytest
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
+from training.scenes import write_scenes
 
 
 @pytest.fixture(scope="session")

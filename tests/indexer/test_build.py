@@ -24,10 +24,10 @@ from indexer.durable import save_faiss, save_npy
 from indexer.encoder import DualEncoder, create_embedded
 from indexer.layout import STAGING
 from indexer.rows import Column
-from indexer.scenes import write_scenes
 from indexer.store import Index, UnknownImage
 from indexer.versions import current_version, list_versions
 from tests.indexer.badfiles import awkward_files, broken_files
+from training.scenes import write_scenes
 
 OPTS = BuildOptions(batch_size=16, workers=0, shard_size=24)
 

@@ -12,8 +12,8 @@ import pytest
 from indexer.build import BuildOptions, build_or_add
 from indexer.distributed import RayOptions
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
 from indexer.store import Index
+from training.scenes import write_scenes
 
 ray = pytest.importorskip("ray", reason="the `distributed` extra (installed by make test)")
 

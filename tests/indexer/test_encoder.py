@@ -19,7 +19,7 @@ from indexer.encoder import (
     load_encoder,
     save_checkpoint,
 )
-from indexer.scenes import render, scene_pair
+from training.scenes import render, scene_pair
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,6 @@ from typer.testing import CliRunner
 
 from imsearch.cli import app
 from indexer.layout import CURRENT, MANIFEST, VERSIONS
-from indexer.scenes import write_scenes
 from indexer.store import Index
 from tests.indexer.test_store import (
     _delete,
@@ -20,6 +19,7 @@ from tests.indexer.test_store import (
     _truncate,
     _writable,
 )
+from training.scenes import write_scenes
 
 runner = CliRunner()
 

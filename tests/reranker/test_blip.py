@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from indexer.scenes import render, scene_pair
+from training.scenes import render, scene_pair
 
 transformers = pytest.importorskip("transformers")
 

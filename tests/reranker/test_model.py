@@ -73,7 +73,7 @@ def test_one_text_against_k_images_scores_like_the_full_batch(matcher: Matcher, 
 
 
 def test_an_added_image_block_starts_as_identity_then_learns_neighbourhoods() -> None:
-    from reranker.train import with_image_mix
+    from training.reranker_train import with_image_mix
 
     torch.manual_seed(0)
     base = Matcher(RerankerConfig(kind="mid", layers=2)).eval()

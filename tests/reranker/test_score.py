@@ -10,13 +10,20 @@ import pytest
 import torch
 
 from indexer.build import BuildOptions, build_or_add
-from indexer.descriptions import Description, Ref, caption_claim, holds
 from indexer.encoder import DualEncoder
-from indexer.scenes import Scene, SceneObject, write_scenes
 from indexer.store import Index
-from reranker.evaluate import evaluate_tradeoff
 from reranker.score import TokenReranker, fuse, load_tier
-from reranker.train import RerankTrainConfig, grounding_targets, make_pairs, new_matcher, object_xy, train_reranker
+from training.descriptions import Description, Ref, caption_claim, holds
+from training.reranker_train import (
+    RerankTrainConfig,
+    grounding_targets,
+    make_pairs,
+    new_matcher,
+    object_xy,
+    train_reranker,
+)
+from training.scenes import Scene, SceneObject, write_scenes
+from training.tradeoff import evaluate_tradeoff
 
 
 @pytest.fixture(scope="module")
@@ -41,7 +48,7 @@ def test_token_store_round_trip_gives_the_same_scores(mid: TokenReranker, encode
 
 
 def test_k_candidates_in_one_batch_equal_k_single_calls(mid: TokenReranker, encoder: DualEncoder) -> None:
-    from indexer.scenes import render, scene_pair
+    from training.scenes import render, scene_pair
 
     tokens = encoder.image_tokens([render(scene_pair(5, i)[0].scene) for i in range(8)])
     query = mid.prepare("a small red circle left of a large blue square")
@@ -170,7 +177,7 @@ def test_described_pairs_are_labelled_by_truth(encoder: DualEncoder) -> None:
 
 
 def test_the_hard_share_asks_the_hardest_kind_a_scene_allows() -> None:
-    from reranker.train import _kind
+    from training.reranker_train import _kind
 
     objects = [SceneObject("red", "circle", "small", 0, 1), SceneObject("blue", "square", "large", 1, 1),
                SceneObject("green", "cross", "small", 2, 1)]

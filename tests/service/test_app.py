@@ -19,7 +19,6 @@ from PIL import Image
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
 from indexer.store import Index
 from service.app import create_app
 from service.config import Settings
@@ -27,6 +26,7 @@ from service.deps import get_engine
 from service.errors import StartupError
 from service.pipeline.search import QueryInput, SearchOutput
 from service.state import Engine, load_engine
+from training.scenes import write_scenes
 
 
 @pytest.fixture(scope="module")

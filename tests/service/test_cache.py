@@ -12,13 +12,13 @@ from fastapi.testclient import TestClient
 
 from indexer.build import BuildOptions, build_or_add, remove
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
 from service.app import create_app
 from service.config import Settings
 from service.names import CACHE_PREFIX
 from service.pipeline.cache import QueryCache
 from service.pipeline.stages import TextStage
 from service.state import load_engine
+from training.scenes import write_scenes
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 QUERY = {"text": "a large red square above a small green circle", "k": 3}

@@ -14,8 +14,8 @@ from typer.testing import CliRunner
 from imsearch.cli import app
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
 from tests.service.procs import CLI, free_port
+from training.scenes import write_scenes
 
 
 @pytest.fixture(scope="module")

@@ -14,10 +14,10 @@ from PIL import Image
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
 from indexer.store import Index
 from service.app import create_app
 from service.config import Settings
+from training.scenes import write_scenes
 
 
 def client_body(**overrides: object) -> dict[str, object]:

@@ -19,12 +19,12 @@ from fastapi.testclient import TestClient
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
 from indexer.store import Index
 from indexer.versions import current_version
 from service.app import create_app
 from service.config import Settings
 from tests.service.procs import CLI, free_port, running, serve, terminate, wait_for
+from training.scenes import write_scenes
 
 KEY = {"X-API-Key": "k3y"}
 TEXTS = ["a small red circle on the left", "a large blue square left of a small green cross",

@@ -18,9 +18,9 @@ from schemathesis.specs.openapi import checks as oa_checks
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
 from service.app import create_app
 from service.config import Settings
+from training.scenes import write_scenes
 
 API_KEY = "fuzz-key"
 

@@ -17,11 +17,11 @@ from fastapi.testclient import TestClient
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
 from indexer.store import Index
 from service.app import create_app
 from service.config import Settings
 from tests.service.procs import CLI, free_port, serve, terminate, wait_for
+from training.scenes import write_scenes
 
 REDIS_URL = "redis://127.0.0.1:6379/2"  # a database of its own: the tests flush it
 KEY = {"X-API-Key": "k3y"}

@@ -14,14 +14,15 @@ import pytest
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
 from indexer.store import Index
 from reranker.score import Query, Reranker, load_tier
+from service.config import Settings
 from service.metrics import Metrics
 from service.pipeline.batcher import Overloaded
 from service.pipeline.cache import QueryCache
-from service.pipeline.search import Pipeline, PipelineSettings, QueryInput, SearchOutput
+from service.pipeline.search import Pipeline, QueryInput, SearchOutput
 from service.pipeline.stages import BadQuery
+from training.scenes import write_scenes
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +39,7 @@ def rerankers(encoder: DualEncoder) -> dict[str, Reranker]:
 
 
 def make_pipeline(encoder: DualEncoder, rerankers: dict[str, Any], **settings: Any) -> Pipeline:
-    return Pipeline(encoder, rerankers, QueryCache(None, 1), Metrics(), PipelineSettings(**settings))
+    return Pipeline(encoder, rerankers, QueryCache(None, 1), Metrics(), Settings(**settings))
 
 
 @pytest.fixture(scope="module")
@@ -155,7 +156,7 @@ class _Overlaps:
 def test_reranked_queries_run_at_most_the_workers_reranks_at_once_with_the_same_results(
         encoder, index, rerankers, search, workers: int) -> None:
     probe = _Overlaps(rerankers["mid"])
-    pipeline = make_pipeline(encoder, {"mid": probe}, rerank_workers=workers, max_batch=4)
+    pipeline = make_pipeline(encoder, {"mid": probe}, rerank_slots=workers, max_batch=4)
     texts = [row["caption"] for row in index.metadata(index.ids()[:12])]
     asked = [QueryInput(text=text, k=5, rerank="mid", rerank_k=16) for text in texts]
 
@@ -174,7 +175,7 @@ def test_reranked_queries_run_at_most_the_workers_reranks_at_once_with_the_same_
 
 
 def test_a_large_rerank_in_steps_equals_one_call_and_a_full_tier_refuses(encoder, index, rerankers) -> None:
-    pipeline = make_pipeline(encoder, rerankers, rerank_workers=2, max_batch=4, rerank_queue=80)
+    pipeline = make_pipeline(encoder, rerankers, rerank_slots=2, max_batch=4, rerank_queue=80)
     text = index.metadata(index.ids()[:1])[0]["caption"]
     big = QueryInput(text=text, k=70, rerank="mid", rerank_k=70)  # three steps of 32
 

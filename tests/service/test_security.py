@@ -18,11 +18,11 @@ from fastapi.testclient import TestClient
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
-from indexer.scenes import write_scenes
 from indexer.store import Index
 from service.app import create_app
 from service.config import Settings
 from tests.service.procs import free_port, serve, terminate, wait_for
+from training.scenes import write_scenes
 
 ROOT = Path(__file__).resolve().parents[2]
 KEY = {"X-API-Key": "k3y"}

@@ -11,7 +11,7 @@ from typing import TypeVar
 
 import numpy as np
 
-from indexer.scenes import COLOURS, SHAPES, SINGLE_POSITIONS, SIZES, Scene, SceneObject, stream
+from training.scenes import COLOURS, SHAPES, SINGLE_POSITIONS, SIZES, Scene, SceneObject, stream
 
 T = TypeVar("T")
 

@@ -11,10 +11,9 @@ import torch
 from open_clip.loss import ClipLoss
 from safetensors.torch import load_file
 
-from indexer.descriptions import KINDS, caption_claim, holds
 from indexer.encoder import EncoderSpec, create_embedded, load_encoder
-from indexer.scenes import VAL_SEED
-from indexer.train import (
+from training.descriptions import KINDS, caption_claim, holds
+from training.encoder_train import (
     RUN_LOG,
     TrainConfig,
     batch_samples,
@@ -24,6 +23,7 @@ from indexer.train import (
     multi_positive_loss,
     train_encoder,
 )
+from training.scenes import VAL_SEED
 
 
 def _held_out_loss(encoder, seed: int = VAL_SEED, describe_share: float = 0.0) -> float:
@@ -69,7 +69,7 @@ def test_learning_rate_warms_up_then_decays() -> None:
     assert lr_at(50, cfg) < 1.0 and lr_at(99, cfg) < 0.01
     resumed = lr_at(40, cfg, resumed=40)  # a resumed run's fresh optimizer ramps up over cfg.rewarm steps
     assert resumed == pytest.approx(lr_at(40, cfg) / cfg.rewarm) and lr_at(40 + cfg.rewarm, cfg, 40) == lr_at(90, cfg)
-    from reranker.train import RerankTrainConfig  # the rerankers' runs follow the same schedule
+    from training.reranker_train import RerankTrainConfig  # the rerankers' runs follow the same schedule
 
     assert lr_at(5, RerankTrainConfig(steps=100, warmup=10, lr=1.0)) == lr_at(5, cfg)
 

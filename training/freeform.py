@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import numpy as np
 
-from indexer.descriptions import KINDS, Written, allowed, describe, holds
 from indexer.encoder import DualEncoder
-from indexer.scenes import EVAL_SEED, Sample, stream
-from reranker.evaluate import Gallery, embed_samples, run_query
 from reranker.model import RerankerConfig
 from reranker.score import Reranker, TokenReranker
+from training.descriptions import KINDS, Written, allowed, describe, holds
+from training.scenes import EVAL_SEED, Sample, stream
+from training.tradeoff import Gallery, embed_samples, run_query
 
 CALIBRATION_BINS = 10
 TEMPERATURES = tuple(float(t) for t in np.geomspace(0.25, 16.0, 61))
@@ -49,7 +49,7 @@ def truth(queries: list[Written], samples: list[Sample]) -> np.ndarray:
 
 def _tier_rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], true: np.ndarray, tier: str,
                reranker: Reranker | None, k: int) -> tuple[list[dict[str, object]], list[tuple[float, bool]]]:
-    """Per kind: p@1, p@5 and ms p50 of one tier; plus (p(match), true) of every reranked candidate."""
+    """Per kind: p@1, p@5 and ms p50 of one tier; plus (log p(match), true) of every reranked candidate."""
     hits: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in KINDS}
     scored: list[tuple[float, bool]] = []
     for q, query in enumerate(queries):
@@ -58,7 +58,7 @@ def _tier_rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], t
         hits[query.kind].append((float(true[q, top[0]]), float(true[q, top].mean()), result.ms))
         if result.log_p is not None:
             head = result.ranking[: len(result.log_p)]
-            scored += [(float(np.exp(lp)), bool(true[q, row])) for lp, row in zip(result.log_p, head, strict=True)]
+            scored += [(float(lp), bool(true[q, row])) for lp, row in zip(result.log_p, head, strict=True)]
     rows = [{"tier": tier, "kind": kind, "p1": float(np.mean([h[0] for h in got])),
              "p5": float(np.mean([h[1] for h in got])), "ms_p50": float(np.percentile([h[2] for h in got], 50)),
              "queries": len(got)} for kind, got in hits.items() if got]
@@ -66,11 +66,11 @@ def _tier_rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], t
 
 
 def calibration_error(scored: list[tuple[float, bool]], bins: int = CALIBRATION_BINS) -> float:
-    """Expected calibration error: over equal-width bins of predicted p(match), the gap between the
-    mean prediction and the share of true matches, weighted by the bin's count."""
+    """Expected calibration error of (log p(match), true) pairs: over equal-width bins of predicted
+    p(match), the gap between the mean prediction and the share of true matches, weighted by the bin's count."""
     if not scored:
         return float("nan")
-    p = np.array([s[0] for s in scored])
+    p = np.exp(np.array([s[0] for s in scored], dtype=np.float64))
     y = np.array([s[1] for s in scored], dtype=float)
     which = np.minimum((p * bins).astype(int), bins - 1)
     return float(sum(abs(p[which == b].mean() - y[which == b].mean()) * (which == b).sum()
@@ -96,10 +96,12 @@ def evaluate_freeform(encoder: DualEncoder, rerankers: dict[str, Reranker], n: i
 
 
 def _margins(scored: list[tuple[float, bool]], cfg: RerankerConfig) -> tuple[np.ndarray, np.ndarray]:
-    """The heads' raw logit margins (undoing the calibration `cfg` holds) and the truth of each
-    scored candidate."""
-    p = np.clip(np.array([s[0] for s in scored], dtype=np.float64), 1e-6, 1 - 1e-6)
-    return cfg.temperature * (np.log(p) - np.log1p(-p) - cfg.bias), np.array([s[1] for s in scored], dtype=bool)
+    """The heads' raw logit margins and the truth of each scored candidate: log p = logsigmoid(z) with
+    z = margin / T + bias, so z = log p - log(1 - p), computed from log p itself (exact where p rounds
+    to 1), and the calibration `cfg` holds undone."""
+    log_p = np.array([s[0] for s in scored], dtype=np.float64)
+    z = log_p - np.log(-np.expm1(log_p))
+    return cfg.temperature * (z - cfg.bias), np.array([s[1] for s in scored], dtype=bool)
 
 
 def best_calibration(margins: np.ndarray, true: np.ndarray) -> tuple[float, float]:
@@ -124,5 +126,5 @@ def fit_calibration(encoder: DualEncoder, reranker: TokenReranker, n: int, seed:
     cfg = reranker.matcher.cfg
     margins, labels = _margins(scored, cfg)
     cfg.temperature, cfg.bias = best_calibration(margins, labels)
-    calibrated = 1.0 / (1.0 + np.exp(-(margins / cfg.temperature + cfg.bias)))
+    calibrated = -np.logaddexp(0.0, -(margins / cfg.temperature + cfg.bias))  # log sigmoid
     return cfg.temperature, cfg.bias, calibration_error(list(zip(calibrated.tolist(), labels.tolist(), strict=True)))

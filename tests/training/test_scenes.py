@@ -12,7 +12,7 @@ import pytest
 from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
-from indexer.scenes import (
+from training.scenes import (
     COLOURS,
     SHAPES,
     SIZES,
@@ -162,7 +162,7 @@ def test_write_scenes_outputs_pngs_and_jsonl(tmp_path: Path) -> None:
 
 
 def test_perturbations_cover_every_error_kind_and_always_change_the_description() -> None:
-    from indexer.scenes import perturb
+    from training.scenes import perturb
 
     rng = np.random.default_rng(0)
     kinds = set()
@@ -227,7 +227,7 @@ def test_a_perturbation_always_changes_the_description(seed: int, index: int, dr
 @settings(max_examples=200, deadline=None)
 @given(seed=SEEDS, index=INDEXES, draw_seed=SEEDS)
 def test_a_shape_change_changes_one_shape_and_nothing_else(seed: int, index: int, draw_seed: int) -> None:
-    from indexer.scenes import change_shape
+    from training.scenes import change_shape
 
     scene = scene_pair(seed, index)[0].scene
     out, kind = change_shape(scene, np.random.default_rng(draw_seed))

@@ -10,9 +10,9 @@ import faiss
 import numpy as np
 
 from indexer.encoder import DualEncoder
-from indexer.evaluate import BATCH, difference_kind
-from indexer.scenes import EVAL_SEED, Sample, render, twin_gallery
 from reranker.score import Query, Reranker, fuse, rerank_order
+from training.encoder_eval import BATCH, difference_kind
+from training.scenes import EVAL_SEED, Sample, render, twin_gallery
 
 KS = (8, 16, 32, 64)
 ERROR_GROUPS = {

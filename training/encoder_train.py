@@ -15,9 +15,9 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from indexer.descriptions import Description, allowed, caption_claim, describe, holds
 from indexer.encoder import EMBEDDED_DIR, WEIGHTS_NAME, DualEncoder, create_embedded, save_checkpoint
-from indexer.scenes import TRAIN_SEED, VAL_SEED, Sample, render, scene_pair
+from training.descriptions import Description, allowed, caption_claim, describe, holds
+from training.scenes import TRAIN_SEED, VAL_SEED, Sample, render, scene_pair
 
 LOGIT_SCALE_MAX = math.log(100.0)  # open_clip's trainer clamps the temperature the same way
 
@@ -36,7 +36,7 @@ class TrainConfig:
     out: Path = field(default_factory=lambda: EMBEDDED_DIR)
     init: Path | None = None  # continue from these weights (a second schedule) instead of a fresh model
     start_step: int = 0  # offset into the data stream, so a continued run sees new scenes
-    describe_share: float = 0.0  # share of texts written as people write them (indexer.descriptions)
+    describe_share: float = 0.0  # share of texts written as people write them (training.descriptions)
     save_every: int = 100  # steps between resumable saves of weights and run.json into cfg.out
     rewarm: int = 50  # on a resume the optimizer restarts: its learning rate ramps up again over these steps
     command: str = ""  # the command line, recorded in the run's log
@@ -217,12 +217,12 @@ def save_log(path: Path, log: RunLog, config: object) -> None:
 
 def _evaluate(encoder: DualEncoder, cfg: TrainConfig, step: int, start: float) -> dict[str, object]:
     """Validation metrics of the weights in training (the periodic save, not this, writes them out)."""
-    from indexer.evaluate import VAL_GALLERY, evaluate_encoder  # evaluation imports training data helpers
+    from training.encoder_eval import VAL_GALLERY, evaluate_encoder  # evaluation imports training data helpers
 
     encoder.model.eval()
     metrics = evaluate_encoder(encoder, n=VAL_GALLERY, seed=VAL_SEED)
     if cfg.describe_share > 0:
-        from reranker.freeform import evaluate_freeform  # the late tier's p@1 per kind of description
+        from training.freeform import evaluate_freeform  # the late tier's p@1 per kind of description
 
         report = evaluate_freeform(encoder, {}, n=VAL_GALLERY, seed=VAL_SEED, per_kind=30, k=0)
         rows: list[dict[str, float]] = report["rows"]  # type: ignore[assignment]

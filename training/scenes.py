@@ -160,7 +160,11 @@ MIRROR = {(0, 1): (2, 1), (2, 1): (0, 1), (1, 0): (1, 2), (1, 2): (1, 0)}
 SWAP_FIELDS = {"colour_swap": ("colour",), "shape_swap": ("shape",), "size_swap": ("size",)}
 
 
-def _swap(a: SceneObject, b: SceneObject, fields: tuple[str, ...]) -> tuple[SceneObject, SceneObject]:
+PLACE_FIELDS = ("colour", "shape", "size")  # all of them swapped: the two objects swap places
+
+
+def swap_fields(a: SceneObject, b: SceneObject, fields: tuple[str, ...]) -> tuple[SceneObject, SceneObject]:
+    """The two objects with these attributes exchanged."""
     return (replace(a, **{f: getattr(b, f) for f in fields}), replace(b, **{f: getattr(a, f) for f in fields}))
 
 
@@ -185,11 +189,11 @@ def twin(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
     # an attribute swap that turns one of the pair into a copy of a third object would make two
     # objects alike (and the caption ambiguous); swapping places never does
     kinds = [k for k, fs in SWAP_FIELDS.items() if any(getattr(objs[i], f) != getattr(objs[j], f) for f in fs)
-             and others.isdisjoint(o.attrs() for o in _swap(objs[i], objs[j], fs))]
+             and others.isdisjoint(o.attrs() for o in swap_fields(objs[i], objs[j], fs))]
     kinds.append("lr_swap" if scene.layout == "horizontal" else "tb_swap")
     kind = kinds[int(rng.integers(len(kinds)))]
-    fields = ("colour", "shape", "size") if kind in ("lr_swap", "tb_swap") else SWAP_FIELDS[kind]
-    objs[i], objs[j] = _swap(objs[i], objs[j], fields)
+    fields = PLACE_FIELDS if kind in ("lr_swap", "tb_swap") else SWAP_FIELDS[kind]
+    objs[i], objs[j] = swap_fields(objs[i], objs[j], fields)
     return replace(scene, objects=tuple(objs)), kind
 
 
@@ -263,9 +267,15 @@ def _apply(scene: Scene, kind: str, rng: np.random.Generator) -> Scene | None:
 # --- rendering ------------------------------------------------------------------------------------
 
 
+def object_position(obj: SceneObject) -> tuple[float, float]:
+    """An object's centre (x, y) as fractions of the image side."""
+    return CELL_CENTRES[obj.col] + obj.dx, CELL_CENTRES[obj.row] + obj.dy
+
+
 def object_centre(obj: SceneObject, size: int) -> tuple[int, int]:
     """Pixel centre of an object in an image of side `size`."""
-    return round((CELL_CENTRES[obj.col] + obj.dx) * size), round((CELL_CENTRES[obj.row] + obj.dy) * size)
+    x, y = object_position(obj)
+    return round(x * size), round(y * size)
 
 
 def _draw(draw: ImageDraw.ImageDraw, obj: SceneObject, size: int) -> None:

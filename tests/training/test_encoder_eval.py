@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from indexer.encoder import DualEncoder
-from indexer.evaluate import errors_by_kind, evaluate_encoder, pair_accuracy, recall_at_k
-from indexer.scenes import twin_gallery
+from training.encoder_eval import errors_by_kind, evaluate_encoder, pair_accuracy, recall_at_k
+from training.scenes import twin_gallery
 
 SIM = np.array(
     [

@@ -1,4 +1,4 @@
-"""Command line: `imsearch train reranker|calibrate` and `imsearch eval tradeoff|freeform`."""
+"""Command line, training floor: `scenes`, `train encoder|reranker|calibrate`, `eval encoder|tradeoff|freeform`."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from indexer.cli import err, fail, guarded, progress_bar
-from indexer.scenes import EVAL_SEED, TRAIN_SEED, VAL_SEED
+from indexer.cli import DeviceOpt, ModelOpt, PretrainedOpt, err, fail, guarded
+from training.scenes import EVAL_SEED, TRAIN_SEED, VAL_SEED
 
 if TYPE_CHECKING:
     from indexer.encoder import DualEncoder
@@ -24,6 +25,85 @@ EncoderWeightsOpt = Annotated[Path | None, typer.Option(help="the embedded encod
 RerankerDirOpt = Annotated[Path | None, typer.Option(help="read reranker-TIER.safetensors from this folder "
                                                    "(default: models/), e.g. models/runs")]
 KindOpt = Annotated[str, typer.Option(help="mid (cross-attention ITM) or early (single stream)")]
+
+
+def scenes(
+    out_dir: Annotated[Path, typer.Argument(help="folder for the PNGs and captions.jsonl")],
+    n: Annotated[int, typer.Option(min=1, help="number of scenes")] = 1000,
+    seed: Annotated[int, typer.Option(help="stream seed")] = EVAL_SEED,
+    twins: Annotated[bool, typer.Option(help="also write each scene's hard twin")] = False,
+    size: Annotated[int, typer.Option(min=16, max=1024, help="image side in pixels")] = 64,
+) -> None:
+    """Generate captioned synthetic scenes (PNG + captions.jsonl)."""
+    from training.scenes import write_scenes
+
+    if out_dir.exists() and not out_dir.is_dir():
+        fail(f"{out_dir} exists and is not a directory")
+    manifest = guarded(lambda: write_scenes(out_dir, n, seed, twins=twins, size=size))
+    count = n * (2 if twins else 1)
+    err.print(f"wrote {count} images and {manifest}")
+
+
+def progress_bar() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]:.3f}"), TimeElapsedColumn(), TimeRemainingColumn(), console=err,
+    )
+
+
+def train_encoder_cmd(
+    steps: Annotated[int, typer.Option(min=1)] = 2500,
+    out: Annotated[Path | None, typer.Option(help="checkpoint folder (default: models/tiny-clip)")] = None,
+    seed: Annotated[int, typer.Option()] = TRAIN_SEED,
+    batch_pairs: Annotated[int, typer.Option(min=2, help="scene/twin pairs per batch")] = 64,
+    lr: Annotated[float, typer.Option(min=0.0)] = 5e-4,
+    eval_every: Annotated[int, typer.Option(min=0, help="validate every N steps (0: never)")] = 250,
+    init: Annotated[Path | None, typer.Option(help="continue from these weights with a new schedule")] = None,
+    start_step: Annotated[int, typer.Option(min=0, help="offset into the scene stream")] = 0,
+    describe_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of texts written as people "
+                                                  "write them, not in the caption grammar")] = 0.0,
+    warmup: Annotated[int, typer.Option(min=1)] = 150,
+) -> None:
+    """Train the embedded `tiny` dual encoder contrastively on streamed scenes; a rerun with the same
+    --out resumes from the run's last save (every 100 steps)."""
+    from training.encoder_train import RUN_LOG, TrainConfig, train_encoder
+
+    if seed == EVAL_SEED or seed == 7:
+        fail(f"seed {seed} is reserved for evaluation; pick another training seed")
+    cfg = TrainConfig(steps=steps, seed=seed, batch_pairs=batch_pairs, lr=lr, eval_every=eval_every, init=init,
+                      start_step=start_step, describe_share=describe_share, warmup=warmup,
+                      command=" ".join(["imsearch", *sys.argv[1:]]))
+    if out is not None:
+        cfg.out = out
+    if (cfg.out / RUN_LOG).is_file():
+        err.print(f"resuming the run saved in {cfg.out}")
+    with progress_bar() as bar:
+        task = bar.add_task("train encoder", total=steps, loss=float("nan"))
+        report = train_encoder(cfg, lambda step, loss: bar.update(task, completed=step + 1, loss=loss))
+    err.print(f"saved {cfg.out} after {report['seconds']} s")
+
+
+def eval_encoder_cmd(
+    n: Annotated[int, typer.Option(min=2, help="gallery size (even)")] = 1000,
+    seed: Annotated[int, typer.Option(help="gallery seed (disjoint from training)")] = EVAL_SEED,
+    model: ModelOpt = "tiny",
+    pretrained: PretrainedOpt = None,
+    device: DeviceOpt = "cpu",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+) -> None:
+    """Text→image recall and binding accuracy on a deduplicated twin gallery."""
+    from indexer.encoder import EncoderSpec, load_encoder
+    from training.encoder_eval import evaluate_encoder
+
+    if seed in (TRAIN_SEED,):
+        fail(f"seed {seed} is the training seed; evaluate on a held-out seed")
+    encoder = guarded(lambda: load_encoder(EncoderSpec(model, pretrained, device)))
+    metrics = guarded(lambda: evaluate_encoder(encoder, n=n, seed=seed))
+    if as_json:
+        sys.stdout.write(json.dumps(metrics) + "\n")
+        return
+    for key, value in metrics.items():
+        sys.stdout.write(f"{key:>12}: {value}\n")
 
 
 def train_reranker_cmd(
@@ -53,7 +133,7 @@ def train_reranker_cmd(
     from indexer.encoder import EncoderSpec, load_encoder
     from reranker.model import save_reranker
     from reranker.score import TokenReranker
-    from reranker.train import RerankTrainConfig, train_reranker
+    from training.reranker_train import RerankTrainConfig, train_reranker
 
     if kind not in ("mid", "early"):
         fail(f"unknown reranker kind {kind!r}: use mid or early")
@@ -84,8 +164,8 @@ def train_reranker_cmd(
 def _calibrate(reranker: TokenReranker, val_n: int, per_kind: int) -> dict[str, float]:
     """Fit p(match)'s calibration on validation descriptions, then the cosine fusion weight over the
     calibrated log p (the weight is fitted second because calibrating rescales what it is added to)."""
-    from reranker.evaluate import fit_fusion_weight
-    from reranker.freeform import fit_calibration
+    from training.freeform import fit_calibration
+    from training.tradeoff import fit_fusion_weight
 
     temperature, bias, val_error = fit_calibration(reranker.encoder, reranker, val_n, VAL_SEED, per_kind)
     weight, val_r1 = fit_fusion_weight(reranker.encoder, reranker, val_n, VAL_SEED)
@@ -144,7 +224,7 @@ def eval_tradeoff_cmd(
 ) -> None:
     """Late vs mid vs early fusion: R@1, R@5, binding accuracy and ms per query at each k."""
 
-    from reranker.evaluate import evaluate_tradeoff
+    from training.tradeoff import evaluate_tradeoff
 
     if seed in (TRAIN_SEED, VAL_SEED):
         fail(f"seed {seed} is used for training or validation; evaluate on a held-out seed")
@@ -170,7 +250,7 @@ def eval_freeform_cmd(
     reranker_dir: RerankerDirOpt = None,
 ) -> None:
     """Queries as people type them: p@1, p@5 and ms per tier and kind; the rerankers' calibration error."""
-    from reranker.freeform import evaluate_freeform
+    from training.freeform import evaluate_freeform
 
     if seed in (TRAIN_SEED, VAL_SEED):
         fail(f"seed {seed} is used for training or validation; evaluate on a held-out seed")
@@ -186,8 +266,11 @@ def eval_freeform_cmd(
         sys.stdout.write(f"{tier} calibration error of p(match): {error:.3f}\n")
 
 
-def register(train: typer.Typer, evaluate: typer.Typer) -> None:
-    """Attach the reranker's commands to the root CLI's groups."""
+def register(root: typer.Typer, train: typer.Typer, evaluate: typer.Typer) -> None:
+    """Attach the training floor's commands to the root CLI and its groups."""
+    root.command()(scenes)
+    train.command("encoder")(train_encoder_cmd)
+    evaluate.command("encoder")(eval_encoder_cmd)
     train.command("reranker")(train_reranker_cmd)
     train.command("calibrate")(calibrate_cmd)
     evaluate.command("tradeoff")(eval_tradeoff_cmd)

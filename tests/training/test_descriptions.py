@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from indexer.descriptions import (
+from training.descriptions import (
     KINDS,
     VOCABULARY,
     Description,
@@ -20,7 +20,7 @@ from indexer.descriptions import (
     mention_order,
     phrase,
 )
-from indexer.scenes import Scene, SceneObject, captions, scene_pair
+from training.scenes import Scene, SceneObject, captions, scene_pair
 
 RED_CIRCLE = SceneObject("red", "circle", "small", 0, 1)
 BLUE_SQUARE = SceneObject("blue", "square", "large", 2, 1)

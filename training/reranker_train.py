@@ -11,7 +11,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from indexer.descriptions import (
+from indexer.encoder import MODELS_DIR, DualEncoder
+from reranker.model import Matcher, RerankerConfig, load_reranker, save_reranker
+from training.descriptions import (
     KINDS,
     Description,
     Written,
@@ -22,22 +24,22 @@ from indexer.descriptions import (
     holds,
     mention_order,
 )
-from indexer.encoder import MODELS_DIR, DualEncoder
-from indexer.scenes import (
-    CELL_CENTRES,
+from training.encoder_train import lr_at, resume_log, save_log
+from training.scenes import (
+    PLACE_FIELDS,
     SHAPES,
     TRAIN_SEED,
     Scene,
     SceneObject,
     caption,
     change_shape,
+    object_position,
     perturb,
     render,
     scene_pair,
+    swap_fields,
     twin,
 )
-from indexer.train import lr_at, resume_log, save_log
-from reranker.model import Matcher, RerankerConfig, load_reranker, save_reranker
 
 
 @dataclass
@@ -61,7 +63,7 @@ class RerankTrainConfig:
     init: Path | None = None  # warm start: continue from this checkpoint instead of random weights
     first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
     image_mix: int = 0  # hidden width of the image-side neighbourhood block (0: none); may be added on a warm start
-    describe_share: float = 0.0  # share of positives described as people write them (indexer.descriptions)
+    describe_share: float = 0.0  # share of positives described as people write them (training.descriptions)
     hard_share: float = 0.0  # of described positives: two of three objects, or sizes left out (see _kind)
     save_every: int = 100  # steps between resumable saves of the weights and the run's log
     rewarm: int = 50  # on a resume the optimizer restarts: its learning rate ramps up again over these steps
@@ -114,9 +116,7 @@ def _order_swap(scene: Scene, rng: np.random.Generator) -> Scene:
         return twin(scene, rng)[0]
     objs = list(scene.objects)
     i, j = (int(v) for v in rng.choice(len(objs), size=2, replace=False))
-    a, b = objs[i], objs[j]
-    objs[i] = replace(a, colour=b.colour, shape=b.shape, size=b.size)
-    objs[j] = replace(b, colour=a.colour, shape=a.shape, size=a.size)
+    objs[i], objs[j] = swap_fields(objs[i], objs[j], PLACE_FIELDS)
     return replace(scene, objects=tuple(objs))
 
 
@@ -150,7 +150,8 @@ def _mine(sim: np.ndarray, rng: np.random.Generator, temperature: float) -> np.n
 
 def object_xy(obj: SceneObject) -> tuple[float, float]:
     """An object's centre in [-1, 1] image coordinates (the reranker's patch coordinates)."""
-    return (CELL_CENTRES[obj.col] + obj.dx) * 2 - 1, (CELL_CENTRES[obj.row] + obj.dy) * 2 - 1
+    x, y = object_position(obj)
+    return x * 2 - 1, y * 2 - 1
 
 
 def grounding_targets(encoder: DualEncoder, scenes: list[Scene], texts: list[str], claims: list[Description]

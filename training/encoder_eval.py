@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 
 from indexer.encoder import DualEncoder
-from indexer.scenes import EVAL_SEED, Sample, render, twin_gallery
+from training.scenes import EVAL_SEED, Sample, render, twin_gallery
 
 VAL_GALLERY = 500
 BATCH = 256

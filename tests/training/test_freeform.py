@@ -13,9 +13,9 @@ import torch
 from typer.testing import CliRunner
 
 from imsearch.cli import app
-from indexer.descriptions import KINDS, holds
-from reranker.freeform import best_calibration, calibration_error, freeform_gallery, freeform_queries, truth
-from reranker.model import Matcher, load_reranker
+from reranker.model import Matcher, RerankerConfig, load_reranker
+from training.descriptions import KINDS, holds
+from training.freeform import _margins, best_calibration, calibration_error, freeform_gallery, freeform_queries, truth
 
 
 def test_gallery_queries_and_truth() -> None:
@@ -30,10 +30,14 @@ def test_gallery_queries_and_truth() -> None:
     assert list(true[row]) == [holds(queries[row].claim, s.scene) for s in samples]
 
 
+def _logged(pairs: list[tuple[float, bool]]) -> list[tuple[float, bool]]:
+    return [(float(np.log(p)), t) for p, t in pairs]
+
+
 def test_calibration_error_of_hand_made_predictions() -> None:
-    assert calibration_error([(0.9, True)] * 9 + [(0.9, False)]) == pytest.approx(0.0)  # 90% said, 90% true
-    assert calibration_error([(1.0, False)] * 4) == pytest.approx(1.0)
-    mixed = [(0.05, False)] * 10 + [(0.75, True)] * 3 + [(0.75, False)]
+    assert calibration_error(_logged([(0.9, True)] * 9 + [(0.9, False)])) == pytest.approx(0.0)  # 90% said, 90% true
+    assert calibration_error(_logged([(1.0, False)] * 4)) == pytest.approx(1.0)
+    mixed = _logged([(0.05, False)] * 10 + [(0.75, True)] * 3 + [(0.75, False)])
     assert calibration_error(mixed) == pytest.approx((10 * 0.05 + 4 * 0.0) / 14)
     assert np.isnan(calibration_error([]))
 
@@ -55,10 +59,19 @@ def test_calibration_fit_recovers_an_over_confident_shifted_head() -> None:
     true = rng.random(20000) < 1 / (1 + np.exp(-(margins / 4.0 - 1.5)))
     temperature, bias = best_calibration(margins, true)
     assert 3.5 < temperature < 4.6 and -1.8 < bias < -1.2
-    said = [(float(1 / (1 + np.exp(-m))), bool(t)) for m, t in zip(margins, true, strict=True)]
-    fitted = 1 / (1 + np.exp(-(margins / temperature + bias)))
-    calibrated = [(float(p), bool(t)) for p, t in zip(fitted, true, strict=True)]
+    said = [(float(-np.logaddexp(0, -m)), bool(t)) for m, t in zip(margins, true, strict=True)]  # log p
+    fitted = -np.logaddexp(0, -(margins / temperature + bias))
+    calibrated = [(float(lp), bool(t)) for lp, t in zip(fitted, true, strict=True)]
     assert calibration_error(calibrated) < 0.02 < 0.1 < calibration_error(said)
+
+
+def test_margins_are_read_back_exactly_from_calibrated_log_p_even_where_p_rounds_to_one() -> None:
+    raw = torch.tensor([-30.0, -4.0, 0.0, 2.5, 14.0, 40.0])  # the head's margins: some far past p = 1 - 1e-6
+    cfg = RerankerConfig(kind="mid", temperature=1.3, bias=-2.1)
+    log_p = Matcher.log_match(torch.stack([torch.zeros(6), raw], dim=1), cfg.temperature, cfg.bias)
+    margins, labels = _margins([(float(lp), i % 2 == 0) for i, lp in enumerate(log_p)], cfg)
+    np.testing.assert_allclose(margins, raw.numpy(), rtol=1e-4, atol=1e-3)
+    assert labels.tolist() == [True, False, True, False, True, False]
 
 
 def test_calibration_moves_log_p_without_reordering() -> None:
