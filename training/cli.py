@@ -25,6 +25,13 @@ EncoderWeightsOpt = Annotated[Path | None, typer.Option(help="the embedded encod
 RerankerDirOpt = Annotated[Path | None, typer.Option(help="read reranker-TIER.safetensors from this folder "
                                                    "(default: models/), e.g. models/runs")]
 KindOpt = Annotated[str, typer.Option(help="mid (cross-attention ITM) or early (single stream)")]
+HeldOutSeedOpt = Annotated[int, typer.Option(help="gallery seed (disjoint from training and validation)")]
+TiersOpt = Annotated[str, typer.Option(help="comma-separated rerank tiers")]
+
+
+def _held_out(seed: int) -> None:
+    if seed in (TRAIN_SEED, VAL_SEED):
+        fail(f"seed {seed} is used for training or validation; evaluate on a held-out seed")
 
 
 def scenes(
@@ -214,8 +221,8 @@ def _models(tiers: str, encoder_weights: Path | None, reranker_dir: Path | None
 
 def eval_tradeoff_cmd(
     n: Annotated[int, typer.Option(min=2, help="gallery size (even)")] = 1000,
-    seed: Annotated[int, typer.Option(help="gallery seed (disjoint from training and validation)")] = EVAL_SEED,
-    tiers: Annotated[str, typer.Option(help="comma-separated rerank tiers")] = "mid,early",
+    seed: HeldOutSeedOpt = EVAL_SEED,
+    tiers: TiersOpt = "mid,early",
     ks: Annotated[str, typer.Option(help="comma-separated candidate counts")] = "8,16,32,64",
     errors: Annotated[bool, typer.Option("--errors", help="break top-1 errors down by kind")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON list")] = False,
@@ -223,11 +230,9 @@ def eval_tradeoff_cmd(
     reranker_dir: RerankerDirOpt = None,
 ) -> None:
     """Late vs mid vs early fusion: R@1, R@5, binding accuracy and ms per query at each k."""
-
     from training.tradeoff import evaluate_tradeoff
 
-    if seed in (TRAIN_SEED, VAL_SEED):
-        fail(f"seed {seed} is used for training or validation; evaluate on a held-out seed")
+    _held_out(seed)
     encoder, rerankers = _models(tiers, encoder_weights, reranker_dir)
     k_values = tuple(int(k) for k in ks.split(",") if k)
     rows = guarded(lambda: evaluate_tradeoff(encoder, rerankers, n, seed, k_values, errors))
@@ -241,10 +246,10 @@ def eval_tradeoff_cmd(
 
 def eval_freeform_cmd(
     n: Annotated[int, typer.Option(min=2, help="gallery size: n/2 scenes and their twins")] = 1000,
-    seed: Annotated[int, typer.Option(help="gallery seed (disjoint from training and validation)")] = EVAL_SEED,
+    seed: HeldOutSeedOpt = EVAL_SEED,
     per_kind: Annotated[int, typer.Option(min=1, help="queries of each kind")] = 150,
     k: Annotated[int, typer.Option(min=1, max=256, help="candidates each reranker rescores")] = 16,
-    tiers: Annotated[str, typer.Option(help="comma-separated rerank tiers")] = "mid,early",
+    tiers: TiersOpt = "mid,early",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
     encoder_weights: EncoderWeightsOpt = None,
     reranker_dir: RerankerDirOpt = None,
@@ -252,8 +257,7 @@ def eval_freeform_cmd(
     """Queries as people type them: p@1, p@5 and ms per tier and kind; the rerankers' calibration error."""
     from training.freeform import evaluate_freeform
 
-    if seed in (TRAIN_SEED, VAL_SEED):
-        fail(f"seed {seed} is used for training or validation; evaluate on a held-out seed")
+    _held_out(seed)
     encoder, rerankers = _models(tiers, encoder_weights, reranker_dir)
     report = guarded(lambda: evaluate_freeform(encoder, rerankers, n, seed, per_kind, k))
     if as_json:
