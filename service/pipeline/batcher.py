@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import heapq
+import math
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -35,25 +36,28 @@ class _Queued:
 class Batcher(Generic[In, Out]):
     """A stage behind a bounded queue: awaited items run as calls of `fn` on lists, on `workers` threads.
 
-    A worker takes up to `max_batch` queued items, smallest `key` first. Under load (its last batch
-    held more than one item) it first waits up to `max_wait_ms` for stragglers: a fuller forward for a
-    millisecond. While `hold()` is true it leaves the queue to fill (up to `max_batch`): the stage
-    after this one is saturated, so running now would only queue the results there, whereas run when
-    it frees up, the whole backlog shares one call. Coroutines wait without holding a thread; each
-    batch settles its waiters with one call per event loop. `fn` returns one result per item, an
-    exception instance for an item that failed alone; an exception it raises fails the whole batch.
-    Past `max_queue` waiting items a call is refused with Overloaded (the admission signal).
+    A worker takes up to `max_batch` queued items, smallest `key` first. Under load (its last batch held
+    more than one item) it first waits up to `max_wait_ms` for stragglers: a fuller forward for a
+    millisecond. While `hold(key)` is true for the smallest key queued it leaves the queue to fill (up to
+    `max_batch`): the next stage is kept busy by work that runs before these items would, so running them
+    now would only queue them there, whereas run when it frees up, the backlog shares one call. Coroutines wait
+    without holding a thread; each batch settles its waiters with one call per event loop. `fn` returns one
+    result per item, an exception instance for an item that failed alone; an exception it raises fails the
+    whole batch. Past `max_queue` waiting items a call is refused with Overloaded (the admission signal).
+    Batches led by an item whose key passes `long_key` run on all workers but one at most.
     """
 
     def __init__(self, fn: BatchFn[In], name: str, *, max_batch: int = 32, max_wait_ms: float = 1.0, workers: int = 1,
-                 max_queue: int = 4096, hold: Callable[[], bool] | None = None,
+                 max_queue: int = 4096, hold: Callable[[float], bool] | None = None, long_key: float = math.inf,
                  observe: Callable[[int], None] | None = None):
         if max_batch < 1 or workers < 1:
             raise ValueError("max_batch and workers must be at least 1")
         self.fn, self.name, self.max_batch, self.workers = fn, name, max_batch, workers
         self.max_wait_s, self.max_queue = max_wait_ms / 1000, max_queue
-        self.hold, self.observe = hold or (lambda: False), observe
-        self.running = 0  # batches running now
+        self.hold, self.observe = hold or (lambda _: False), observe
+        self._running_keys: list[float] = []  # of the batches running now (their first item's)
+        # batches whose first item's key passes long_key run on all workers but one: a short item always finds one
+        self.long_key, self.max_long, self._long_running = long_key, max(1, workers - 1), 0
         self._queue: list[_Queued] = []  # a heap
         self._seq = 0
         self._busy = False
@@ -76,9 +80,16 @@ class Batcher(Generic[In, Out]):
             self._cond.notify()
         return await waiter
 
+    def busy_before(self, key: float) -> bool:
+        """Whether work that runs before an item of this key (no larger) fills the stage: such an item
+        waits in the queue, or every worker runs one."""
+        with self._cond:
+            queued = bool(self._queue) and self._queue[0].key <= key
+            return queued or sum(k <= key for k in self._running_keys) >= self.workers
+
     def backlog(self) -> int:
-        """Items queued or running (a saturated stage has at least `workers`)."""
-        return len(self._queue) + self.running
+        """Items queued or running."""
+        return len(self._queue) + len(self._running_keys)
 
     def close(self) -> None:
         """Stop the workers once the queued items have run."""
@@ -89,7 +100,12 @@ class Batcher(Generic[In, Out]):
             thread.join(timeout=30)
 
     def _ready(self) -> bool:
-        return self._closed or len(self._queue) >= self.max_batch or (bool(self._queue) and not self.hold())
+        if not self._queue:
+            return self._closed
+        first = self._queue[0].key
+        if first > self.long_key and self._long_running >= self.max_long:
+            return False  # only long items wait (the heap's smallest is long), and they have their share
+        return self._closed or len(self._queue) >= self.max_batch or not self.hold(first)
 
     def _take(self) -> list[_Queued] | None:
         """The next batch; None once closed and drained."""
@@ -102,7 +118,8 @@ class Batcher(Generic[In, Out]):
                     self._cond.wait(left)
             if not self._queue:
                 return None
-            self.running += 1
+            self._running_keys.append(self._queue[0].key)
+            self._long_running += self._queue[0].key > self.long_key
             return [heapq.heappop(self._queue) for _ in range(min(self.max_batch, len(self._queue)))]
 
     def _work(self) -> None:
@@ -112,7 +129,10 @@ class Batcher(Generic[In, Out]):
                 self._run([q for q in batch if not q.waiter.done()])  # done: its client went away
             finally:
                 with self._cond:
-                    self.running -= 1
+                    self._running_keys.remove(batch[0].key)
+                    if batch[0].key > self.long_key:
+                        self._long_running -= 1
+                        self._cond.notify_all()
 
     def _run(self, batch: list[_Queued]) -> None:
         if not batch:

@@ -92,11 +92,13 @@ def normalised(embedding: list[float], dim: int) -> np.ndarray:
 class Pipeline:
     """The stages of one process, each behind its Batcher, and the coroutine that takes a query through them.
 
-    Reranked texts are encoded apart from the others, held while every rerank worker is busy: under
-    load they arrive a rerank apart (1.06 texts per forward at 64 clients, measured), so encoded on
-    arrival each would take a forward of its own, whereas held until a worker frees up, the backlog
-    shares one. Candidates are scored RERANK_STEP at a time, the query reranking fewest first, so a
-    query of 256 cannot hold up one of 16; each tier admits a bounded amount of queued work.
+    Reranked texts are encoded apart from the others, held while the rerank workers are kept busy by work
+    that runs before theirs (no larger): under load they arrive a rerank apart (1.06 texts per forward at 64
+    clients, measured), so encoded on arrival each would take a forward of its own, whereas held until a
+    worker frees up, the backlog shares one. A small query behind large ones is never held. Candidates are
+    scored RERANK_STEP at a time, the query reranking fewest first, and a query of several steps runs on all
+    rerank workers but one, so a query of 256 cannot hold up one of 16; each tier admits a bounded amount of
+    queued work.
     """
 
     def __init__(self, encoder: DualEncoder, rerankers: Mapping[str, Reranker], cache: QueryCache, metrics: Metrics,
@@ -113,10 +115,10 @@ class Pipeline:
         lookup = lambda hit: metrics.cache_lookup("text", hit)  # noqa: E731
         ann = AnnStage(s.threads, metrics.batch.labels("search").observe)
         pooled = lambda enc: enc.pooled  # noqa: E731
-        self.rerank = stage(rerank_stage, "rerank", max_batch=1, workers=workers)
+        self.rerank = stage(rerank_stage, "rerank", max_batch=1, workers=workers, long_key=RERANK_STEP)
         self.texts = stage(EncodeThenSearch(TextStage(encoder, cache, False, lookup), ann, pooled), "text")
         self.rerank_texts = stage(EncodeThenSearch(TextStage(encoder, cache, True, lookup), ann, pooled),
-                                  "text-rerank", hold=lambda: self.rerank.backlog() >= self.rerank.workers)
+                                  "text-rerank", hold=self.rerank.busy_before)
         self.images = stage(EncodeThenSearch(ImageStage(encoder, s.max_pixels), ann, lambda v: v), "image")
         self.ann: Batcher[AnnQuery, tuple[np.ndarray, np.ndarray]] = Batcher(  # embedding queries
             ann, "search", max_batch=s.max_batch, max_wait_ms=s.max_wait_ms)
@@ -181,7 +183,9 @@ class Pipeline:
         """The query encoded (a text for a reranker: with its tokens) and its candidates found."""
         depth = max(q.k, q.rerank_k if q.rerank != "none" else 0)
         if q.text is not None:
-            return await (self.texts if q.rerank == "none" else self.rerank_texts)((q.text, index, depth))
+            if q.rerank == "none":
+                return await self.texts((q.text, index, depth))
+            return await self.rerank_texts((q.text, index, depth), key=q.rerank_k)  # the rerank's own key
         if q.image is not None:
             return await self.images((q.image, index, depth))
         vector = normalised(q.embedding or [], index.dim)

@@ -92,7 +92,7 @@ def test_wrong_result_count_is_an_error_not_a_hang() -> None:
 def test_a_held_stage_lets_its_queue_fill_then_runs_it_as_one_batch() -> None:
     rec, held = Recorder(), threading.Event()
     held.set()
-    batcher = Batcher(rec, "w", max_batch=4, max_wait_ms=1, hold=held.is_set)
+    batcher = Batcher(rec, "w", max_batch=4, max_wait_ms=1, hold=lambda key: held.is_set() and key < 10)
     rec.release.set()
 
     async def scenario() -> list[Any]:
@@ -104,6 +104,7 @@ def test_a_held_stage_lets_its_queue_fill_then_runs_it_as_one_batch() -> None:
 
     assert asyncio.run(scenario()) == [101, 102, 103] and [items for _, items in rec.calls] == [[1, 2, 3]]
     held.set()
+    assert asyncio.run(asyncio.wait_for(batcher(20, key=50), 5)) == 120  # its key is not held
     assert asyncio.run(asyncio.wait_for(_many(batcher, range(10, 14)), 5)) == [110, 111, 112, 113]  # max_batch
     batcher.close()
 
@@ -168,6 +169,35 @@ def test_workers_run_batches_side_by_side() -> None:
     batcher = Batcher(meet, "w", max_batch=1, workers=2)
     assert asyncio.run(_many(batcher, range(2))) == [1, 1]  # each waited for the other: two at once
     batcher.close()
+
+
+def test_long_items_never_take_every_worker() -> None:
+    running, most_long, lock = [0, 0], [0], threading.Lock()
+    order: list[int] = []
+
+    def step(items: list[int]) -> list[int]:
+        long = items[0] >= 100
+        with lock:
+            running[long] += 1
+            most_long[0] = max(most_long[0], running[1])
+            order.append(items[0])
+        threading.Event().wait(0.02)
+        with lock:
+            running[long] -= 1
+        return items
+
+    batcher = Batcher(step, "w", max_batch=1, max_wait_ms=0, workers=2, long_key=50)
+
+    async def scenario() -> list[int]:
+        longs = [asyncio.ensure_future(batcher(i, key=100 + i)) for i in range(100, 104)]
+        await asyncio.sleep(0.005)
+        short = await batcher(1, key=1)  # a worker is always free for it
+        await asyncio.gather(*longs)
+        return [short]
+
+    assert asyncio.run(scenario()) == [1]
+    batcher.close()
+    assert most_long[0] == 1 and order.index(1) <= 2  # the short one ran at once, beside the first long one
 
 
 def test_text_stage_batches_match_single_encodes_with_tokens_or_without(encoder: DualEncoder) -> None:
