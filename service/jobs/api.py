@@ -30,10 +30,10 @@ class JobCancelled(RuntimeError):
 class JobOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    shard_size: int = Field(2048, ge=1, le=1_000_000)
-    batch_size: int = Field(64, ge=1, le=4096)
+    shard_size: int = Field(2048, ge=1, le=1_000_000, strict=True)
+    batch_size: int = Field(64, ge=1, le=4096, strict=True)
     index_kind: Literal["auto", "flat", "hnsw", "ivf", "ivfpq"] = "auto"
-    memory_budget_mb: int | None = Field(None, ge=1)
+    memory_budget_mb: int | None = Field(None, ge=1, strict=True)
 
 
 class JobRequest(BaseModel):
