@@ -128,8 +128,8 @@ def train_reranker_cmd(
     shape_negatives: Annotated[bool, typer.Option(help="a 6th negative: the image with one shape changed")] = False,
     describe_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of positives described as "
                                                   "people write them, not in the caption grammar")] = 0.0,
-    hard_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of described positives asked "
-                                              "the hardest kind their scene allows (two of three, no sizes)")] = 0.0,
+    hard_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of described positives asked a "
+                                              "hard kind their scene allows (two of three, a count, no sizes)")] = 0.0,
     warmup: Annotated[int, typer.Option(min=1)] = 100,
     encoder_weights: Annotated[Path | None, typer.Option(help="the embedded encoder's weights to train over "
                                                          "(default: models/tiny-clip)")] = None,

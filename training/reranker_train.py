@@ -64,7 +64,7 @@ class RerankTrainConfig:
     first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
     image_mix: int = 0  # hidden width of the image-side neighbourhood block (0: none); may be added on a warm start
     describe_share: float = 0.0  # share of positives described as people write them (training.descriptions)
-    hard_share: float = 0.0  # of described positives: two of three objects, or sizes left out (see _kind)
+    hard_share: float = 0.0  # of described positives: two of three objects, a count or sizes left out (see _kind)
     save_every: int = 100  # steps between resumable saves of the weights and the run's log
     rewarm: int = 50  # on a resume the optimizer restarts: its learning rate ramps up again over these steps
     command: str = ""  # the command line, recorded in the run's log
@@ -209,10 +209,13 @@ def _texts(neg: Negatives, rng: np.random.Generator, step_rng: np.random.Generat
 
 
 def _kind(scene: Scene, rng: np.random.Generator, hard_share: float) -> str:
-    """A kind of description the scene allows: with probability `hard_share` the one the tiers learn
-    last (two of three objects, else sizes left out), otherwise any, uniformly."""
+    """A kind of description the scene allows: with probability `hard_share` one the tiers learn last
+    (two of three objects; for two objects, a count or sizes left out), otherwise any, uniformly."""
     if hard_share > 0 and rng.random() < hard_share:
-        return "two_of_three" if allowed(scene, "two_of_three") else "no_size"
+        if allowed(scene, "two_of_three"):
+            return "two_of_three"
+        hard = [k for k in ("count", "no_size") if allowed(scene, k)]
+        return hard[int(rng.integers(len(hard)))]
     kinds = [k for k in KINDS if allowed(scene, k)]
     return kinds[int(rng.integers(len(kinds)))]
 
