@@ -110,12 +110,16 @@ class Batcher(Generic[In, Out]):
     def _take(self) -> list[_Queued] | None:
         """The next batch; None once closed and drained."""
         with self._cond:
-            while not self._ready():
-                self._cond.wait(self.max_wait_s or 0.001 if self._queue else None)  # a hold is re-checked
-            if self._busy and not self._closed:
+            while True:
+                while not self._ready():
+                    self._cond.wait(self.max_wait_s or 0.001 if self._queue else None)  # a hold is re-checked
+                if not self._busy or self._closed:
+                    break
                 deadline = time.monotonic() + self.max_wait_s
                 while len(self._queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
                     self._cond.wait(left)
+                if self._ready():  # another worker may have taken the short items meanwhile, leaving long ones
+                    break
             if not self._queue:
                 return None
             self._running_keys.append(self._queue[0].key)
