@@ -120,7 +120,7 @@ class AnnStage:
         self.observe(len(queries))
         if self.threads:  # OpenMP thread counts are per calling thread: set in the stage's own
             faiss.omp_set_num_threads(self.threads)
-        out: list[tuple[np.ndarray, np.ndarray]] = [(np.zeros(0), np.zeros(0, np.int64))] * len(queries)
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # query's position → its hits
         for index in {id(q.index): q.index for q in queries}.values():
             rows = [i for i, q in enumerate(queries) if q.index is index]
             scores, ids = index.search(np.stack([queries[i].vector for i in rows]).astype(np.float32),
@@ -129,7 +129,7 @@ class AnnStage:
                 d = queries[i].depth
                 keep = ids[r, :d] >= 0
                 out[i] = (scores[r, :d][keep], ids[r, :d][keep])
-        return out
+        return [out[i] for i in range(len(queries))]
 
 
 @dataclass
