@@ -163,7 +163,8 @@ def train_reranker_cmd(
     summary = {"kind": kind, "steps": steps, "init": str(init) if init else None, "first_step": first_step,
                "image_mix": model.cfg.image_mix, "negatives": cfg.negatives, "seconds": log["seconds"], **fitted,
                "parameters": sum(p.numel() for p in model.parameters()),
-               "bytes": path.stat().st_size, "describe_share": describe_share, "commands": log["commands"]}
+               "bytes": path.stat().st_size, "describe_share": describe_share, "hard_share": hard_share,
+               "commands": log["commands"]}
     path.with_suffix(".json").write_text(json.dumps({**summary, "losses": log["losses"]}) + "\n")
     err.print(json.dumps(summary))
 
