@@ -17,9 +17,8 @@ def check_source(source: str, roots: list[str]) -> Path:
         raise JobRejected("indexing jobs are disabled: set IMSEARCH_JOB_ROOTS to the folders jobs may read", 403)
     if "\0" in source:
         raise JobRejected("source must be a path (it holds a NUL character)")
-    path = Path(source).expanduser()
-    try:
-        resolved = path.resolve(strict=True)
+    try:  # taken literally: "~" would name the server's account, which a client knows nothing of
+        resolved = Path(source).resolve(strict=True)
     except (OSError, RuntimeError):
         raise JobRejected(f"source {source} does not exist") from None
     if not within(resolved, roots):

@@ -77,6 +77,7 @@ def test_in_process_jobs_add_images_and_the_service_switches(corpus: tuple[Path,
         ({"source": "ROOT/" + "../" * 16 + "etc/passwd"}, KEY, 403, "outside"),
         ({"source": "ROOT/missing"}, KEY, 422, "does not exist"),
         ({"source": "ROOT/\u0000"}, KEY, 422, "NUL"),
+        ({"source": "~0"}, KEY, 422, "does not exist"),  # no user 0: expanding it raised (the fuzz test found it)
         ({"source": "ROOT", "index": "nope"}, KEY, 404, "nope"),
         ({"source": "ROOT", "mode": "destroy"}, KEY, 422, "mode"),
         ({"source": "ROOT"}, {}, 401, "API key"),
