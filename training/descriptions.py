@@ -132,7 +132,7 @@ class Written:
     kind: str
 
 
-def _pick(rng: np.random.Generator, options: Sequence[T]) -> T:
+def pick(rng: np.random.Generator, options: Sequence[T]) -> T:
     return options[int(rng.integers(len(options)))]
 
 
@@ -148,7 +148,7 @@ def _relate(refs: tuple[Ref, ...], templates: tuple[Template, ...], rng: np.rand
 def _single(scene: Scene, ref: Ref, rng: np.random.Generator) -> Written:
     obj = scene.objects[0]
     place = SINGLE_POSITIONS[(obj.col, obj.row)]
-    template = _pick(rng, PLACE_WORDS[place])
+    template = pick(rng, PLACE_WORDS[place])
     return Written(template.format(a=phrase(ref)), Description((ref,), places=((0, place),)), "")
 
 
@@ -159,7 +159,7 @@ def _whole(scene: Scene, rng: np.random.Generator, size: bool, synonyms: bool) -
         return _single(scene, refs[0], rng)
     if len(refs) == 2:
         return _relate(refs, (SYNONYMS if synonyms else PLAIN)[scene.layout], rng)
-    template = _pick(rng, TRIPLES[scene.layout])
+    template = pick(rng, TRIPLES[scene.layout])
     name = "left_of" if scene.layout == "horizontal" else "above"
     text = template.format(a=phrase(refs[0]), b=phrase(refs[1]), c=phrase(refs[2]))
     return Written(text, Description(refs, ((name, 0, 1), (name, 1, 2))), "")
@@ -173,7 +173,7 @@ def _two_of_three(scene: Scene, rng: np.random.Generator) -> Written:
 
 def _one_object(scene: Scene, rng: np.random.Generator) -> Written:
     obj = scene.objects[int(rng.integers(len(scene.objects)))]
-    size, colour, shape = _pick(rng, ((False, True, True), (False, True, False), (False, False, True),
+    size, colour, shape = pick(rng, ((False, True, True), (False, True, False), (False, False, True),
                                       (True, True, False), (True, False, True), (True, True, True)))
     ref = _ref(obj, size, colour, shape)
     return Written(phrase(ref), Description((ref,)), "")
@@ -196,14 +196,14 @@ def _count(scene: Scene, rng: np.random.Generator) -> Written | None:
 
 def styled(text: str, rng: np.random.Generator) -> str:
     """The text as people type it: capitals, a full stop or none, stray spaces."""
-    case = _pick(rng, (str.capitalize, str.title, str.upper, str.lower))
-    return f"{_pick(rng, ('', ' '))}{case(text)}{_pick(rng, ('', '.', '.', '!', ' '))}"
+    case = pick(rng, (str.capitalize, str.title, str.upper, str.lower))
+    return f"{pick(rng, ('', ' '))}{case(text)}{pick(rng, ('', '.', '.', '!', ' '))}"
 
 
 def describe(scene: Scene, rng: np.random.Generator, kind: str | None = None) -> Written:
     """A description of the scene of the given kind (drawn when None, among those the scene allows)."""
     kinds = [k for k in KINDS if allowed(scene, k)]
-    kind = kind or _pick(rng, kinds)
+    kind = kind or pick(rng, kinds)
     if kind not in kinds:
         raise ValueError(f"a {scene.layout} scene of {len(scene.objects)} objects has no {kind!r} description")
     if kind == "count":
@@ -214,7 +214,7 @@ def describe(scene: Scene, rng: np.random.Generator, kind: str | None = None) ->
     elif kind == "one_object":
         written = _one_object(scene, rng)
     elif kind == "styled":
-        inner = describe(scene, rng, _pick(rng, [k for k in kinds if k != "styled"]))
+        inner = describe(scene, rng, pick(rng, [k for k in kinds if k != "styled"]))
         written = Written(styled(inner.text, rng), inner.claim, "")
     else:
         written = _whole(scene, rng, size=kind != "no_size", synonyms=kind == "relation_synonym")

@@ -23,6 +23,7 @@ from training.descriptions import (
     grounding,
     holds,
     mention_order,
+    pick,
 )
 from training.encoder_train import lr_at, resume_log, save_log
 from training.scenes import (
@@ -214,10 +215,8 @@ def _kind(scene: Scene, rng: np.random.Generator, hard_share: float) -> str:
     if hard_share > 0 and rng.random() < hard_share:
         if allowed(scene, "two_of_three"):
             return "two_of_three"
-        hard = [k for k in ("count", "no_size") if allowed(scene, k)]
-        return hard[int(rng.integers(len(hard)))]
-    kinds = [k for k in KINDS if allowed(scene, k)]
-    return kinds[int(rng.integers(len(kinds)))]
+        return pick(rng, [k for k in ("count", "no_size") if allowed(scene, k)])
+    return pick(rng, [k for k in KINDS if allowed(scene, k)])
 
 
 def _described(scene: Scene, kind: str, seed: int) -> Written:
