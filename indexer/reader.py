@@ -62,7 +62,7 @@ def list_source(src: Path) -> list[SourceItem]:
     if suffix == ".parquet":
         import pyarrow.parquet as pq
 
-        return _list_rows(src, iter(pq.read_table(src).to_pylist()))
+        return _list_rows(src, iter(pq.read_table(src, use_threads=False).to_pylist()))  # threads: see read_meta
     raise SourceError(f"source {src} is not a folder or a .txt, .jsonl or .parquet list of images")
 
 
