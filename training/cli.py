@@ -126,6 +126,8 @@ def train_reranker_cmd(
     first_step: Annotated[int, typer.Option(min=0, help="skip this many steps of the scene stream")] = 0,
     image_mix: Annotated[int, typer.Option(min=0, help="image-side neighbourhood block width (0: none)")] = 0,
     shape_negatives: Annotated[bool, typer.Option(help="a 6th negative: the image with one shape changed")] = False,
+    layout_negatives: Annotated[bool, typer.Option(help="a 7th: the image transposed, a row made a column "
+                                                   "(needs --shape-negatives)")] = False,
     describe_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of positives described as "
                                                   "people write them, not in the caption grammar")] = 0.0,
     hard_share: Annotated[float, typer.Option(min=0.0, max=1.0, help="share of described positives asked a "
@@ -146,10 +148,11 @@ def train_reranker_cmd(
         fail(f"unknown reranker kind {kind!r}: use mid or early")
     spec = EncoderSpec(pretrained=str(encoder_weights)) if encoder_weights else None
     encoder = guarded(lambda: load_encoder(spec))
-    cfg = RerankTrainConfig(kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out,
-                            ground_weight=ground_weight, init=init, first_step=first_step,
-                            image_mix=image_mix, shape_negatives=shape_negatives, describe_share=describe_share,
-                            hard_share=hard_share, warmup=warmup, command=" ".join(["imsearch", *sys.argv[1:]]))
+    cfg = guarded(lambda: RerankTrainConfig(
+        kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out, ground_weight=ground_weight, init=init,
+        first_step=first_step, image_mix=image_mix, shape_negatives=shape_negatives, layout_negatives=layout_negatives,
+        describe_share=describe_share, hard_share=hard_share, warmup=warmup,
+        command=" ".join(["imsearch", *sys.argv[1:]])))
     if cfg.run_log().is_file():
         err.print(f"resuming the run saved in {cfg.run_log()}")
     with progress_bar() as bar:

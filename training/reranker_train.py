@@ -39,6 +39,7 @@ from training.scenes import (
     render,
     scene_pair,
     swap_fields,
+    transpose,
     twin,
 )
 
@@ -61,6 +62,7 @@ class RerankTrainConfig:
     ground_weight: float = 1.0  # auxiliary loss: each named object's (x, y) read off its shape word
     image_negatives: bool = True  # each positive's caption against a perturbed image (off: 4 negatives each)
     shape_negatives: bool = False  # and against its image with one object's shape changed (a 6th negative)
+    layout_negatives: bool = False  # and against its image transposed, a row made a column (a 7th negative)
     init: Path | None = None  # warm start: continue from this checkpoint instead of random weights
     first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
     image_mix: int = 0  # hidden width of the image-side neighbourhood block (0: none); may be added on a warm start
@@ -73,6 +75,8 @@ class RerankTrainConfig:
     def __post_init__(self) -> None:
         if self.shape_negatives and not self.image_negatives:
             raise ValueError("shape negatives come after the perturbed-image negatives: enable both")
+        if self.layout_negatives and not self.shape_negatives:
+            raise ValueError("layout negatives come after the shape negatives: enable both")
 
     def path(self) -> Path:
         return self.out or MODELS_DIR / f"reranker-{self.kind}.safetensors"
@@ -82,7 +86,7 @@ class RerankTrainConfig:
 
     @property
     def negatives(self) -> int:
-        return 4 + self.image_negatives + self.shape_negatives
+        return 4 + self.image_negatives + self.shape_negatives + self.layout_negatives
 
 
 @dataclass
@@ -109,6 +113,7 @@ class Negatives:
     perturbed: list[Scene]  # any kind of mistake: substitutions, swaps, a dropped object
     perturbed_images: list[Scene]  # the same kinds on the image side: the gallery's distractors
     shape_images: list[Scene]  # one object's shape changed (empty unless asked for)
+    layout_images: list[Scene]  # transposed: the same objects in a column for a row (empty unless asked for)
     kinds: list[str]  # twin kind, caption perturbation kind, image perturbation kind, per positive
 
 
@@ -122,7 +127,8 @@ def _order_swap(scene: Scene, rng: np.random.Generator) -> Scene:
 
 
 def sample_negatives(seed: int, step: int, batch: int, image_negatives: bool = True,
-                     shape_negatives: bool = False) -> tuple[Negatives, np.random.Generator]:
+                     shape_negatives: bool = False, layout_negatives: bool = False
+                     ) -> tuple[Negatives, np.random.Generator]:
     """Relations are what the dual encoder misses most, so every positive gets an order swap.
 
     Each added kind of negative draws after the others: without image negatives the random stream
@@ -136,7 +142,8 @@ def sample_negatives(seed: int, step: int, batch: int, image_negatives: bool = T
     drawn = [perturb(s, rng) for s in positives] if image_negatives else []
     images, i_kinds = [s for s, _ in drawn], [k for _, k in drawn]
     shapes = [change_shape(s, rng)[0] for s in positives] if shape_negatives else []
-    return Negatives(positives, list(twins), swaps, list(perturbed), images, shapes,
+    layouts = [transpose(s) for s in positives] if layout_negatives else []  # draws nothing: the stream is unchanged
+    return Negatives(positives, list(twins), swaps, list(perturbed), images, shapes, layouts,
                      list(kinds) + list(p_kinds) + i_kinds), rng
 
 
@@ -231,22 +238,24 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     Every pair's label is whether its text is true of its image: a partial description is often
     true of a twin or a perturbed image, and then it is a positive, never a negative.
     """
-    neg, rng = sample_negatives(cfg.seed, step, cfg.batch, cfg.image_negatives, cfg.shape_negatives)
+    neg, rng = sample_negatives(cfg.seed, step, cfg.batch, cfg.image_negatives, cfg.shape_negatives,
+                                cfg.layout_negatives)
     size = int(encoder.model.visual.image_size[0])
     step_rng = np.random.default_rng([cfg.seed, 78, step]) if cfg.describe_share > 0 else None
     texts, claims = _texts(neg, rng, step_rng, cfg.describe_share, cfg.hard_share)
-    image_scenes = neg.positives + neg.twins + neg.perturbed_images + neg.shape_images
+    image_scenes = neg.positives + neg.twins + neg.perturbed_images + neg.shape_images + neg.layout_images
     img_emb, img_tok = encoder.encode_images_and_tokens([render(s, size) for s in image_scenes])
     txt_emb, txt_tok, txt_mask = encoder.encode_texts_and_tokens(texts)
     b = cfg.batch
     pos = np.arange(b)
     mined = _mine(txt_emb[:b] @ img_emb[:b].T, rng, cfg.mined_temperature)
     pairs = (1 + cfg.negatives) * b  # optional negatives come last: a lighter recipe's rows are a prefix
-    image_rows = np.concatenate([pos, pos + b, pos, pos, mined, pos + 2 * b, pos + 3 * b])[:pairs]
-    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos, pos, pos])[:pairs]
+    image_rows = np.concatenate([pos, pos + b, pos, pos, mined, pos + 2 * b, pos + 3 * b, pos + 4 * b])[:pairs]
+    text_rows = np.concatenate([pos, pos, pos + b, pos + 2 * b, pos, pos, pos, pos])[:pairs]
     labels = np.array([holds(claims[t], image_scenes[i]) for i, t in zip(image_rows, text_rows, strict=True)])
     kinds = (["positive"] * b + neg.kinds[:b] + ["order_swap"] * b + neg.kinds[b : 2 * b] + ["mined"] * b
-             + [f"image_{k}" for k in neg.kinds[2 * b :]] + ["image_shape_change"] * len(neg.shape_images))
+             + [f"image_{k}" for k in neg.kinds[2 * b :]] + ["image_shape_change"] * len(neg.shape_images)
+             + ["image_transposed"] * len(neg.layout_images))
     return PairBatch(
         torch.from_numpy(img_tok[image_rows]), torch.from_numpy(txt_tok[text_rows]),
         torch.from_numpy(txt_mask[text_rows]), torch.from_numpy(labels).long(), kinds,

@@ -236,6 +236,14 @@ def perturb(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
     return twin(scene, rng)
 
 
+def transpose(scene: Scene) -> Scene:
+    """The scene mirrored about its diagonal: a row of objects becomes a column in the same order, so
+    "left of" becomes "above" and "beside" "on top of", while every object and its attributes stay."""
+    layout = {"horizontal": "vertical", "vertical": "horizontal"}.get(scene.layout, scene.layout)
+    objects = tuple(replace(o, col=o.row, row=o.col, dx=o.dy, dy=o.dx) for o in scene.objects)
+    return replace(scene, objects=objects, layout=layout)
+
+
 def change_shape(scene: Scene, rng: np.random.Generator) -> tuple[Scene, str]:
     """One object drawn as another shape: the near-duplicate a reranker over 64 px tokens misses most."""
     for _ in range(20):

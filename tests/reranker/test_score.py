@@ -129,8 +129,13 @@ def test_a_batch_pairs_each_caption_with_its_image_and_five_negatives(encoder: D
     assert torch.equal(shapes.image[5 * b : 6 * b], batch.image[5 * b :])
     assert torch.equal(shapes.text[6 * b :], shapes.text[:b])
     assert not torch.equal(shapes.image[6 * b :], shapes.image[:b])
+    layouts = make_pairs(encoder, RerankTrainConfig(batch=4, shape_negatives=True, layout_negatives=True), step=3)
+    assert len(layouts.labels) == 8 * b and layouts.kinds[7 * b :] == ["image_transposed"] * b
+    assert torch.equal(layouts.image[: 7 * b], shapes.image) and torch.equal(layouts.text[7 * b :], layouts.text[:b])
     with pytest.raises(ValueError, match="enable both"):
         RerankTrainConfig(image_negatives=False, shape_negatives=True)
+    with pytest.raises(ValueError, match="enable both"):
+        RerankTrainConfig(layout_negatives=True)
 
 
 def test_grounding_targets_point_shape_words_at_their_objects(encoder: DualEncoder) -> None:

@@ -23,6 +23,7 @@ from training.scenes import (
     perturb,
     render,
     scene_pair,
+    transpose,
     twin_gallery,
     write_scenes,
 )
@@ -181,6 +182,22 @@ def test_perturbations_cover_every_error_kind_and_always_change_the_description(
     assert kinds >= {"colour_change", "shape_change", "size_change", "position_change", "drop_object",
                      "colour_swap", "shape_swap", "lr_swap", "tb_swap"}
 
+
+
+def test_a_transposed_scene_turns_rows_into_columns_and_its_caption_false() -> None:
+    from training.descriptions import caption_claim, holds
+
+    moved = 0
+    for index in range(300):
+        scene = scene_pair(17, index)[0].scene
+        flipped = transpose(scene)
+        assert transpose(flipped) == scene
+        assert [o.attrs() for o in flipped.objects] == [o.attrs() for o in scene.objects]
+        assert _centres(flipped) == [(y, x) for x, y in _centres(scene)]  # mirrored about the diagonal
+        if flipped.key() != scene.key():  # all but a single object in the centre
+            moved += 1
+            assert not holds(caption_claim(scene), flipped) and holds(caption_claim(flipped), flipped)
+    assert moved > 250
 
 # --- properties of the grammar, over any stream and index -----------------------------------------
 
