@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
 
 class SearchRequest(BaseModel):
@@ -15,9 +15,9 @@ class SearchRequest(BaseModel):
     text: str | None = Field(None, min_length=1, max_length=1000)
     image: str | None = Field(None, min_length=1, description="base64 of the image file's bytes")
     embedding: list[float] | None = Field(None, min_length=1, max_length=8192)
-    k: int = Field(10, ge=1, le=1000, strict=True)  # strict: JSON true is not a count
+    k: StrictInt = Field(10, ge=1, le=1000)  # strict: JSON true is not a count, nor "10"
     rerank: Literal["none", "mid", "early"] | None = None
-    rerank_k: int | None = Field(None, ge=1, le=256, strict=True)
+    rerank_k: StrictInt | None = Field(None, ge=1, le=256)
     min_similarity: float | None = Field(None, ge=-1.0, le=1.0)
     index: str | None = Field(None, min_length=1, max_length=200)
 

@@ -6,7 +6,7 @@ import uuid
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
 from service.names import JobState
 
@@ -30,10 +30,10 @@ class JobCancelled(RuntimeError):
 class JobOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
-    shard_size: int = Field(2048, ge=1, le=1_000_000, strict=True)
-    batch_size: int = Field(64, ge=1, le=4096, strict=True)
+    shard_size: StrictInt = Field(2048, ge=1, le=1_000_000)
+    batch_size: StrictInt = Field(64, ge=1, le=4096)
     index_kind: Literal["auto", "flat", "hnsw", "ivf", "ivfpq"] = "auto"
-    memory_budget_mb: int | None = Field(None, ge=1, strict=True)
+    memory_budget_mb: StrictInt | None = Field(None, ge=1)
 
 
 class JobRequest(BaseModel):

@@ -60,7 +60,6 @@ class Batcher(Generic[In, Out]):
         self.long_key, self.max_long, self._long_running = long_key, max(1, workers - 1), 0
         self._queue: list[_Queued] = []  # a heap
         self._seq = 0
-        self._busy = False
         self._closed = False
         self._cond = threading.Condition()  # guards the queue, the counters and _closed
         self._threads = [threading.Thread(target=self._work, name=f"{name}-{i}", daemon=True) for i in range(workers)]
@@ -87,10 +86,6 @@ class Batcher(Generic[In, Out]):
             queued = bool(self._queue) and self._queue[0].key <= key
             return queued or sum(k <= key for k in self._running_keys) >= self.workers
 
-    def backlog(self) -> int:
-        """Items queued or running."""
-        return len(self._queue) + len(self._running_keys)
-
     def close(self) -> None:
         """Stop the workers once the queued items have run."""
         with self._cond:
@@ -107,13 +102,14 @@ class Batcher(Generic[In, Out]):
             return False  # only long items wait (the heap's smallest is long), and they have their share
         return self._closed or len(self._queue) >= self.max_batch or not self.hold(first)
 
-    def _take(self) -> list[_Queued] | None:
-        """The next batch; None once closed and drained."""
+    def _take(self, busy: bool) -> list[_Queued] | None:
+        """The next batch (waiting for stragglers when this worker's last batch was `busy`); None once closed
+        and drained."""
         with self._cond:
             while True:
                 while not self._ready():
                     self._cond.wait(self.max_wait_s or 0.001 if self._queue else None)  # a hold is re-checked
-                if not self._busy or self._closed:
+                if not busy or self._closed:
                     break
                 deadline = time.monotonic() + self.max_wait_s
                 while len(self._queue) < self.max_batch and (left := deadline - time.monotonic()) > 0:
@@ -127,8 +123,9 @@ class Batcher(Generic[In, Out]):
             return [heapq.heappop(self._queue) for _ in range(min(self.max_batch, len(self._queue)))]
 
     def _work(self) -> None:
-        while (batch := self._take()) is not None:
-            self._busy = len(batch) > 1
+        busy = False  # per worker: one worker's full batch says nothing of the load on another's
+        while (batch := self._take(busy)) is not None:
+            busy = len(batch) > 1
             try:
                 self._run([q for q in batch if not q.waiter.done()])  # done: its client went away
             finally:

@@ -9,7 +9,7 @@ from typing import Annotated, Any
 
 import numpy as np
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, field_validator
 
 from indexer.reader import BadImage
 from indexer.store import Index, UnknownImage
@@ -36,8 +36,8 @@ class KnnRequest(BaseModel):
     image_url: str | None = None
     embedding_input: list[float] | None = Field(None, max_length=8192)
     modality: str = "image"
-    num_images: int = Field(..., ge=1, le=10_000, strict=True)
-    num_result_ids: int | None = Field(None, ge=1, le=10_000, strict=True)
+    num_images: StrictInt = Field(..., ge=1, le=10_000)
+    num_result_ids: StrictInt | None = Field(None, ge=1, le=10_000)
     indice_name: str | None = None
     use_mclip: bool | None = False
     deduplicate: bool | None = False
@@ -60,7 +60,7 @@ MAX_METADATA_IDS = 256  # each id costs a thumbnail: a page of the web front, no
 class MetadataRequest(BaseModel):
     model_config = ConfigDict(extra="ignore")
 
-    ids: list[Annotated[int, Field(ge=0, lt=2**63, strict=True)]] = Field(..., max_length=MAX_METADATA_IDS)  # int64
+    ids: list[Annotated[StrictInt, Field(ge=0, lt=2**63)]] = Field(..., max_length=MAX_METADATA_IDS)  # int64
     indice_name: str | None = None
 
 
