@@ -79,7 +79,7 @@ def read_meta(path: Path) -> pa.Table:
     """A shard's meta.parquet, read whole."""
     # through a file object closed here (given a path, Arrow's reader closes the file on a thread of
     # its own, some time later) and on this thread: a process that read with Arrow's pool aborted at
-    # exit one time in ten ("terminate called without an active exception", pyarrow 26)
+    # exit, up to one time in four ("terminate called without an active exception", pyarrow 26)
     with reading(path), path.open("rb") as fh:
         return pq.read_table(fh, use_threads=False)
 

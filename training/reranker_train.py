@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 
 import numpy as np
@@ -73,10 +74,10 @@ class RerankTrainConfig:
     command: str = ""  # the command line, recorded in the run's log
 
     def __post_init__(self) -> None:
-        if self.shape_negatives and not self.image_negatives:
-            raise ValueError("shape negatives come after the perturbed-image negatives: enable both")
-        if self.layout_negatives and not self.shape_negatives:
-            raise ValueError("layout negatives come after the shape negatives: enable both")
+        optional = ("image", "shape", "layout")  # the optional negatives, in the order their rows come
+        for earlier, later in pairwise(optional):
+            if getattr(self, f"{later}_negatives") and not getattr(self, f"{earlier}_negatives"):
+                raise ValueError(f"{later} negatives come after {earlier} negatives: enable both")
 
     def path(self) -> Path:
         return self.out or MODELS_DIR / f"reranker-{self.kind}.safetensors"

@@ -183,7 +183,6 @@ def test_perturbations_cover_every_error_kind_and_always_change_the_description(
                      "colour_swap", "shape_swap", "lr_swap", "tb_swap"}
 
 
-
 def test_a_transposed_scene_turns_rows_into_columns_and_its_caption_false() -> None:
     from training.descriptions import caption_claim, holds
 
@@ -198,6 +197,7 @@ def test_a_transposed_scene_turns_rows_into_columns_and_its_caption_false() -> N
             moved += 1
             assert not holds(caption_claim(scene), flipped) and holds(caption_claim(flipped), flipped)
     assert moved > 250
+
 
 # --- properties of the grammar, over any stream and index -----------------------------------------
 
