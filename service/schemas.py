@@ -50,7 +50,8 @@ class Timings(BaseModel):
     encode: float
     search: float
     rerank: float
-    total: float
+    fetch: float = Field(description="reading the hits' metadata")
+    total: float = Field(description="the sum of the stages")
 
 
 class SearchResponse(BaseModel):

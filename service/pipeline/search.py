@@ -131,8 +131,8 @@ class Pipeline:
             batcher.close()
 
     async def search(self, index: Index, q: QueryInput, columns: Sequence[str] | None = None) -> SearchOutput:
-        """The query's hits (carrying the metadata `columns`, default all) with encode, search, rerank and
-        total ms; a cached answer (the index version is in its key) times only the lookup."""
+        """The query's hits (carrying the metadata `columns`, default all) with encode, search, rerank, fetch
+        (the hits' metadata) and total ms; a cached answer (the index version is in its key) times only the lookup."""
         start = time.perf_counter()
         self._check(q)
         key = self._key(index, q, columns)
@@ -176,8 +176,10 @@ class Pipeline:
         if ticket is not None:
             query = Query(str(q.text), found.encoding.tokens, found.encoding.mask)
             scores, ids, reranked = await self._rerank(index, q, query, scores, ids, ticket)
-        marks = (start, searched - found.search_s, searched, time.perf_counter())
-        return _output(index, _hits(index, scores, ids, reranked, q, columns), marks)
+        reranked_at = time.perf_counter()
+        hits = _hits(index, scores, ids, reranked, q, columns)
+        marks = (start, searched - found.search_s, searched, reranked_at, time.perf_counter())
+        return SearchOutput(hits, _timings(marks), index.version)
 
     async def _find(self, index: Index, q: QueryInput) -> Found:
         """The query encoded (a text for a reranker: with its tokens) and its candidates found."""
@@ -211,16 +213,17 @@ class Pipeline:
 def _from_cache(data: dict[str, Any], start: float) -> SearchOutput:
     lookup = round((time.perf_counter() - start) * 1000, 3)
     hits = [Hit(**h) for h in data["hits"]]
-    timings = {"encode": 0.0, "search": 0.0, "rerank": 0.0, "total": lookup}
+    timings = {"encode": 0.0, "search": 0.0, "rerank": 0.0, "fetch": 0.0, "total": lookup}
     return SearchOutput(hits, timings, data["index_version"], cached=True)
 
 
-def _output(index: Index, hits: list[Hit], marks: tuple[float, float, float, float]) -> SearchOutput:
-    """Hits with the stage timings (ms) from the start, encoded, searched and reranked clock marks."""
-    start, encoded, searched, done = marks
-    timings = {"encode": encoded - start, "search": searched - encoded, "rerank": done - searched,
-               "total": time.perf_counter() - start}
-    return SearchOutput(hits, {k: round(v * 1000, 3) for k, v in timings.items()}, index.version)
+def _timings(marks: tuple[float, float, float, float, float]) -> dict[str, float]:
+    """The stage timings (ms) from the start, encoded, searched, reranked and fetched clock marks: every
+    moment of the answer is in one stage, so the stages add up to the total."""
+    start, encoded, searched, reranked, fetched = marks
+    timings = {"encode": encoded - start, "search": searched - encoded, "rerank": reranked - searched,
+               "fetch": fetched - reranked, "total": fetched - start}
+    return {k: round(v * 1000, 3) for k, v in timings.items()}
 
 
 def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: tuple[np.ndarray, np.ndarray] | None,

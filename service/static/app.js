@@ -73,7 +73,7 @@ async function latest(col, request, show) {
 
 function timingChips(col, result) {
   const chips = result.cached ? [["cached", result.timings_ms.total]]
-    : ["encode", "search", "rerank", "total"].map((s) => [s, result.timings_ms[s]]);
+    : ["encode", "search", "rerank", "fetch", "total"].map((s) => [s, result.timings_ms[s]]);
   col.el.querySelector(".timings").replaceChildren(...chips.map(([stage, ms]) => {
     const chip = element("span", `timing ${stage}`, `${stage} ${ms.toFixed(1)} ms`);
     chip.dataset.stage = stage;

@@ -157,7 +157,7 @@ def test_query_shows_fast_and_reranked_columns_with_timings(server: str, browser
     wait.until(lambda d: len(_column(d, "fast")[0]) == 12 and len(_column(d, "deep")[0]) == 12)
     fast_ids, fast_chips = _column(browser, "fast")
     deep_ids, deep_chips = _column(browser, "deep")
-    assert set(fast_chips) == set(deep_chips) == {"encode", "search", "rerank", "total"}
+    assert set(fast_chips) == set(deep_chips) == {"encode", "search", "rerank", "fetch", "total"}
     assert all(chip.endswith(" ms") for chip in deep_chips.values())
     assert float(deep_chips["rerank"].split()[1]) > 0.0  # the deeper column paid for its depth
     # the reranked column holds the same 16 candidates' best 12, so its set overlaps the fast column's

@@ -61,7 +61,7 @@ def test_text_search_returns_hits_with_metadata_and_timings(search, index) -> No
     assert len(out.hits) == 5 and out.index_version == index.version
     assert [h.score for h in out.hits] == sorted((h.score for h in out.hits), reverse=True)
     assert all(h.rerank_score is None and h.meta["path"] for h in out.hits)
-    assert set(out.timings_ms) == {"encode", "search", "rerank", "total"} and out.timings_ms["rerank"] < 1.0
+    assert set(out.timings_ms) == {"encode", "search", "rerank", "fetch", "total"} and out.timings_ms["rerank"] < 1.0
 
 
 def test_rerank_reorders_only_the_head_and_reports_scores(search, index) -> None:
