@@ -81,16 +81,13 @@ def _serve_many(settings: Settings, host: str, port: int) -> None:
 
 
 def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port, or a one-line error when the address is taken or not ours."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    """A socket bound to host:port (not shared), or a one-line error when the address is taken or not ours."""
+    from service.workers import open_socket
+
     try:
-        sock.bind((host, port))
+        return open_socket(host, port, listen=False, reuse_port=False)
     except OSError as exc:
-        sock.close()
         fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
-    return sock
 
 
 def _serve_one(settings: Settings, host: str, port: int) -> None:

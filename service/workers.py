@@ -50,12 +50,13 @@ def reuse_port_supported() -> bool:
     return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
 
 
-def open_socket(host: str, port: int, listen: bool = True) -> socket.socket:
-    """A TCP socket bound with SO_REUSEPORT (listening unless `listen` is False)."""
+def open_socket(host: str, port: int, listen: bool = True, reuse_port: bool = True) -> socket.socket:
+    """A bound TCP socket, with SO_REUSEPORT unless `reuse_port` is False (listening unless `listen` is)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    if reuse_port:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
     try:
         sock.bind((host, port))
     except OSError:
