@@ -18,6 +18,7 @@ from service.names import JOB_KEEP_S, QUEUE, RECENT_JOBS, RECENT_JOBS_MAX, JobSt
 
 log = logging.getLogger(__name__)
 RETRIES = 2  # a job whose worker died is run again (the indexer resumes from its last shard)
+FINISHED = frozenset({JobState.SUCCEEDED, JobState.FAILED, JobState.CANCELLED})
 
 
 class JobQueue(Protocol):
@@ -156,11 +157,24 @@ class LocalJobs:
         with self.lock:
             if spec.job_id in self.jobs:
                 return self.jobs[spec.job_id], False
+            self._forget_finished()
             info = JobInfo(spec.job_id, JobState.QUEUED, spec.mode, spec.source, spec.index_name,
                            created_at=time.time())
             self.jobs[spec.job_id] = info
         self.pool.submit(self._run, spec)
         return info, True
+
+    def _forget_finished(self) -> None:
+        """Finished jobs older than JOB_KEEP_S go, then the oldest finished ones past RECENT_JOBS_MAX: the
+        bounds the Redis queue keeps (a queued or running job is always kept)."""
+        now = time.time()
+        finished = sorted((j for j in self.jobs.values() if j.status in FINISHED), key=lambda j: j.created_at)
+        excess = len(self.jobs) + 1 - RECENT_JOBS_MAX  # room for the job being added
+        for i, job in enumerate(finished):
+            if i >= excess and now - job.created_at < JOB_KEEP_S:
+                break
+            del self.jobs[job.job_id]
+            self.cancelled.discard(job.job_id)
 
     def _run(self, spec: JobSpec) -> None:
         info = self.jobs[spec.job_id]

@@ -115,6 +115,30 @@ def test_cancel_an_in_process_job(corpus: tuple[Path, Path], encoder: DualEncode
         assert client.get("/v1/index").json()["version"] == version  # nothing was published
 
 
+def test_in_process_jobs_keep_the_same_bounds_as_the_queue(monkeypatch: pytest.MonkeyPatch) -> None:
+    from service.jobs import queues
+    from service.jobs.api import JobSpec
+    from service.names import JOB_KEEP_S
+
+    monkeypatch.setattr(queues, "RECENT_JOBS_MAX", 3)
+    jobs = queues.LocalJobs(lambda *_: None)
+
+    def run(job_id: str) -> None:  # no allowed roots: the job fails at once, and is finished
+        jobs.submit(JobSpec(job_id, "/nowhere", "add", "scenes", "/nowhere", {}, "tiny", None, "cpu"))
+        assert wait_for(lambda: jobs.get(job_id).status == "failed")
+
+    run("ancient")
+    jobs.get("ancient").created_at -= JOB_KEEP_S + 60
+    run("j0")
+    assert [j.job_id for j in jobs.recent()] == ["j0"]  # past JOB_KEEP_S: forgotten
+    for i in range(1, 5):
+        run(f"j{i}")
+    assert [j.job_id for j in jobs.recent()] == ["j4", "j3", "j2"]
+    with pytest.raises(queues.JobNotFound):
+        jobs.get("j1")
+    jobs.close()
+
+
 # --- RQ workers on the real Redis ------------------------------------------------------------------
 
 
