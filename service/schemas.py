@@ -51,7 +51,7 @@ class Timings(BaseModel):
     search: float
     rerank: float
     fetch: float = Field(description="reading the hits' metadata")
-    total: float = Field(description="the sum of the stages")
+    total: float = Field(description="the whole answer, the sum of the stages (a cached answer: its lookup)")
 
 
 class SearchResponse(BaseModel):
