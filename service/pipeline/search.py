@@ -35,6 +35,7 @@ from service.pipeline.stages import (
     rerank_stage,
 )
 
+STAGES = ("encode", "search", "rerank", "fetch")  # in order: each one's time runs from one clock mark to the next
 RERANK_STEP = 32  # candidates scored per step: between steps a worker takes the smallest query waiting
 RERANK_NEEDS_TEXT = "reranking needs a text query; use rerank='none' for image or embedding queries"
 
@@ -213,17 +214,14 @@ class Pipeline:
 def _from_cache(data: dict[str, Any], start: float) -> SearchOutput:
     lookup = round((time.perf_counter() - start) * 1000, 3)
     hits = [Hit(**h) for h in data["hits"]]
-    timings = {"encode": 0.0, "search": 0.0, "rerank": 0.0, "fetch": 0.0, "total": lookup}
-    return SearchOutput(hits, timings, data["index_version"], cached=True)
+    return SearchOutput(hits, {**dict.fromkeys(STAGES, 0.0), "total": lookup}, data["index_version"], cached=True)
 
 
-def _timings(marks: tuple[float, float, float, float, float]) -> dict[str, float]:
-    """The stage timings (ms) from the start, encoded, searched, reranked and fetched clock marks: every
+def _timings(marks: tuple[float, ...]) -> dict[str, float]:
+    """The STAGES' timings (ms) from their clock marks (the start, then the end of each stage): every
     moment of the answer is in one stage, so the stages add up to the total."""
-    start, encoded, searched, reranked, fetched = marks
-    timings = {"encode": encoded - start, "search": searched - encoded, "rerank": reranked - searched,
-               "fetch": fetched - reranked, "total": fetched - start}
-    return {k: round(v * 1000, 3) for k, v in timings.items()}
+    spans = {stage: end - begin for stage, begin, end in zip(STAGES, marks[:-1], marks[1:], strict=True)}
+    return {k: round(v * 1000, 3) for k, v in {**spans, "total": marks[-1] - marks[0]}.items()}
 
 
 def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: tuple[np.ndarray, np.ndarray] | None,
