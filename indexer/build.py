@@ -34,6 +34,7 @@ from indexer.reader import (
     make_loader,
 )
 from indexer.store import Index
+from indexer.tokens import TokenFormat, token_format
 from indexer.versions import current_version, link_shard, list_versions, publish
 from indexer.writer import Failure, Row, ShardWriter, StagedShard, read_staged, recorded_files
 
@@ -66,6 +67,7 @@ class BuildOptions:
     keep_versions: int = 3
     ray: RayOptions | None = None  # encode on a Ray cluster instead of this process
     replace: bool = False  # a build may replace the folder's published index (else it is refused)
+    tokens: str | None = None  # token store format (indexer.tokens.FORMATS); None: fp16, or an add's index's
     roots: tuple[str, ...] = ()  # when set (indexing jobs), only files that resolve under these are read
 
 
@@ -134,6 +136,19 @@ def check_replace(out: Path, opts: BuildOptions) -> None:
                          "kept as the --keep setting says)")
 
 
+def choose_tokens(opts: BuildOptions, encoder: DualEncoder, parent: Index | None) -> TokenFormat:
+    """The token store of a build (--tokens, fp16 unless given) or of an add: its index's (one format per index)."""
+    kept = parent.token_format if parent is not None else None
+    name = opts.tokens or (kept.name if kept else "fp16")
+    if parent is not None and kept is not None and name != kept.name:
+        raise BuildError(f"index {parent.root} stores its tokens as {kept.name}, and one index holds one format: "
+                         f"leave --tokens out to add {kept.name} tokens, or rebuild it with --replace --tokens {name}")
+    try:
+        return token_format(name, encoder.token_shape)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+
+
 def check_model(parent: Index, encoder: DualEncoder) -> None:
     built = parent.manifest["model"]["id"]
     if built != encoder.model_id:
@@ -144,8 +159,8 @@ def check_model(parent: Index, encoder: DualEncoder) -> None:
 # --- ingest: the streaming part -------------------------------------------------------------------
 
 
-def _staging_dir(out: Path, mode: str, src: Path, encoder: DualEncoder, parent: str | None) -> Path:
-    key = json.dumps([mode, str(src.resolve()), encoder.model_id, parent])
+def _staging_dir(out: Path, mode: str, src: Path, encoder: DualEncoder, parent: str | None, tokens: str) -> Path:
+    key = json.dumps([mode, str(src.resolve()), encoder.model_id, parent, tokens])
     return out / STAGING / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -249,12 +264,13 @@ def _write_version(tmp: Path, shard_dirs: list[Path], deleted: set[int], failure
 
 
 def _manifest(plan: AnnPlan, count: int, shard_dirs: list[Path], encoder_info: dict[str, Any], source: str,
-              parent: Index | None, counts: dict[str, int], next_id: int) -> dict[str, Any]:
+              parent: Index | None, counts: dict[str, int], next_id: int, tokens: TokenFormat | None) -> dict[str, Any]:
     return {
         "model": encoder_info, "dim": encoder_info["embed_dim"], "count": count, "next_id": next_id,
         "index": plan.to_dict(), "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": source, "roots": _roots(parent, source), "parent": parent.version if parent else None,
         "counts": counts, "shards": _shard_entries(shard_dirs),
+        "tokens": tokens.describe() if tokens else None,  # how the rerankers' patch tokens are stored
     }
 
 
@@ -322,16 +338,17 @@ def _ingest_locked(src: Path, out: Path, encoder: DualEncoder, opts: BuildOption
     parent = Index.open(out) if mode == "add" else None
     if parent is not None:
         check_model(parent, encoder)
-    staging = _staging_dir(out, mode, src, encoder, parent.version if parent else None)
+    tokens = choose_tokens(opts, encoder, parent)
+    staging = _staging_dir(out, mode, src, encoder, parent.version if parent else None, tokens.name)
     staged = read_staged(staging)
     known = _known_hashes(parent, staged)
     next_id = _next_id(out, staged)
     done = {p for s in staged for p in s.processed}
     todo = [it for it in items if it.path not in done]
-    writer = ShardWriter(staging, staging.name, next_id, opts.shard_size, first_seq=len(staged))
+    writer = ShardWriter(staging, staging.name, next_id, opts.shard_size, first_seq=len(staged), tokens=tokens)
     dups = ingest(todo, writer, encoder, known, opts, progress)
     shards = staged + writer.written
-    report = _publish_ingest(out, src, encoder, opts, parent, shards, dups + _staged_dups(staged))
+    report = _publish_ingest(out, src, encoder, opts, parent, shards, dups + _staged_dups(staged), tokens)
     shutil.rmtree(staging, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     return report
@@ -359,7 +376,7 @@ def _staged_dups(staged: list[StagedShard]) -> int:
 
 
 def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptions, parent: Index | None,
-                    shards: list[StagedShard], dups: int) -> BuildReport:
+                    shards: list[StagedShard], dups: int, tokens: TokenFormat) -> BuildReport:
     failures = [f for s in shards for f in s.failures]
     new_dirs = [s.folder for s in shards if len(s.ids)]
     parent_dirs = [parent.folder / SHARDS / s.name for s in parent.shards] if parent else []
@@ -381,7 +398,7 @@ def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptio
         plan, count = _write_version(tmp, parent_dirs + new_dirs, deleted, failures, opts, encoder.embed_dim)
         result.update(plan=plan, count=count)
         return _manifest(plan, count, parent_dirs + new_dirs, model_info(encoder), str(src.resolve()), parent,
-                         counts, next_id)
+                         counts, next_id, tokens)
 
     version = publish(out, fill, keep=opts.keep_versions)
     listed = str(out / VERSIONS / version / FAILURES) if failures else None
@@ -416,7 +433,7 @@ def _remove_locked(index_dir: Path, paths: list[str] | None, ids: list[int] | No
         result.update(plan=plan, count=count)
         counts = {"indexed": 0, "skipped": 0, "duplicates": 0, "removed": len(targets), "not_found": len(missing)}
         return _manifest(plan, count, dirs, parent.manifest["model"], parent.manifest["source"], parent, counts,
-                         int(parent.manifest["next_id"]))
+                         int(parent.manifest["next_id"]), parent.token_format)
 
     version = publish(index_dir, fill, keep=opts.keep_versions)
     return BuildReport(0, 0, 0, len(targets), time.perf_counter() - start, result["plan"].kind, version,

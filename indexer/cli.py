@@ -66,6 +66,14 @@ class IndexType(StrEnum):
     ivfpq = "ivfpq"
 
 
+class TokenStore(StrEnum):
+    """How `--tokens` stores the rerankers' patch tokens (indexer.tokens): bytes per image against quality."""
+
+    fp16 = "fp16"
+    int8 = "int8"
+    int4 = "int4"
+
+
 def _index_progress(description: str) -> Progress:
     return Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
@@ -115,14 +123,15 @@ def _print_report(report: Any, as_json: bool) -> None:
 
 
 def _options(batch_size: int, workers: int | None, index_type: IndexType, shard_size: int, max_pixels: int,
-             memory_budget_mb: int | None, keep: int, ray: str | None = None, replace: bool = False) -> Any:
+             memory_budget_mb: int | None, keep: int, ray: str | None = None, replace: bool = False,
+             tokens: TokenStore | None = None) -> Any:
     from indexer.build import BuildOptions, default_workers
     from indexer.distributed import RayOptions
 
     budget = memory_budget_mb * 1024 * 1024 if memory_budget_mb else None
     cluster = None if ray is None else RayOptions(address=None if ray == "local" else ray)
     return BuildOptions(batch_size, default_workers() if workers is None else workers, shard_size, index_type.value,
-                        budget, max_pixels, keep, cluster, replace)
+                        budget, max_pixels, keep, cluster, replace, tokens=tokens.value if tokens else None)
 
 
 SrcArg = Annotated[Path, typer.Argument(help="folder, .txt of paths, or .jsonl/.parquet with a path column")]
@@ -135,6 +144,9 @@ ShardOpt = Annotated[int, typer.Option(min=1, help="images per shard (the resume
 PixelsOpt = Annotated[int, typer.Option(min=1, help="larger images are refused as decompression bombs")]
 BudgetOpt = Annotated[int | None, typer.Option(help="memory for the ANN index in MiB (tight: IVF-PQ)")]
 KeepOpt = Annotated[int, typer.Option(min=1, help="index versions to keep")]
+TokensOpt = Annotated[TokenStore | None, typer.Option(case_sensitive=False, help=(
+    "how the rerankers' patch tokens are stored: fp16, int8 (half the bytes) or int4 (a quarter and less); "
+    "default fp16, or for an add the index's own"))]
 RayOpt = Annotated[str | None, typer.Option(
     "--ray", help="encode on Ray: 'local' starts one here, else a cluster address ('auto', 'ray://host:10001')")]
 
@@ -144,12 +156,13 @@ def index_build(
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
     batch_size: BatchOpt = 64, workers: WorkersOpt = None, index_type: IndexTypeOpt = IndexType.auto,
     shard_size: ShardOpt = 2048, max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None,
-    keep: KeepOpt = 3, ray: RayOpt = None,
+    keep: KeepOpt = 3, ray: RayOpt = None, tokens: TokensOpt = None,
     replace: Annotated[bool, typer.Option(help="replace the index already published in the folder")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Encode every image of SRC into a new index (resumable; on Ray with --ray)."""
-    opts = _options(batch_size, workers, index_type, shard_size, max_pixels, memory_budget_mb, keep, ray, replace)
+    opts = _options(batch_size, workers, index_type, shard_size, max_pixels, memory_budget_mb, keep, ray, replace,
+                    tokens)
     _run_ingest(src, index_dir, "build", model, pretrained, device, opts, as_json)
 
 
@@ -158,10 +171,11 @@ def index_add(
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
     batch_size: BatchOpt = 64, workers: WorkersOpt = None, index_type: IndexTypeOpt = IndexType.auto,
     shard_size: ShardOpt = 2048, max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None,
-    keep: KeepOpt = 3, ray: RayOpt = None, as_json: JsonOpt = False,
+    keep: KeepOpt = 3, ray: RayOpt = None, tokens: TokensOpt = None, as_json: JsonOpt = False,
 ) -> None:
     """Add new images (content-hash dedupe) and publish a new version."""
-    opts = _options(batch_size, workers, index_type, shard_size, max_pixels, memory_budget_mb, keep, ray)
+    opts = _options(batch_size, workers, index_type, shard_size, max_pixels, memory_budget_mb, keep, ray,
+                    tokens=tokens)
     _run_ingest(src, index_dir, "add", model, pretrained, device, opts, as_json)
 
 
@@ -188,7 +202,8 @@ def index_info(index_dir: IndexDirOpt,
     from indexer.versions import list_versions
 
     index = guarded(lambda: Index.open(index_dir))
-    manifest = index.manifest
+    tokens = index.token_format.describe() if index.token_format else None  # also for versions written before
+    manifest = {**index.manifest, "tokens": tokens}  # the manifest recorded it
     if as_json:
         sys.stdout.write(json.dumps(manifest, indent=2) + "\n")
         return
@@ -197,6 +212,7 @@ def index_info(index_dir: IndexDirOpt,
              f"images   {manifest['count']} ({len(index.deleted)} removed)",
              f"model    {manifest['model']['id']} (dim {manifest['dim']})",
              f"index    {plan['kind']}" + (f", {plan['nlist']} lists" if plan.get("nlist") else ""),
+             f"tokens   {tokens['format']}, {tokens['bytes_per_image']:,} bytes per image" if tokens else "tokens   -",
              f"source   {manifest['source']}", f"created  {manifest['created']}"]
     sys.stdout.write("\n".join(lines) + "\n")
 

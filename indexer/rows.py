@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexer.integrity import corrupt, npy_layout, read_npy, reading
+from indexer.tokens import TokenFormat, format_of
 
 
 class Rows:
@@ -23,10 +24,10 @@ class Rows:
     descriptor keeps the file as it was even after its version is collected, as a mapping did.
     """
 
-    def __init__(self, path: Path, dtype: type, root: Path):
+    def __init__(self, path: Path, dtype: type | None, root: Path):
         with reading(path):
             self.layout = npy_layout(path)
-        if self.layout.dtype != np.dtype(dtype):
+        if dtype is not None and self.layout.dtype != np.dtype(dtype):
             raise corrupt(path, f"holds {self.layout.dtype}, not {np.dtype(dtype)}")
         self.path, self.root = path, root
         self.row_shape = self.layout.shape[1:]
@@ -61,14 +62,20 @@ class Shard:
     name: str
     ids: np.ndarray  # (n,) int64
     embeddings: Rows  # (n, d) float32
-    tokens: Rows  # (n, t, w) float16
+    tokens: Rows  # (n, t, w) float16, or (n,) quantized records (indexer.tokens)
+    token_format: TokenFormat | None  # None for a shard of failures only
 
 
 def open_shard(folder: Path, root: Path) -> Shard:
     """A shard folder opened: ids read whole, arrays held open, their row counts checked against the ids."""
     ids = read_npy(folder / "ids.npy")
-    shard = Shard(folder.name, ids, Rows(folder / "emb.npy", np.float32, root),
-                  Rows(folder / "tok.npy", np.float16, root))
+    tokens = Rows(folder / "tok.npy", None, root)
+    fmt = format_of(tokens.layout.dtype, tokens.row_shape)
+    if fmt is None and len(ids):
+        tokens.close()
+        raise corrupt(tokens.path, f"holds {tokens.layout.dtype} rows of shape {tokens.row_shape}, which are "
+                                   "tokens in none of the stored formats")
+    shard = Shard(folder.name, ids, Rows(folder / "emb.npy", np.float32, root), tokens, fmt if len(ids) else None)
     for rows in (shard.embeddings, shard.tokens):
         if len(rows) != len(ids):
             raise corrupt(rows.path, f"holds {len(rows)} rows where ids.npy holds {len(ids)}")

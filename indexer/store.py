@@ -18,6 +18,7 @@ from indexer.ann import GPU_MAX_K, AnnPlan, ann_search, place_for_search, rescor
 from indexer.integrity import IndexCorrupt, IndexNotFound, check_version, corrupt, read_npy
 from indexer.layout import DELETED, INDEX_FILE, SHARDS
 from indexer.rows import Column, Rows, Shard, open_shard, read_meta
+from indexer.tokens import decode
 from indexer.versions import advice, current_version, version_dir
 
 
@@ -75,10 +76,10 @@ class Index:
             if shard.embeddings.row_shape != (self.dim,):
                 raise corrupt(shard.embeddings.path, f"holds vectors of shape {shard.embeddings.row_shape}, "
                                                      f"not ({self.dim},)")
-            if shard.tokens.row_shape != full[0].tokens.row_shape:
-                raise corrupt(shard.tokens.path, f"holds tokens of shape {shard.tokens.row_shape}, where "
-                                                 f"{full[0].tokens.path} holds {full[0].tokens.row_shape}")
-        self._token_shape = full[0].tokens.row_shape if full else (0, 0)
+            if shard.token_format != full[0].token_format:
+                raise corrupt(shard.tokens.path, f"holds tokens as {shard.token_format}, where "
+                                                 f"{full[0].tokens.path} holds {full[0].token_format}")
+        self.token_format = full[0].token_format if full else None  # one format for every shard of an index
         self._emb = [s.embeddings for s in self.shards]
         self._tok = [s.tokens for s in self.shards]
 
@@ -175,9 +176,13 @@ class Index:
         return self._gather(pos, np.empty((len(pos), self.dim), np.float32), self._emb)
 
     def tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """(n, t, w) float16 patch tokens cached at indexing time, for the reranker."""
+        """(n, t, w) patch tokens cached at indexing time, for the reranker: float16 as stored, or float32
+        decoded from a quantized store (indexer.tokens)."""
         pos = self._locate(ids)
-        return self._gather(pos, np.empty((len(pos), *self._token_shape), np.float16), self._tok)
+        fmt = self.token_format
+        if fmt is None:  # no image indexed
+            return np.zeros((len(pos), 0, 0), np.float16)
+        return decode(self._gather(pos, np.empty(len(pos), fmt.dtype), self._tok), fmt)
 
     def _gather(self, pos: np.ndarray, out: np.ndarray, files: list[Rows]) -> np.ndarray:
         """The rows at sorted positions `pos` into `out`: one pread per run of consecutive rows of a shard."""

@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from indexer.durable import FileDigest, file_digest, fsync_tree, save_npy
 from indexer.integrity import corrupt
+from indexer.tokens import TokenFormat, encode, token_format
 
 META_SCHEMA = pa.schema([
     ("id", pa.int64()), ("path", pa.string()), ("sha256", pa.string()), ("width", pa.int32()),
@@ -89,7 +90,9 @@ class ShardWriter:
     (indexed, failed or duplicate), which is what a resumed run skips.
     """
 
-    def __init__(self, staging: Path, prefix: str, next_id: int, shard_size: int, first_seq: int = 0):
+    def __init__(self, staging: Path, prefix: str, next_id: int, shard_size: int, first_seq: int = 0,
+                 tokens: TokenFormat | None = None):
+        self.tokens = tokens  # how tok.npy stores them (None: fp16)
         self.folder = staging / "shards"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prefix, self.next_id, self.shard_size, self.seq = prefix, next_id, shard_size, first_seq
@@ -109,7 +112,7 @@ class ShardWriter:
         self.rows += rows
         if rows:
             self.emb.append(emb.astype(np.float32))
-            self.tok.append(tok.astype(np.float16))
+            self.tok.append(encode(tok, self.tokens or token_format("fp16", tok.shape[1:])))
         self.processed += processed
         self.failures += failures
         if len(self.rows) >= self.shard_size:

@@ -34,6 +34,7 @@ class JobOptions(BaseModel):
     batch_size: StrictInt = Field(64, ge=1, le=4096)
     index_kind: Literal["auto", "flat", "hnsw", "ivf", "ivfpq"] = "auto"
     memory_budget_mb: StrictInt | None = Field(None, ge=1)
+    tokens: Literal["fp16", "int8", "int4"] | None = Field(None, description="token store (default: the index's)")
 
 
 class JobRequest(BaseModel):

@@ -41,7 +41,7 @@ def _options(spec: JobSpec) -> BuildOptions:
     budget = (options["memory_budget_mb"] or 0) * 2**20 or None
     return BuildOptions(batch_size=options["batch_size"], shard_size=options["shard_size"],
                         index_kind=options["index_kind"], memory_budget=budget, replace=spec.mode == "build",
-                        roots=tuple(spec.roots))
+                        roots=tuple(spec.roots), tokens=options.get("tokens"))
 
 
 def execute(spec: JobSpec, report: Callable[[dict[str, float]], None]) -> dict[str, Any]:
