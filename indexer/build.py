@@ -151,7 +151,7 @@ def choose_tokens(opts: BuildOptions, encoder: DualEncoder, parent: Index | None
 
 def check_model(parent: Index, encoder: DualEncoder) -> None:
     built = parent.manifest["model"]["id"]
-    if built != encoder.model_id:
+    if not encoder.is_model(built):
         raise BuildError(f"index {parent.root} was built with model {built}, not {encoder.model_id}; "
                           "use the same --model/--pretrained or build a new index")
 

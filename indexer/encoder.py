@@ -123,8 +123,23 @@ def _cached_tag_weights(model: str, tag: str) -> tuple[str, dict[str, Any]]:
     )
 
 
-def _resolve(spec: EncoderSpec) -> tuple[str, str | None, dict[str, Any], str]:
-    """Turn a spec into (open_clip model name, weights file, transform kwargs, model id)."""
+def _architecture(config: dict[str, Any]) -> str:
+    """The architecture a local-dir's config describes, by content: the open_clip architecture with the
+    same model config, else its own `model_name`, else custom-<hash of the config> (never the folder's name,
+    so that renaming the folder keeps the id)."""
+    cfg = config.get("model_cfg", {})
+    same = next((name for name in open_clip.list_models() if open_clip.get_model_config(name) == cfg), None)
+    digest = hashlib.sha256(json.dumps(cfg, sort_keys=True).encode()).hexdigest()[:8]
+    return same or str(config.get("model_name") or f"custom-{digest}")
+
+
+def _resolve(spec: EncoderSpec) -> tuple[str, str | None, dict[str, Any], tuple[str, ...]]:
+    """Turn a spec into (open_clip model name, weights file, transform kwargs, model ids).
+
+    The first id is ARCHITECTURE@<sha256 of the weights>, however the weights are passed (a file, a
+    local-dir, a cached pretrained tag); the others are the ids earlier releases gave the same model,
+    still accepted for the indexes and rerankers built with them.
+    """
     register_embedded_configs()
     model, pretrained = spec.model, spec.pretrained
     if model.startswith("local-dir:"):
@@ -133,7 +148,8 @@ def _resolve(spec: EncoderSpec) -> tuple[str, str | None, dict[str, Any], str]:
             raise EncoderUnavailable(f"{folder} has no {CONFIG_NAME}: not an open_clip local-dir checkpoint")
         weights = next(iter(sorted(folder.glob("*.safetensors"))), None)
         digest = _file_sha(weights) if weights else "random"
-        return model, None, {}, f"{folder.name}@{digest}"
+        config = json.loads((folder / CONFIG_NAME).read_text())
+        return model, None, {}, (f"{_architecture(config)}@{digest}", f"{folder.name}@{digest}")
     if model.endswith(".json"):
         if not Path(model).is_file():
             raise EncoderUnavailable(f"model config {model} does not exist")
@@ -147,23 +163,23 @@ def _resolve(spec: EncoderSpec) -> tuple[str, str | None, dict[str, Any], str]:
             raise EncoderUnavailable(f"embedded checkpoint {pretrained} missing; run `imsearch train encoder`")
     if pretrained is None:
         log.warning("no pretrained weights for %s: using random initialisation", model)
-        return model, None, {}, f"{model}@random"
+        return model, None, {}, (f"{model}@random",)
     if Path(pretrained).is_file():
-        return model, pretrained, {}, f"{model}@{_file_sha(Path(pretrained))}"
+        return model, pretrained, {}, (f"{model}@{_file_sha(Path(pretrained))}",)
     if "/" in pretrained or Path(pretrained).suffix in WEIGHT_SUFFIXES:  # a file, not a tag
         raise EncoderUnavailable(f"weights file {pretrained} does not exist (for {model}); pass the path of a "
                                  ".safetensors file, or a pretrained tag open_clip knows")
     path, cfg = _cached_tag_weights(model, pretrained)
     transform = {k: cfg[k] for k in ("mean", "std", "interpolation", "resize_mode") if k in cfg}
     kwargs = {f"image_{k}": v for k, v in transform.items()}
-    return model, path, kwargs, f"{model}@{pretrained}"
+    return model, path, kwargs, (f"{model}@{_file_sha(Path(path))}", f"{model}@{pretrained}")
 
 
 class DualEncoder:
     """A CLIP-style dual encoder: images and texts into one L2-normalised space, plus patch tokens."""
 
     def __init__(self, model: open_clip.CLIP, preprocess: Any, tokenizer: Any, model_id: str, device: torch.device,
-                 model_name: str = EMBEDDED, spec: EncoderSpec | None = None):
+                 model_name: str = EMBEDDED, spec: EncoderSpec | None = None, aliases: tuple[str, ...] = ()):
         self.model = model.eval()
         self.spec = spec or EncoderSpec()  # how to load this model again (in another process: a Ray actor)
         self.model_name = model_name
@@ -172,11 +188,16 @@ class DualEncoder:
         self.preprocess = preprocess
         self.tokenizer = tokenizer
         self.model_id = model_id
+        self.aliases = aliases  # ids an earlier release gave these weights
         self.device = device
         self.embed_dim: int = int(model.text_projection.shape[1])
         visual = model.visual
         grid = visual.grid_size
         self.token_shape: tuple[int, int] = (1 + grid[0] * grid[1], int(visual.transformer.width))
+
+    def is_model(self, model_id: str) -> bool:
+        """Whether an index or reranker recorded as built with `model_id` was built with this model."""
+        return model_id == self.model_id or model_id in self.aliases
 
     # pre: decode-side work, done in data-loader workers by the indexer
     def to_tensor(self, images: ImageBatch) -> torch.Tensor:
@@ -252,12 +273,12 @@ def load_encoder(spec: EncoderSpec | None = None) -> DualEncoder:
     """Load model, preprocessing and tokenizer together; never touches the network."""
     spec = spec or EncoderSpec()
     device = resolve_device(spec.device)
-    name, weights, kwargs, model_id = _resolve(spec)
+    name, weights, kwargs, ids = _resolve(spec)
     model, _, preprocess = open_clip.create_model_and_transforms(
         name, pretrained=weights, device=device, weights_only=True, **kwargs
     )
     tokenizer = open_clip.get_tokenizer(name)
-    return DualEncoder(model, preprocess, tokenizer, model_id, device, name, spec)
+    return DualEncoder(model, preprocess, tokenizer, ids[0], device, name, spec, ids[1:])
 
 
 def create_embedded(seed: int = 0) -> DualEncoder:

@@ -39,7 +39,7 @@ class TokenReranker:
     """A mid or early fusion Matcher over the dual encoder's text and cached patch tokens."""
 
     def __init__(self, matcher: Matcher, encoder: DualEncoder):
-        if matcher.cfg.encoder_id and matcher.cfg.encoder_id != encoder.model_id:
+        if matcher.cfg.encoder_id and not encoder.is_model(matcher.cfg.encoder_id):
             raise ValueError(f"reranker was trained on tokens of {matcher.cfg.encoder_id}, "
                              f"but the encoder is {encoder.model_id}")
         self.matcher = matcher.eval()

@@ -126,7 +126,7 @@ def load_engine(settings: Settings) -> Engine:
         raise StartupError(str(exc)) from None
     for name, index in indexes.items():
         built = index.manifest["model"]["id"]
-        if built != encoder.model_id:
+        if not encoder.is_model(built):
             raise StartupError(f"index {name!r} was built with model {built}, but the service is configured "
                                f"with {encoder.model_id}; set IMSEARCH_MODEL/IMSEARCH_PRETRAINED to match")
     rerankers, failed = load_tiers(settings.rerankers, encoder)

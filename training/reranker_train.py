@@ -346,6 +346,6 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
 
 def _resumed(cfg: RerankTrainConfig, encoder: DualEncoder) -> Matcher:
     model = load_reranker(cfg.path())
-    if model.cfg.encoder_id != encoder.model_id:
+    if not encoder.is_model(model.cfg.encoder_id):
         raise ValueError(f"the run in {cfg.path()} trains over {model.cfg.encoder_id!r}, not {encoder.model_id!r}")
     return model

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import time
 from pathlib import Path
 
@@ -75,6 +76,23 @@ def test_checkpoint_round_trip_gives_identical_embeddings(tmp_path: Path, images
     via_dir = load_encoder(EncoderSpec(f"local-dir:{tmp_path / 'b'}"))  # open_clip's own layout
     assert np.array_equal(via_dir.encode_images(images), again.encode_images(images))
     assert loaded.model_id == again.model_id  # same bytes, same id
+    (tmp_path / "b").rename(tmp_path / "renamed")
+    renamed = load_encoder(EncoderSpec(f"local-dir:{tmp_path / 'renamed'}"))
+    assert via_dir.model_id == renamed.model_id == again.model_id == f"tiny@{again.model_id.split('@')[1]}"
+    assert renamed.is_model(f"renamed@{again.model_id.split('@')[1]}")  # the id an earlier release gave it
+    assert not renamed.is_model(f"tiny@{'0' * 16}") and not loaded.is_model(f"b@{again.model_id.split('@')[1]}")
+
+
+def test_a_local_dir_of_an_unknown_architecture_is_named_by_its_config(tmp_path: Path) -> None:
+    folder = tmp_path / "mine"
+    save_checkpoint(create_embedded(seed=4).model, folder)
+    config = json.loads((folder / "open_clip_config.json").read_text())
+    config["model_cfg"]["text_cfg"]["layers"] = 2  # no registered architecture has this config
+    del config["model_name"]
+    (folder / "open_clip_config.json").write_text(json.dumps(config))
+    (folder / "open_clip_model.safetensors").unlink()  # random weights at that size
+    encoder = load_encoder(EncoderSpec(f"local-dir:{folder}"))
+    assert encoder.model_id.startswith("custom-") and encoder.model_id.endswith("@random")
 
 
 def test_unavailable_pretrained_fails_fast_and_names_the_model() -> None:
