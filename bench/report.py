@@ -59,6 +59,8 @@ STEPS = (
     Step("freeform_seed7", (CLI, "eval", "freeform", "--json", "--seed", "7"), "queries as people type them, seed 7"),
     Step("admission", (PY, "bench/admission.py", "--scenes", "1000", "--rounds", "60", "--heavy", "4",
                        "--out", "{out}"), "small queries beside large reranks"),
+    Step("tokens", (PY, "bench/tokens.py", "--n", "1000", "--seeds", "2026,7", "--out", "{out}"),
+         "token store formats: bytes per image and mid R@1"),
 )
 STEP = {step.name: step for step in STEPS}
 
@@ -285,6 +287,34 @@ def freeform_targets(runs: list[dict[str, Any]]) -> str:
     return table(["target (issue 23)", *(f"seed {run['seed']}" for run in runs), ""], rows)
 
 
+def section_tokens() -> str:
+    r = load("tokens")
+    if not r:
+        return ""
+    rows = [[x["seed"], x["format"], f"{x['bytes_per_image']:,}", x["r1"], x["r1_loss_pt"], x["binding_acc"],
+             x["ms_p50"]] for x in r["gallery"]]
+    shapes = [[x["model"], x["format"], f"{x['bytes_per_image']:,}", x["gb_per_million"], x["vs_fp16"]]
+              for x in r["shapes"]]
+    fits = [x for x in r["gallery"] if x["bytes_per_image"] <= 8000]
+    names = sorted({x["format"] for x in fits})
+    ok = [n for n in names if all(x["r1_loss_pt"] <= 0.5 for x in fits if x["format"] == n)]
+    return f"""## Token store (`bench/tokens.py`)
+
+`{STEP["tokens"].command()}` — the twin gallery of each seed embedded once, its tokens kept as
+`imsearch index build --tokens FORMAT` keeps them, the mid reranker at k = {r['k']} over each, one query at
+a time (ms include decoding the candidates' tokens).
+
+{table(["seed", "format", "bytes per image", "mid R@1", "loss (pt)", "binding", "ms p50"], rows)}
+
+Target (issue 25): stored features ≤ 8 KB per image at ≤ 0.5 pt R@1 loss against fp16 —
+{verdict(bool(ok))}{f" with {', '.join(ok)}" if ok else ""}.
+
+The same formats for the real models' token shapes:
+
+{table(["tokens of", "format", "bytes per image", "GB per million images", "of fp16"], shapes)}
+"""
+
+
 def section_ann() -> str:
     r = load("ann")
     if not r:
@@ -440,7 +470,7 @@ def render() -> str:
         f"{machine()}. The steps took {total / 60:.1f} min in all. Speed figures are ratios against a "
         "baseline measured in the same run; raw JSON is in `bench/results/` (not committed).",
         "",
-        section_encoder(), section_rerankers(), section_freeform(), section_ann(), section_indexing(),
+        section_encoder(), section_rerankers(), section_freeform(), section_tokens(), section_ann(), section_indexing(),
         section_service(), section_soak(), section_admission(), section_gpu(),
     ]).rstrip() + "\n"
 

@@ -10,6 +10,7 @@ import faiss
 import numpy as np
 
 from indexer.encoder import DualEncoder
+from indexer.tokens import TokenFormat, decode, encode
 from reranker.score import Query, Reranker, fuse, rerank_order
 from training.encoder_eval import BATCH, difference_kind
 from training.scenes import EVAL_SEED, Sample, render, twin_gallery
@@ -28,7 +29,16 @@ class Gallery:
 
     samples: list[Sample]
     index: faiss.IndexFlatIP
-    tokens: np.ndarray  # (n, t, w) float16
+    tokens: np.ndarray  # (n, t, w) float16, or (n,) rows of `store`
+    store: TokenFormat | None = None  # a quantized token store (indexer.tokens); None: fp16
+
+    def candidates(self, rows: np.ndarray) -> np.ndarray:
+        """The tokens of gallery rows as a reranker gets them from an index (decoded from a quantized store)."""
+        return self.tokens[rows] if self.store is None else decode(self.tokens[rows], self.store)
+
+    def stored_as(self, fmt: TokenFormat) -> Gallery:
+        """This (fp16) gallery with its tokens kept as an index built with `--tokens fmt` keeps them."""
+        return Gallery(self.samples, self.index, encode(self.tokens, fmt), fmt)
 
 
 def embed(encoder: DualEncoder, n: int, seed: int) -> Gallery:
@@ -65,7 +75,7 @@ def run_query(encoder: DualEncoder, gallery: Gallery, text: str, reranker: Reran
     cosine, rows = cosine[0], rows[0]
     log_p = None
     if reranker is not None and k > 0:
-        order, log_p, _ = rerank_order(reranker, Query(text, tokens[0], mask[0]), gallery.tokens[rows[:k]],
+        order, log_p, _ = rerank_order(reranker, Query(text, tokens[0], mask[0]), gallery.candidates(rows[:k]),
                                        cosine[:k])
         rows, log_p = np.concatenate([rows[:k][order], rows[k:]]), log_p[order]
     return QueryResult(rows, (time.perf_counter() - start) * 1000, log_p)
@@ -123,7 +133,7 @@ def fit_fusion_weight(encoder: DualEncoder, reranker: Reranker, n: int, seed: in
     for q, sample in enumerate(gallery.samples):
         pooled, tokens, mask = encoder.encode_texts_and_tokens([sample.caption])
         cosine, rows = gallery.index.search(pooled, k)
-        log_p = reranker.log_match(Query(sample.caption, tokens[0], mask[0]), gallery.tokens[rows[0]])
+        log_p = reranker.log_match(Query(sample.caption, tokens[0], mask[0]), gallery.candidates(rows[0]))
         cached.append((q, cosine[0], rows[0], log_p))
     best = (grid[0], -1.0)
     for weight in grid:

@@ -1,0 +1,67 @@
+"""Benchmark, token store: bytes per image and the mid reranker's twin-gallery R@1 over fp16, int8 and int4
+tokens, side by side on one embedding of each seed's gallery; bytes for the ViT-B-32 and BLIP shapes.
+
+Usage: python bench/tokens.py [--n 1000] [--seeds 2026,7] [--k 16] [--out bench/results/tokens.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from indexer.encoder import load_encoder
+from indexer.tokens import FORMATS, token_format
+from reranker.score import load_tier
+from training.tradeoff import embed, evaluate_tier, run_query
+
+SHAPES = {"ViT-B-32 (50 × 768)": (50, 768), "BLIP ViT-B/16 at 384 px (577 × 768)": (577, 768)}
+
+
+def gallery_rows(n: int, seed: int, k: int) -> list[dict[str, Any]]:
+    """One row per format: bytes per image, mid R@1 and binding at k, ms per query, loss against fp16."""
+    encoder = load_encoder()
+    mid = load_tier("mid", encoder)
+    gallery = embed(encoder, n, seed)
+    run_query(encoder, gallery, gallery.samples[0].caption, mid, k, k)  # warm-up
+    rows = []
+    for name in FORMATS:
+        fmt = token_format(name, encoder.token_shape)
+        stored = gallery if name == "fp16" else gallery.stored_as(fmt)
+        row = evaluate_tier(encoder, stored, "mid", mid, k)
+        rows.append({"seed": seed, "format": name, "bytes_per_image": fmt.bytes_per_image, "r1": row["r1"],
+                     "binding_acc": row["binding_acc"], "ms_p50": round(float(row["ms_p50"]), 2), "n": n})
+    for row in rows:
+        row["r1_loss_pt"] = round(100 * (rows[0]["r1"] - row["r1"]), 2)
+    return rows
+
+
+def shape_rows() -> list[dict[str, Any]]:
+    """Bytes per image of each format for the real models' token shapes, and GB per million images."""
+    out = []
+    for model, shape in SHAPES.items():
+        for name in FORMATS:
+            size = token_format(name, shape).bytes_per_image
+            out.append({"model": model, "format": name, "bytes_per_image": size, "gb_per_million": round(size / 1e3, 1),
+                        "vs_fp16": round(size / token_format("fp16", shape).bytes_per_image, 3)})
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--n", type=int, default=1000)
+    parser.add_argument("--seeds", default="2026,7")
+    parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--out", type=Path, default=Path("bench/results/tokens.json"))
+    args = parser.parse_args()
+    rows = [row for seed in args.seeds.split(",") for row in gallery_rows(args.n, int(seed), args.k)]
+    result = {"k": args.k, "gallery": rows, "shapes": shape_rows()}
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(result, indent=2) + "\n")
+    for row in rows:
+        print(row)
+
+
+if __name__ == "__main__":
+    main()
