@@ -120,26 +120,27 @@ class CrossBlock(nn.Module):
         text = text + self.cross_attn(h, image, image, need_weights=False)[0]
         return text + self.mlp(self.ln3(text))
 
-    def attend_row(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
-        """`attend` for text of one row per pair (the last block's [ENC]), with the image-side
-        projections folded into that row: q·(W_k y + b_k) = (W_kᵀ q)·y + a term that softmax
-        drops, and Σ a_j (W_v y_j + b_v) = W_v (Σ a_j y_j) + b_v. The keys and values of every
-        image token (2·t·w² multiply-adds per pair) become 4·h·t·w + 2·w² for the one row.
+    def attend_folded(self, text: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+        """`attend` with the image-side projections folded into the text rows: q·(W_k y + b_k) =
+        (W_kᵀ q)·y + a term that softmax drops, and Σ a_j (W_v y_j + b_v) = W_v (Σ a_j y_j) + b_v.
+        The keys and values of every image token (2·t·w² multiply-adds per pair) become about
+        2·h·L·t·w + 2·L·w² for the L text rows: fewer whenever L is well under t (a query of 12 tokens
+        against 65 image tokens).
 
         Args:
-            text: (k, 1, w); image: (k, t, w) embedded image tokens.
+            text: (k, L, w); image: (k, t, w) embedded image tokens.
         """
         attn = self.cross_attn
-        k, w, heads = text.shape[0], attn.embed_dim, attn.num_heads
+        (k, rows, w), heads = text.shape, attn.num_heads
         d = w // heads
         w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
         b_q, _, b_v = attn.in_proj_bias.chunk(3)
-        q = F.linear(self.ln2(text[:, 0]), w_q, b_q).view(k, heads, d)
-        q_img = torch.einsum("khd,hdw->khw", q, w_k.view(heads, d, w)) * d**-0.5  # the query in image space
-        weights = torch.softmax(torch.bmm(q_img, image.transpose(1, 2)), dim=-1)  # (k, heads, t)
-        mixed = torch.bmm(weights, image)  # (k, heads, w): each head's weighted average of image tokens
-        values = torch.einsum("khw,hdw->khd", mixed, w_v.view(heads, d, w)).reshape(k, w) + b_v
-        text = text + attn.out_proj(values)[:, None]
+        q = F.linear(self.ln2(text), w_q, b_q).view(k, rows, heads, d)
+        q_img = torch.einsum("klhd,hdw->khlw", q, w_k.view(heads, d, w)) * d**-0.5  # the queries in image space
+        weights = torch.softmax(q_img.reshape(k, heads * rows, w) @ image.transpose(1, 2), dim=-1)
+        mixed = (weights @ image).view(k, heads, rows, w)  # each head's weighted average of image tokens
+        values = torch.einsum("khlw,hdw->klhd", mixed, w_v.view(heads, d, w)).reshape(k, rows, w) + b_v
+        text = text + attn.out_proj(values)
         return text + self.mlp(self.ln3(text))
 
 
@@ -235,8 +236,8 @@ class Matcher(nn.Module):
         Early fusion computes its last layer at [ENC] only (_early_at_enc). Mid: the first block's
         text self-attention sees no image, so it runs once instead of k times; the last block's
         outputs matter only at [ENC], so only that row is computed there (its keys and values still
-        come from every text token), and its cross-attention never projects the image tokens
-        (CrossBlock.attend_row).
+        come from every text token); no cross-attention projects the image tokens
+        (CrossBlock.attend_folded).
 
         Args:
             image: (k, t, image_width); text: (1, L, text_width); mask: (1, L).
@@ -253,7 +254,7 @@ class Matcher(nn.Module):
         for i, block in enumerate(blocks):
             if i > 0:
                 txt = block.self_part(txt, pad, rows=1 if i == last else None)
-            txt = block.attend_row(txt, img) if i == last else block.attend(txt, img)
+            txt = block.attend_folded(txt, img)
         return self.head(self.ln_out(txt[:, 0]))
 
     def _stream(self, txt: torch.Tensor, pad: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,7 +55,7 @@ def test_a_batch_scores_like_single_calls(matcher: Matcher) -> None:
 @pytest.mark.parametrize("layers", [1, 3])
 def test_one_text_against_k_images_scores_like_the_full_batch(matcher: Matcher, layers: int) -> None:
     """The fast path (first block's self-attention once, last block at [ENC] only, with the image
-    projections folded into that row) changes nothing."""
+    projections folded into the text rows of every block) changes nothing."""
     torch.manual_seed(1)
     model = Matcher(RerankerConfig(kind=matcher.cfg.kind, layers=layers, image_mix=64)).eval()
     nn_init = torch.Generator().manual_seed(2)
