@@ -70,6 +70,23 @@ def test_in_process_jobs_add_images_and_the_service_switches(corpus: tuple[Path,
         assert [j["job_id"] for j in client.get("/v1/jobs", headers=KEY).json()] == ["j1"]
 
 
+def test_a_job_chooses_the_token_store_and_an_add_keeps_it(corpus: tuple[Path, Path]) -> None:
+    root, index_dir = corpus
+    source = str(root / "batch" / "captions.jsonl")
+    with TestClient(create_app(_settings(index_dir, root))) as client:
+        client.post("/v1/jobs/index", headers=KEY, json={"source": source, "mode": "build", "replace": True,
+                                                         "job_id": "b4", "options": {"tokens": "int4"}})
+        built = wait_for(lambda: (j := _job(client, "b4"))["status"] in ("succeeded", "failed") and j)
+        assert built["status"] == "succeeded", built
+        assert client.get("/v1/index").json()["manifest"]["tokens"]["format"] == "int4"
+        client.post("/v1/jobs/index", headers=KEY, json={"source": str(root), "job_id": "a16",
+                                                         "options": {"tokens": "fp16"}})
+        refused = wait_for(lambda: (j := _job(client, "a16"))["status"] in ("succeeded", "failed") and j)
+        assert refused["status"] == "failed" and "one index holds one format" in refused["error"]
+        wrong = client.post("/v1/jobs/index", headers=KEY, json={"source": source, "options": {"tokens": "int3"}})
+        assert wrong.status_code == 422 and "tokens" in wrong.json()["detail"]
+
+
 @pytest.mark.parametrize(
     ("body", "headers", "status", "needle"),
     [
