@@ -105,6 +105,7 @@ def _serve_one(settings: Settings, host: str, port: int) -> None:
     try:
         engine = load_engine(settings)
     except StartupError as exc:
+        sock.close()
         fail(str(exc))
     err.print(f"serving {', '.join(engine.indexes)} on http://{host}:{port}")
     config = server_config(create_app(settings, engine, own_engine=True), host, port, settings.header_timeout_s,
@@ -119,6 +120,8 @@ def search(
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="how many results")] = 10,
     rerank: Annotated[str, typer.Option(help="rerank tier: none, mid or early")] = "none",
     rerank_k: Annotated[int, typer.Option(min=1, max=256, help="candidates the reranker rescores")] = 16,
+    checkpoint: Annotated[Path | None, typer.Option(help="the --rerank tier's checkpoint (default: the committed "
+                                                    "one), e.g. from `imsearch train reranker --data`")] = None,
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
@@ -136,7 +139,8 @@ def search(
     query = QueryInput(text=text, image=_read_query_image(image) if image else None, k=k, rerank=rerank,
                        rerank_k=rerank_k)
     settings = Settings(indexes=[str(index_dir)], model=model, pretrained=pretrained, device=device,
-                        rerankers=[] if rerank == "none" else [rerank], redis_url=None, threads=0)
+                        rerankers=[] if rerank == "none" else [f"{rerank}={checkpoint}" if checkpoint else rerank],
+                        redis_url=None, threads=0)
     try:
         engine = load_engine(settings)
     except StartupError as exc:
