@@ -8,6 +8,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 
 from indexer.encoder import MODELS_DIR, DualEncoder
 from reranker.model import Matcher, load_reranker
@@ -83,7 +84,13 @@ def rerank_order(reranker: Reranker, query: Query, image_tokens: np.ndarray,
 
 
 def load_tier(kind: str, encoder: DualEncoder, path: Path | None = None) -> TokenReranker:
-    """The committed reranker of a tier (or a given checkpoint) bound to its encoder."""
+    """The committed reranker of a tier (or a given checkpoint of that kind) bound to its encoder."""
     if kind not in TIERS:
         raise ValueError(f"unknown rerank tier {kind!r}: use one of {', '.join(TIERS)}")
-    return TokenReranker(load_reranker(path or MODELS_DIR / f"reranker-{kind}.safetensors"), encoder)
+    try:
+        matcher = load_reranker(path or MODELS_DIR / f"reranker-{kind}.safetensors")
+    except SafetensorError as exc:
+        raise ValueError(f"{path} is not a reranker checkpoint (safetensors): {exc}") from None
+    if matcher.cfg.kind != kind:
+        raise ValueError(f"{path} is a {matcher.cfg.kind} reranker, not {kind}")
+    return TokenReranker(matcher, encoder)

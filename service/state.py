@@ -141,12 +141,15 @@ def load_engine(settings: Settings) -> Engine:
 
 
 def load_tiers(tiers: list[str], encoder: DualEncoder) -> tuple[dict[str, Reranker], dict[str, str]]:
-    """(loaded tier → reranker, failed tier → why): a tier that cannot load is served without, and reported."""
+    """(loaded tier → reranker, failed tier → why) from TIER or TIER=CHECKPOINT entries (a reranker of that
+    kind trained for this encoder, e.g. by `imsearch train reranker --data`); a tier that cannot load is
+    served without, and reported."""
     rerankers: dict[str, Reranker] = {}
     failed: dict[str, str] = {}
-    for tier in tiers:
+    for entry in tiers:
+        tier, _, checkpoint = entry.partition("=")
         try:
-            rerankers[tier] = load_tier(tier, encoder)
+            rerankers[tier] = load_tier(tier, encoder, Path(checkpoint) if checkpoint else None)
         except (FileNotFoundError, ValueError) as exc:
             log.warning("rerank tier %s unavailable: %s", tier, exc)
             failed[tier] = str(exc)

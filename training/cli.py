@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import json
 import sys
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
@@ -15,8 +16,9 @@ from indexer.cli import DeviceOpt, ModelOpt, PretrainedOpt, err, fail, guarded
 from training.scenes import EVAL_SEED, TRAIN_SEED, VAL_SEED
 
 if TYPE_CHECKING:
-    from indexer.encoder import DualEncoder
+    from indexer.encoder import DualEncoder, EncoderSpec
     from reranker.score import Reranker, TokenReranker
+    from training.reranker_train import RerankTrainConfig
 
 CALIBRATION_PER_KIND = 40  # 7 kinds x 40 descriptions x 16 candidates: about 4,500 scored pairs
 
@@ -135,8 +137,12 @@ def train_reranker_cmd(
     warmup: Annotated[int, typer.Option(min=1)] = 100,
     encoder_weights: Annotated[Path | None, typer.Option(help="the embedded encoder's weights to train over "
                                                          "(default: models/tiny-clip)")] = None,
+    data: Annotated[Path | None, typer.Option(help="train on your own captioned images instead of scenes: an "
+                                              "index built from a .jsonl/.parquet with captions (needs --out)")] = None,
+    model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "cpu",
 ) -> None:
-    """Train a reranker on the frozen embedded encoder, then fit its score fusion on validation scenes.
+    """Train a reranker on the frozen embedded encoder, then fit its score fusion on validation scenes;
+    with --data, on an index's captioned images for any open_clip encoder (--model, --pretrained).
 
     The run saves its weights every 100 steps; a rerun with the same --out resumes it."""
     from indexer.encoder import EncoderSpec, load_encoder
@@ -146,6 +152,15 @@ def train_reranker_cmd(
 
     if kind not in ("mid", "early"):
         fail(f"unknown reranker kind {kind!r}: use mid or early")
+    if data is not None:
+        scene_only = {"--shape-negatives": shape_negatives, "--layout-negatives": layout_negatives,
+                      "--describe-share": describe_share, "--hard-share": hard_share,
+                      "--encoder-weights": encoder_weights}
+        _train_on_captions(kind, data, EncoderSpec(model, pretrained, device), RerankTrainConfig(
+            kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out, ground_weight=0.0, init=init,
+            first_step=first_step, image_mix=image_mix, warmup=warmup, command=" ".join(["imsearch", *sys.argv[1:]])),
+            [k for k, v in scene_only.items() if v])
+        return
     spec = EncoderSpec(pretrained=str(encoder_weights)) if encoder_weights else None
     encoder = guarded(lambda: load_encoder(spec))
     cfg = guarded(lambda: RerankTrainConfig(
@@ -153,23 +168,61 @@ def train_reranker_cmd(
         first_step=first_step, image_mix=image_mix, shape_negatives=shape_negatives, layout_negatives=layout_negatives,
         describe_share=describe_share, hard_share=hard_share, warmup=warmup,
         command=" ".join(["imsearch", *sys.argv[1:]])))
+    matcher, log = _run_training(cfg, partial(train_reranker, encoder, cfg))
+    fitted = _calibrate(TokenReranker(matcher, encoder), val_n, CALIBRATION_PER_KIND)
+    path = save_reranker(matcher, cfg.path())
+    _write_summary(path, matcher, log, fitted, init=str(init) if init else None, first_step=first_step,
+                   image_mix=matcher.cfg.image_mix, negatives=cfg.negatives, describe_share=describe_share,
+                   hard_share=hard_share)
+
+
+def _run_training(cfg: RerankTrainConfig, train: Callable[..., Any]) -> Any:
+    """`train(on_step)` under a progress bar (saying so when it resumes a saved run)."""
     if cfg.run_log().is_file():
         err.print(f"resuming the run saved in {cfg.run_log()}")
     with progress_bar() as bar:
-        task = bar.add_task(f"train {kind} reranker", total=steps, loss=float("nan"))
+        task = bar.add_task(f"train {cfg.kind} reranker", total=cfg.steps, loss=float("nan"))
+
         def advance(step: int, loss: float) -> None:
             bar.update(task, completed=step + 1, loss=loss)
 
-        model, log = guarded(lambda: train_reranker(encoder, cfg, advance))
-    fitted = _calibrate(TokenReranker(model, encoder), val_n, CALIBRATION_PER_KIND)
-    path = save_reranker(model, cfg.path())
-    summary = {"kind": kind, "steps": steps, "init": str(init) if init else None, "first_step": first_step,
-               "image_mix": model.cfg.image_mix, "negatives": cfg.negatives, "seconds": log["seconds"], **fitted,
-               "parameters": sum(p.numel() for p in model.parameters()),
-               "bytes": path.stat().st_size, "describe_share": describe_share, "hard_share": hard_share,
+        return guarded(lambda: train(advance))
+
+
+def _write_summary(path: Path, model: Any, log: dict[str, Any], fitted: dict[str, Any], **extra: Any) -> None:
+    """The checkpoint's JSON beside it: the run's settings, fit, size, commands and loss curve."""
+    summary = {"kind": model.cfg.kind, "steps": len(log["losses"]), **extra, "seconds": log["seconds"], **fitted,
+               "parameters": sum(p.numel() for p in model.parameters()), "bytes": path.stat().st_size,
                "commands": log["commands"]}
     path.with_suffix(".json").write_text(json.dumps({**summary, "losses": log["losses"]}) + "\n")
     err.print(json.dumps(summary))
+
+
+def _train_on_captions(kind: str, data: Path, spec: EncoderSpec, cfg: RerankTrainConfig, scene_only: list[str]) -> None:
+    """The generic recipe (training.captions_train) on an index's captioned images."""
+    from indexer.encoder import load_encoder
+    from indexer.store import Index
+    from reranker.model import save_reranker
+    from reranker.score import TokenReranker
+    from training.captions_train import caption_pairs, fit_on_captions, load_captions
+    from training.reranker_train import train_reranker
+
+    if scene_only:
+        fail(f"{', '.join(scene_only)} belong to the scene recipe; --data trains on the index's own captions")
+    if cfg.out is None:
+        fail("--data needs --out: the committed models/reranker-KIND.safetensors serve the embedded model")
+    encoder = guarded(lambda: load_encoder(spec))
+    index = guarded(lambda: Index.open(data))
+    if not encoder.is_model(index.manifest["model"]["id"]):
+        fail(f"index {data} was built with {index.manifest['model']['id']}, not {encoder.model_id}: pass the "
+             "--model and --pretrained it was built with")
+    captions = guarded(lambda: load_captions(index, cfg.seed))
+    model, log = _run_training(cfg, lambda on_step: train_reranker(
+        encoder, cfg, on_step, lambda step: caption_pairs(encoder, captions, cfg, step)))
+    fitted = guarded(lambda: fit_on_captions(TokenReranker(model, encoder), captions))
+    path = save_reranker(model, cfg.out)
+    _write_summary(path, model, log, fitted, init=str(cfg.init) if cfg.init else None, data=str(data),
+                   encoder=encoder.model_id, tokens=index.token_format.name if index.token_format else None)
 
 
 def _calibrate(reranker: TokenReranker, val_n: int, per_kind: int) -> dict[str, float]:

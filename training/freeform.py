@@ -95,7 +95,7 @@ def evaluate_freeform(encoder: DualEncoder, rerankers: dict[str, Reranker], n: i
             "examples": {kind: next(q.text for q in queries if q.kind == kind) for kind in KINDS}}
 
 
-def _margins(scored: list[tuple[float, bool]], cfg: RerankerConfig) -> tuple[np.ndarray, np.ndarray]:
+def raw_margins(scored: list[tuple[float, bool]], cfg: RerankerConfig) -> tuple[np.ndarray, np.ndarray]:
     """The heads' raw logit margins and the truth of each scored candidate: log p = logsigmoid(z) with
     z = margin / T + bias, so z = log p - log(1 - p), computed from log p itself (exact where p rounds
     to 1), and the calibration `cfg` holds undone."""
@@ -124,7 +124,7 @@ def fit_calibration(encoder: DualEncoder, reranker: TokenReranker, n: int, seed:
     queries = freeform_queries(samples, per_kind, seed)
     _, scored = _tier_rows(encoder, gallery, queries, truth(queries, samples), reranker.name, reranker, k)
     cfg = reranker.matcher.cfg
-    margins, labels = _margins(scored, cfg)
+    margins, labels = raw_margins(scored, cfg)
     cfg.temperature, cfg.bias = best_calibration(margins, labels)
     calibrated = -np.logaddexp(0.0, -(margins / cfg.temperature + cfg.bias))  # log sigmoid
     return cfg.temperature, cfg.bias, calibration_error(list(zip(calibrated.tolist(), labels.tolist(), strict=True)))

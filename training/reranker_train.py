@@ -308,12 +308,15 @@ def with_image_mix(model: Matcher, hidden: int) -> Matcher:
     return grown.train(model.training)
 
 
-def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
-                   on_step: Callable[[int, float], None] | None = None) -> tuple[Matcher, dict[str, object]]:
-    """Train a mid or early fusion matcher; positives weigh as much as their negatives in the loss.
+def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig, on_step: Callable[[int, float], None] | None = None,
+                   pairs: Callable[[int], PairBatch] | None = None) -> tuple[Matcher, dict[str, object]]:
+    """Train a mid or early fusion matcher on `pairs` of each step (default: the scene recipe, make_pairs);
+    positives weigh as much as their negatives in the loss.
 
     A run saves its weights and log every cfg.save_every steps; the same command resumes it.
     """
+    pairs = pairs or (lambda at: make_pairs(encoder, cfg, at))
+    cfg.path().parent.mkdir(parents=True, exist_ok=True)
     log = resume_log(cfg.run_log(), cfg.path(), cfg.command)
     resumed = log.step
     model = (_resumed(cfg, encoder) if resumed else new_matcher(encoder, cfg)).train()
@@ -323,7 +326,7 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig,
     for step in range(resumed, cfg.steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, cfg, resumed)
-        batch = make_pairs(encoder, cfg, cfg.first_step + step)
+        batch = pairs(cfg.first_step + step)
         positives = max(1, int(batch.labels.sum()))
         class_weight = torch.tensor([1.0, (len(batch.labels) - positives) / positives])
         loss = pair_loss(model, batch, class_weight, cfg.ground_weight)

@@ -15,7 +15,14 @@ from typer.testing import CliRunner
 from imsearch.cli import app
 from reranker.model import Matcher, RerankerConfig, load_reranker
 from training.descriptions import KINDS, holds
-from training.freeform import _margins, best_calibration, calibration_error, freeform_gallery, freeform_queries, truth
+from training.freeform import (
+    best_calibration,
+    calibration_error,
+    freeform_gallery,
+    freeform_queries,
+    raw_margins,
+    truth,
+)
 
 
 def test_gallery_queries_and_truth() -> None:
@@ -69,7 +76,7 @@ def test_margins_are_read_back_exactly_from_calibrated_log_p_even_where_p_rounds
     raw = torch.tensor([-30.0, -4.0, 0.0, 2.5, 14.0, 40.0])  # the head's margins: some far past p = 1 - 1e-6
     cfg = RerankerConfig(kind="mid", temperature=1.3, bias=-2.1)
     log_p = Matcher.log_match(torch.stack([torch.zeros(6), raw], dim=1), cfg.temperature, cfg.bias)
-    margins, labels = _margins([(float(lp), i % 2 == 0) for i, lp in enumerate(log_p)], cfg)
+    margins, labels = raw_margins([(float(lp), i % 2 == 0) for i, lp in enumerate(log_p)], cfg)
     np.testing.assert_allclose(margins, raw.numpy(), rtol=1e-4, atol=1e-3)
     assert labels.tolist() == [True, False, True, False, True, False]
 
