@@ -9,7 +9,7 @@ fusion weight on retrieval from the whole index.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -37,10 +37,21 @@ class CaptionData:
     val: np.ndarray
     captions: dict[int, str]  # id → caption
     vectors: np.ndarray  # (len(train), d) pooled embeddings of the training ids
+    groups: dict[str, int] = field(init=False)  # caption → its number (images sharing it share it)
+    train_groups: np.ndarray = field(init=False)  # of the training ids: compared on every step, computed once
+
+    def __post_init__(self) -> None:
+        self.groups = {text: g for g, text in enumerate(sorted(set(self.captions.values())))}
+        self.train_groups = self.group_of(self.train)
+
+    def group_of(self, ids: np.ndarray) -> np.ndarray:
+        return np.array([self.groups[self.captions[int(i)]] for i in ids], dtype=np.int64)
 
     def same_caption(self, texts: list[str], ids: np.ndarray) -> np.ndarray:
         """(len(texts), len(ids)) whether each id's caption is the text: such an image is no negative."""
-        return np.array([[self.captions[int(i)] == t for i in ids] for t in texts], dtype=bool)
+        wanted = np.array([self.groups.get(t, -1) for t in texts], dtype=np.int64)
+        groups = self.train_groups if ids is self.train else self.group_of(ids)
+        return wanted[:, None] == groups[None, :]
 
 
 def load_captions(index: Index, seed: int = 0) -> CaptionData:
@@ -64,12 +75,13 @@ def caption_pairs(encoder: DualEncoder, data: CaptionData, cfg: RerankTrainConfi
     the one whose text the image is most similar to."""
     rng = np.random.default_rng([cfg.seed, 79, step])
     n, b = len(data.train), cfg.batch
-    ids = data.train[rng.choice(n, size=b, replace=n < b)]
+    picked = rng.choice(n, size=b, replace=n < b)  # positions in train
+    ids = data.train[picked]
     texts = [data.captions[int(i)] for i in ids]
     emb, tokens, mask = encoder.encode_texts_and_tokens(texts)
     sim = np.where(data.same_caption(texts, data.train), -np.inf, emb @ data.vectors.T)
     mined = np.stack([draw_negatives(row, rng, cfg.mined_temperature) for row in sim])  # (b, MINED) positions in train
-    image_sim = np.where(data.same_caption(texts, ids).T, -np.inf, data.index.vectors(ids) @ emb.T)
+    image_sim = np.where(data.same_caption(texts, ids).T, -np.inf, data.vectors[picked] @ emb.T)
     other = image_sim.argmax(axis=1)  # per image, the batch's most similar caption that is not its own
     pos = np.arange(b)
     image_ids = np.concatenate([ids, data.train[mined.reshape(-1)], ids])
