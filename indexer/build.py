@@ -18,10 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from indexer import features
 from indexer.ann import AnnPlan, build_index, plan_index, trainable
 from indexer.distributed import EncodedBatch, RayOptions
 from indexer.durable import mutation_lock, save_faiss, save_npy
 from indexer.encoder import DualEncoder
+from indexer.features import ImageFeatures
 from indexer.integrity import check_shard, read_manifest, read_npy
 from indexer.layout import DELETED, FAILURES, INDEX_FILE, MANIFEST, SHARDS, STAGING, VERSIONS
 from indexer.reader import (
@@ -68,6 +70,7 @@ class BuildOptions:
     ray: RayOptions | None = None  # encode on a Ray cluster instead of this process
     replace: bool = False  # a build may replace the folder's published index (else it is refused)
     tokens: str | None = None  # token store format (indexer.tokens.FORMATS); None: fp16, or an add's index's
+    features: tuple[ImageFeatures, ...] = ()  # rerank tiers' own vision towers, whose output is stored too
     roots: tuple[str, ...] = ()  # when set (indexing jobs), only files that resolve under these are read
 
 
@@ -149,6 +152,19 @@ def choose_tokens(opts: BuildOptions, encoder: DualEncoder, parent: Index | None
         raise BuildError(str(exc)) from None
 
 
+def feature_formats(opts: BuildOptions, tokens: TokenFormat, parent: Index | None) -> dict[str, TokenFormat]:
+    """How each tier's own features are stored; an add must bring what its index holds (features.mismatch)."""
+    if opts.features and opts.ray is not None:
+        raise BuildError("encoding on Ray computes the dual encoder's vectors only; index with --tiers without --ray")
+    problem = features.mismatch(parent.feature_sets, opts.features, str(parent.root)) if parent else None
+    if problem:
+        raise BuildError(problem)
+    try:
+        return features.formats(opts.features, tokens)
+    except ValueError as exc:
+        raise BuildError(str(exc)) from None
+
+
 def check_model(parent: Index, encoder: DualEncoder) -> None:
     built = parent.manifest["model"]["id"]
     if not encoder.is_model(built):
@@ -159,8 +175,9 @@ def check_model(parent: Index, encoder: DualEncoder) -> None:
 # --- ingest: the streaming part -------------------------------------------------------------------
 
 
-def _staging_dir(out: Path, mode: str, src: Path, encoder: DualEncoder, parent: str | None, tokens: str) -> Path:
-    key = json.dumps([mode, str(src.resolve()), encoder.model_id, parent, tokens])
+def _staging_dir(out: Path, mode: str, src: Path, encoder: DualEncoder, parent: str | None, tokens: str,
+                 extra: list[str]) -> Path:
+    key = json.dumps([mode, str(src.resolve()), encoder.model_id, parent, tokens, *extra])
     return out / STAGING / hashlib.sha1(key.encode()).hexdigest()[:12]
 
 
@@ -184,7 +201,8 @@ def _batches(items: list[SourceItem], encoder: DualEncoder,
              opts: BuildOptions) -> Iterator[tuple[list[Decoded], EncodedBatch | None]]:
     """Decoded batches in source order: DataLoader workers here, or already encoded on Ray."""
     if opts.ray is None:
-        dataset = ImageDataset(items, encoder.preprocess, opts.max_pixels, opts.roots)
+        extras = {f.features: f.preprocess_image for f in opts.features}
+        dataset = ImageDataset(items, encoder.preprocess, opts.max_pixels, opts.roots, extras)
         loader = make_loader(dataset, opts.batch_size, opts.workers)
         for batch in loader:
             yield batch, None
@@ -208,7 +226,8 @@ def ingest(items: list[SourceItem], writer: ShardWriter, encoder: DualEncoder, k
         dups += batch_dups
         emb, tok = _encode(encoder, good) if encoded is None else encoded.take(good)
         rows = [_row(items[d.position], d) for d in good]
-        writer.add(rows, emb, tok, [items[d.position].path for d in batch], failures)
+        extra = features.encode(opts.features, {f.features: [d.extra[f.features] for d in good] for f in opts.features})
+        writer.add(rows, emb, tok, [items[d.position].path for d in batch], failures, extra)
         done, indexed = done + len(batch), indexed + len(good)
         if progress:
             progress(done, len(items), indexed)
@@ -264,13 +283,15 @@ def _write_version(tmp: Path, shard_dirs: list[Path], deleted: set[int], failure
 
 
 def _manifest(plan: AnnPlan, count: int, shard_dirs: list[Path], encoder_info: dict[str, Any], source: str,
-              parent: Index | None, counts: dict[str, int], next_id: int, tokens: TokenFormat | None) -> dict[str, Any]:
+              parent: Index | None, counts: dict[str, int], next_id: int, tokens: TokenFormat | None,
+              feature_sets: dict[str, dict[str, Any]]) -> dict[str, Any]:
     return {
         "model": encoder_info, "dim": encoder_info["embed_dim"], "count": count, "next_id": next_id,
         "index": plan.to_dict(), "created": datetime.now(UTC).isoformat(timespec="seconds"),
         "source": source, "roots": _roots(parent, source), "parent": parent.version if parent else None,
         "counts": counts, "shards": _shard_entries(shard_dirs),
         "tokens": tokens.describe() if tokens else None,  # how the rerankers' patch tokens are stored
+        "features": feature_sets,  # rerank tiers' own image features: name → {model, format, shape, bytes_per_image}
     }
 
 
@@ -339,16 +360,19 @@ def _ingest_locked(src: Path, out: Path, encoder: DualEncoder, opts: BuildOption
     if parent is not None:
         check_model(parent, encoder)
     tokens = choose_tokens(opts, encoder, parent)
-    staging = _staging_dir(out, mode, src, encoder, parent.version if parent else None, tokens.name)
+    stored = feature_formats(opts, tokens, parent)
+    sets = {f.features: features.describe(f, stored[f.features]) for f in opts.features}
+    staging = _staging_dir(out, mode, src, encoder, parent.version if parent else None, tokens.name,
+                           [f"{name}@{info['model']}" for name, info in sets.items()])
     staged = read_staged(staging)
     known = _known_hashes(parent, staged)
     next_id = _next_id(out, staged)
     done = {p for s in staged for p in s.processed}
     todo = [it for it in items if it.path not in done]
-    writer = ShardWriter(staging, staging.name, next_id, opts.shard_size, first_seq=len(staged), tokens=tokens)
+    writer = ShardWriter(staging, staging.name, next_id, opts.shard_size, len(staged), tokens, stored)
     dups = ingest(todo, writer, encoder, known, opts, progress)
     shards = staged + writer.written
-    report = _publish_ingest(out, src, encoder, opts, parent, shards, dups + _staged_dups(staged), tokens)
+    report = _publish_ingest(out, src, encoder, opts, parent, shards, dups + _staged_dups(staged), (tokens, sets))
     shutil.rmtree(staging, ignore_errors=True)
     report.seconds = time.perf_counter() - start
     return report
@@ -376,7 +400,8 @@ def _staged_dups(staged: list[StagedShard]) -> int:
 
 
 def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptions, parent: Index | None,
-                    shards: list[StagedShard], dups: int, tokens: TokenFormat) -> BuildReport:
+                    shards: list[StagedShard], dups: int,
+                    stored: tuple[TokenFormat, dict[str, dict[str, Any]]]) -> BuildReport:
     failures = [f for s in shards for f in s.failures]
     new_dirs = [s.folder for s in shards if len(s.ids)]
     parent_dirs = [parent.folder / SHARDS / s.name for s in parent.shards] if parent else []
@@ -398,7 +423,7 @@ def _publish_ingest(out: Path, src: Path, encoder: DualEncoder, opts: BuildOptio
         plan, count = _write_version(tmp, parent_dirs + new_dirs, deleted, failures, opts, encoder.embed_dim)
         result.update(plan=plan, count=count)
         return _manifest(plan, count, parent_dirs + new_dirs, model_info(encoder), str(src.resolve()), parent,
-                         counts, next_id, tokens)
+                         counts, next_id, *stored)
 
     version = publish(out, fill, keep=opts.keep_versions)
     listed = str(out / VERSIONS / version / FAILURES) if failures else None
@@ -433,7 +458,7 @@ def _remove_locked(index_dir: Path, paths: list[str] | None, ids: list[int] | No
         result.update(plan=plan, count=count)
         counts = {"indexed": 0, "skipped": 0, "duplicates": 0, "removed": len(targets), "not_found": len(missing)}
         return _manifest(plan, count, dirs, parent.manifest["model"], parent.manifest["source"], parent, counts,
-                         int(parent.manifest["next_id"]), parent.token_format)
+                         int(parent.manifest["next_id"]), parent.token_format, parent.feature_sets)
 
     version = publish(index_dir, fill, keep=opts.keep_versions)
     return BuildReport(0, 0, 0, len(targets), time.perf_counter() - start, result["plan"].kind, version,

@@ -6,6 +6,7 @@ import json
 import sys
 from collections.abc import Callable
 from enum import StrEnum
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any, NoReturn
 
@@ -122,16 +123,54 @@ def _print_report(report: Any, as_json: bool) -> None:
             err.print(f"  {failure['path']}: {failure['reason']}", highlight=False, markup=False, soft_wrap=True)
 
 
+def _feature_sources(tiers: str | None, device: str) -> tuple[Any, ...]:
+    """The vision towers of the tiers given (default: the served IMSEARCH_RERANKERS) that need image features
+    of their own (blip); mid and early score the dual encoder's tokens, which every index stores."""
+    import os
+
+    from reranker.score import KINDS, TIERS
+
+    entries = tiers.split(",") if tiers is not None else _served_tiers(os.environ.get("IMSEARCH_RERANKERS"))
+    sources = []
+    for entry in (e.strip() for e in entries if e.strip()):
+        kind, _, folder = entry.partition("=")
+        if kind not in KINDS:
+            fail(f"unknown rerank tier {kind!r} in --tiers: use {', '.join(TIERS)} or blip=MODEL_DIR")
+        if kind == "blip":
+            if not folder:
+                fail("--tiers blip needs its model folder: --tiers blip=/models/blip-itm-base-coco")
+            sources.append(guarded(partial(_blip, Path(folder), device)))
+    return tuple(sources)
+
+
+def _served_tiers(raw: str | None) -> list[str]:
+    try:
+        tiers = json.loads(raw) if raw else []
+    except ValueError:
+        tiers = None
+    if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
+        fail(f"IMSEARCH_RERANKERS must be a JSON list of tiers (e.g. [\"mid\", \"blip=/models/blip\"]), not {raw}")
+    return tiers
+
+
+def _blip(folder: Path, device: str) -> Any:
+    from indexer.encoder import resolve_device
+    from reranker.blip import BlipReranker
+
+    return BlipReranker(folder, str(resolve_device(device)))
+
+
 def _options(batch_size: int, workers: int | None, index_type: IndexType, shard_size: int, max_pixels: int,
              memory_budget_mb: int | None, keep: int, ray: str | None = None, replace: bool = False,
-             tokens: TokenStore | None = None) -> Any:
+             tokens: TokenStore | None = None, features: tuple[Any, ...] = ()) -> Any:
     from indexer.build import BuildOptions, default_workers
     from indexer.distributed import RayOptions
 
     budget = memory_budget_mb * 1024 * 1024 if memory_budget_mb else None
     cluster = None if ray is None else RayOptions(address=None if ray == "local" else ray)
     return BuildOptions(batch_size, default_workers() if workers is None else workers, shard_size, index_type.value,
-                        budget, max_pixels, keep, cluster, replace, tokens=tokens.value if tokens else None)
+                        budget, max_pixels, keep, cluster, replace, tokens=tokens.value if tokens else None,
+                        features=features)
 
 
 SrcArg = Annotated[Path, typer.Argument(help="folder, .txt of paths, or .jsonl/.parquet with a path column")]
@@ -147,6 +186,10 @@ KeepOpt = Annotated[int, typer.Option(min=1, help="index versions to keep")]
 TokensOpt = Annotated[TokenStore | None, typer.Option(case_sensitive=False, help=(
     "how the rerankers' patch tokens are stored: fp16, int8 (half the bytes) or int4 (a quarter and less); "
     "default fp16, or for an add the index's own"))]
+TiersOpt = Annotated[str | None, typer.Option("--tiers", help=(
+    "the rerank tiers that will score this index, comma-separated as IMSEARCH_RERANKERS names them (mid, early, "
+    "blip=MODEL_DIR): a tier with its own vision tower (blip) has its image features computed and stored; "
+    "default: IMSEARCH_RERANKERS"))]
 RayOpt = Annotated[str | None, typer.Option(
     "--ray", help="encode on Ray: 'local' starts one here, else a cluster address ('auto', 'ray://host:10001')")]
 
@@ -156,13 +199,13 @@ def index_build(
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
     batch_size: BatchOpt = 64, workers: WorkersOpt = None, index_type: IndexTypeOpt = IndexType.auto,
     shard_size: ShardOpt = 2048, max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None,
-    keep: KeepOpt = 3, ray: RayOpt = None, tokens: TokensOpt = None,
+    keep: KeepOpt = 3, ray: RayOpt = None, tokens: TokensOpt = None, tiers: TiersOpt = None,
     replace: Annotated[bool, typer.Option(help="replace the index already published in the folder")] = False,
     as_json: JsonOpt = False,
 ) -> None:
     """Encode every image of SRC into a new index (resumable; on Ray with --ray)."""
     opts = _options(batch_size, workers, index_type, shard_size, max_pixels, memory_budget_mb, keep, ray, replace,
-                    tokens)
+                    tokens, _feature_sources(tiers, device))
     _run_ingest(src, index_dir, "build", model, pretrained, device, opts, as_json)
 
 
@@ -171,11 +214,12 @@ def index_add(
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "auto",
     batch_size: BatchOpt = 64, workers: WorkersOpt = None, index_type: IndexTypeOpt = IndexType.auto,
     shard_size: ShardOpt = 2048, max_pixels: PixelsOpt = 64_000_000, memory_budget_mb: BudgetOpt = None,
-    keep: KeepOpt = 3, ray: RayOpt = None, tokens: TokensOpt = None, as_json: JsonOpt = False,
+    keep: KeepOpt = 3, ray: RayOpt = None, tokens: TokensOpt = None, tiers: TiersOpt = None,
+    as_json: JsonOpt = False,
 ) -> None:
     """Add new images (content-hash dedupe) and publish a new version."""
     opts = _options(batch_size, workers, index_type, shard_size, max_pixels, memory_budget_mb, keep, ray,
-                    tokens=tokens)
+                    tokens=tokens, features=_feature_sources(tiers, device))
     _run_ingest(src, index_dir, "add", model, pretrained, device, opts, as_json)
 
 
@@ -213,6 +257,8 @@ def index_info(index_dir: IndexDirOpt,
              f"model    {manifest['model']['id']} (dim {manifest['dim']})",
              f"index    {plan['kind']}" + (f", {plan['nlist']} lists" if plan.get("nlist") else ""),
              f"tokens   {tokens['format']}, {tokens['bytes_per_image']:,} bytes per image" if tokens else "tokens   -",
+             *(f"features {name}: {f['format']} {f['shape']}, {f['bytes_per_image']:,} bytes per image, model "
+               f"{f['model']}" for name, f in index.feature_sets.items()),
              f"source   {manifest['source']}", f"created  {manifest['created']}"]
     sys.stdout.write("\n".join(lines) + "\n")
 

@@ -15,7 +15,7 @@ import numpy as np
 
 from indexer.ann import AnnPlan
 from indexer.durable import FileDigest
-from indexer.layout import DELETED, INDEX_FILE, MANIFEST, SHARD_FILES, SHARD_NAME, SHARDS
+from indexer.layout import DELETED, INDEX_FILE, MANIFEST, SHARD_FILES, SHARD_NAME, SHARDS, feature_file
 
 
 class IndexNotFound(FileNotFoundError):
@@ -82,7 +82,20 @@ def _manifest_problem(manifest: Any) -> str | None:
     if manifest["index"].get("kind") not in ANN_KINDS:
         return f"names an unknown index kind {manifest['index'].get('kind')!r}"
     bad = next((s for s in manifest["shards"] if not _valid_shard_entry(s)), None)
-    return None if bad is None else f"has an invalid shard entry {json.dumps(bad)[:80]}"
+    if bad is not None:
+        return f"has an invalid shard entry {json.dumps(bad)[:80]}"
+    return _features_problem(manifest.get("features"))
+
+
+def _features_problem(features: Any) -> str | None:
+    """The tiers' feature sets, when recorded: name → {model, format, shape, bytes_per_image}."""
+    if features is None:
+        return None
+    valid = isinstance(features, dict) and all(
+        isinstance(name, str) and SHARD_NAME.fullmatch(name) and isinstance(info, dict)
+        and isinstance(info.get("model"), str) and isinstance(info.get("format"), str)
+        for name, info in features.items())
+    return None if valid else f"has an invalid features entry {json.dumps(features)[:80]}"
 
 
 def _valid_shard_entry(entry: Any) -> bool:
@@ -149,14 +162,17 @@ def needed_files(folder: Path, manifest: dict[str, Any]) -> list[Needed]:
     if (folder / DELETED).exists() or _record(records, DELETED):
         needed.append(Needed(folder / DELETED, _record(records, DELETED)))
     for entry in manifest["shards"]:
-        needed += _shard_needs(folder / SHARDS / entry["name"], entry)
+        needed += _shard_needs(folder / SHARDS / entry["name"], entry, tuple(manifest.get("features") or ()))
     return needed
 
 
-def _shard_needs(folder: Path, entry: dict[str, Any]) -> list[Needed]:
+def _shard_needs(folder: Path, entry: dict[str, Any], features: tuple[str, ...] = ()) -> list[Needed]:
+    """A shard's files: the four of every shard, and a shard with rows one per feature set of its version."""
     records, rows = entry.get("files"), entry.get("rows")
+    recorded = {name for name in records if name.startswith("feat-")} if isinstance(records, dict) else set()
+    extra = recorded | ({feature_file(name) for name in features} if rows else set())
     return [Needed(folder / name, _record(records, name), rows if name.endswith(".npy") else None)
-            for name in SHARD_FILES]
+            for name in (*SHARD_FILES, *sorted(extra))]
 
 
 def _record(records: Any, name: str) -> FileDigest | None:

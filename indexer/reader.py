@@ -9,7 +9,7 @@ import json
 import os
 import stat
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,7 @@ class Decoded:
     height: int = 0
     error: str | None = None
     size: int = 0  # bytes of the file as read (served images are checked against it)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # preprocessed for each tier's own vision tower
 
 
 class UnreadableFile(OSError):
@@ -201,9 +202,13 @@ def within(path: str | Path, roots: Sequence[str | Path]) -> bool:
     return any(resolved.is_relative_to(Path(root).expanduser().resolve()) for root in roots)
 
 
-def read_item(path: str, preprocess: Callable[[Image.Image], torch.Tensor], max_pixels: int,
-              max_bytes: int = DEFAULT_MAX_BYTES, position: int = 0, roots: Sequence[str] = ()) -> Decoded:
-    """Read, hash, decode and preprocess one file; never raises for a bad file.
+Preprocess = Callable[[Image.Image], torch.Tensor]
+
+
+def read_item(path: str, preprocess: Preprocess, max_pixels: int, max_bytes: int = DEFAULT_MAX_BYTES,
+              position: int = 0, roots: Sequence[str] = (), extras: Mapping[str, Preprocess] | None = None) -> Decoded:
+    """Read, hash, decode and preprocess one file (for the dual encoder, and for each of `extras`); never
+    raises for a bad file.
 
     With `roots` (an indexing job), a file is read only when it resolves under one of them.
     """
@@ -221,16 +226,17 @@ def read_item(path: str, preprocess: Callable[[Image.Image], torch.Tensor], max_
         image = decode_image(data, max_pixels)
     except BadImage as exc:
         return Decoded(position, None, digest, error=str(exc))
-    return Decoded(position, preprocess(image), digest, image.width, image.height, size=len(data))
+    extra = {name: fn(image) for name, fn in (extras or {}).items()}
+    return Decoded(position, preprocess(image), digest, image.width, image.height, size=len(data), extra=extra)
 
 
 class ImageDataset(Dataset[Decoded]):
     """Map-style dataset over source items; decoding happens in the worker that fetches an item."""
 
-    def __init__(self, items: Sequence[SourceItem], preprocess: Callable[[Image.Image], torch.Tensor],
-                 max_pixels: int = DEFAULT_MAX_PIXELS, roots: Sequence[str] = ()):
+    def __init__(self, items: Sequence[SourceItem], preprocess: Preprocess, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 roots: Sequence[str] = (), extras: Mapping[str, Preprocess] | None = None):
         self.items = items
-        self.preprocess = preprocess
+        self.preprocess, self.extras = preprocess, extras
         self.max_pixels = max_pixels
         self.roots = roots
 
@@ -239,7 +245,7 @@ class ImageDataset(Dataset[Decoded]):
 
     def __getitem__(self, position: int) -> Decoded:
         return read_item(self.items[position].path, self.preprocess, self.max_pixels, position=position,
-                         roots=self.roots)
+                         roots=self.roots, extras=self.extras)
 
 
 def collate(batch: list[Decoded]) -> list[Decoded]:

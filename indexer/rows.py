@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +13,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from indexer.integrity import corrupt, npy_layout, read_npy, reading
+from indexer.layout import feature_file
 from indexer.tokens import TokenFormat, format_of
 
 
@@ -64,21 +65,44 @@ class Shard:
     embeddings: Rows  # (n, d) float32
     tokens: Rows  # (n, t, w) float16, or (n,) quantized records (indexer.tokens)
     token_format: TokenFormat | None  # None for a shard of failures only
+    features: dict[str, tuple[Rows, TokenFormat]] = field(default_factory=dict)  # rerank tiers' own (feat-NAME.npy)
+
+    def files(self) -> list[Rows]:
+        return [self.embeddings, self.tokens, *(rows for rows, _ in self.features.values())]
+
+    def close(self) -> None:
+        for rows in self.files():
+            rows.close()
 
 
-def open_shard(folder: Path, root: Path) -> Shard:
-    """A shard folder opened: ids read whole, arrays held open, their row counts checked against the ids."""
+def _stored(path: Path, root: Path, n: int) -> tuple[Rows, TokenFormat | None]:
+    """Token rows (of the dual encoder or a tier) held open with their format: None only when `n` is 0."""
+    rows = Rows(path, None, root)
+    fmt = format_of(rows.layout.dtype, rows.row_shape)
+    if fmt is None and n:
+        rows.close()
+        raise corrupt(path, f"holds {rows.layout.dtype} rows of shape {rows.row_shape}, which are "
+                            "tokens in none of the stored formats")
+    return rows, fmt
+
+
+def open_shard(folder: Path, root: Path, features: tuple[str, ...] = ()) -> Shard:
+    """A shard folder opened: ids read whole, arrays held open (the dual encoder's tokens, and each named
+    feature set of a shard with rows), their row counts checked against the ids."""
     ids = read_npy(folder / "ids.npy")
-    tokens = Rows(folder / "tok.npy", None, root)
-    fmt = format_of(tokens.layout.dtype, tokens.row_shape)
-    if fmt is None and len(ids):
-        tokens.close()
-        raise corrupt(tokens.path, f"holds {tokens.layout.dtype} rows of shape {tokens.row_shape}, which are "
-                                   "tokens in none of the stored formats")
+    tokens, fmt = _stored(folder / "tok.npy", root, len(ids))
     shard = Shard(folder.name, ids, Rows(folder / "emb.npy", np.float32, root), tokens, fmt if len(ids) else None)
-    for rows in (shard.embeddings, shard.tokens):
-        if len(rows) != len(ids):
-            raise corrupt(rows.path, f"holds {len(rows)} rows where ids.npy holds {len(ids)}")
+    try:
+        for name in features if len(ids) else ():  # a shard of failures only writes none
+            rows, feat = _stored(folder / feature_file(name), root, len(ids))
+            assert feat is not None
+            shard.features[name] = (rows, feat)
+        for rows in shard.files():
+            if len(rows) != len(ids):
+                raise corrupt(rows.path, f"holds {len(rows)} rows where ids.npy holds {len(ids)}")
+    except BaseException:
+        shard.close()
+        raise
     return shard
 
 

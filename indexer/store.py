@@ -15,6 +15,7 @@ import numpy as np
 import pyarrow as pa
 
 from indexer.ann import GPU_MAX_K, AnnPlan, ann_search, place_for_search, rescore
+from indexer.features import ENCODER_TOKENS
 from indexer.integrity import IndexCorrupt, IndexNotFound, check_version, corrupt, read_npy
 from indexer.layout import DELETED, INDEX_FILE, SHARDS
 from indexer.rows import Column, Rows, Shard, open_shard, read_meta
@@ -50,6 +51,8 @@ class Index:
         self.version: str = self.manifest["version"]
         self.plan = AnnPlan(**self.manifest["index"])
         self.dim: int = int(self.manifest["dim"])
+        # rerank tiers' own image features: name → {model, format, shape, bytes_per_image}
+        self.feature_sets: dict[str, dict[str, Any]] = dict(self.manifest.get("features") or {})
         try:
             self._open_files()
         except BaseException:
@@ -61,9 +64,9 @@ class Index:
     def _open_files(self) -> None:
         folder = self.folder
         self.deleted = set(read_npy(folder / DELETED).tolist()) if (folder / DELETED).is_file() else set()
-        _reserve_descriptors(2 * len(self.manifest["shards"]))
+        _reserve_descriptors((2 + len(self.feature_sets)) * len(self.manifest["shards"]))
         for entry in self.manifest["shards"]:
-            self.shards.append(open_shard(folder / SHARDS / entry["name"], self.root))
+            self.shards.append(open_shard(folder / SHARDS / entry["name"], self.root, tuple(self.feature_sets)))
         self._check_shapes()
         self._build_lookup()
         self.faiss = _read_faiss(folder / INDEX_FILE)
@@ -80,6 +83,11 @@ class Index:
                 raise corrupt(shard.tokens.path, f"holds tokens as {shard.token_format}, where "
                                                  f"{full[0].tokens.path} holds {full[0].token_format}")
         self.token_format = full[0].token_format if full else None  # one format for every shard of an index
+        for shard in full:
+            for name, (rows, fmt) in shard.features.items():
+                if any(self.feature_sets[name].get(k) != v for k, v in fmt.describe().items()):
+                    raise corrupt(rows.path, f"holds {name} features as {fmt.name} {list(fmt.shape)}, where the "
+                                             f"manifest records {self.feature_sets[name]}")
         self._emb = [s.embeddings for s in self.shards]
         self._tok = [s.tokens for s in self.shards]
 
@@ -114,8 +122,7 @@ class Index:
             self._released |= release
         if release:
             for shard in self.shards:
-                shard.embeddings.close()
-                shard.tokens.close()
+                shard.close()
 
     def __enter__(self) -> Index:
         return self
@@ -183,6 +190,21 @@ class Index:
         if fmt is None:  # no image indexed
             return np.zeros((len(pos), 0, 0), np.float16)
         return decode(self._gather(pos, np.empty(len(pos), fmt.dtype), self._tok), fmt)
+
+    def features(self, name: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
+        """(n, t, w) image features of a rerank tier that brings its own vision tower (`tokens` for the
+        dual encoder's patch tokens); KeyError for a feature set this version does not hold."""
+        if name == ENCODER_TOKENS:
+            return self.tokens(ids)
+        if name not in self.feature_sets:
+            raise KeyError(name)
+        pos = self._locate(ids)
+        full = [s for s in self.shards if len(s.ids)]
+        if not full:
+            return np.zeros((len(pos), 0, 0), np.float16)
+        fmt = full[0].features[name][1]
+        files = [s.features[name][0] if len(s.ids) else s.tokens for s in self.shards]  # no id is in an empty one
+        return decode(self._gather(pos, np.empty(len(pos), fmt.dtype), files), fmt)
 
     def _gather(self, pos: np.ndarray, out: np.ndarray, files: list[Rows]) -> np.ndarray:
         """The rows at sorted positions `pos` into `out`: one pread per run of consecutive rows of a shard."""

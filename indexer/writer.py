@@ -15,6 +15,7 @@ import pyarrow.parquet as pq
 
 from indexer.durable import FileDigest, file_digest, fsync_tree, save_npy
 from indexer.integrity import corrupt
+from indexer.layout import feature_file
 from indexer.tokens import TokenFormat, encode, token_format
 
 META_SCHEMA = pa.schema([
@@ -91,8 +92,9 @@ class ShardWriter:
     """
 
     def __init__(self, staging: Path, prefix: str, next_id: int, shard_size: int, first_seq: int = 0,
-                 tokens: TokenFormat | None = None):
+                 tokens: TokenFormat | None = None, features: dict[str, TokenFormat] | None = None):
         self.tokens = tokens  # how tok.npy stores them (None: fp16)
+        self.features = features or {}  # rerank tiers' own image features (feat-NAME.npy) and how they are stored
         self.folder = staging / "shards"
         self.folder.mkdir(parents=True, exist_ok=True)
         self.prefix, self.next_id, self.shard_size, self.seq = prefix, next_id, shard_size, first_seq
@@ -103,16 +105,20 @@ class ShardWriter:
         self.rows: list[Row] = []
         self.emb: list[np.ndarray] = []
         self.tok: list[np.ndarray] = []
+        self.feat: dict[str, list[np.ndarray]] = {name: [] for name in self.features}
         self.processed: list[str] = []
         self.failures: list[Failure] = []
 
     def add(self, rows: list[Row], emb: np.ndarray, tok: np.ndarray, processed: list[str],
-            failures: list[Failure]) -> None:
-        """Add one encoded batch; flushes when the shard is full."""
+            failures: list[Failure], features: dict[str, np.ndarray] | None = None) -> None:
+        """Add one encoded batch (with each of the writer's feature sets for its rows); flushes when the
+        shard is full."""
         self.rows += rows
         if rows:
             self.emb.append(emb.astype(np.float32))
             self.tok.append(encode(tok, self.tokens or token_format("fp16", tok.shape[1:])))
+            for name, fmt in self.features.items():
+                self.feat[name].append(encode((features or {})[name], fmt))
         self.processed += processed
         self.failures += failures
         if len(self.rows) >= self.shard_size:
@@ -147,6 +153,8 @@ class ShardWriter:
         if self.emb:
             files["emb.npy"] = save_npy(folder / "emb.npy", self.emb)  # written chunk by chunk, not concatenated
             files["tok.npy"] = save_npy(folder / "tok.npy", self.tok)
+            for name, chunks in self.feat.items():
+                files[feature_file(name)] = save_npy(folder / feature_file(name), chunks)
         else:  # a shard of failures only still records what it processed
             files["emb.npy"] = save_npy(folder / "emb.npy", np.zeros((0, 0), np.float32))
             files["tok.npy"] = save_npy(folder / "tok.npy", np.zeros((0, 0, 0), np.float16))

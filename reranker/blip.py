@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -20,10 +21,14 @@ class BlipReranker:
     Weights load from a local folder only (`save_pretrained` layout, safetensors); no hub access.
     """
 
-    name = "blip"
+    name = features = "blip"
+    text_from_encoder = False
 
     def __init__(self, model_dir: Path | str, device: str = "cpu", fusion_weight: float = 0.0):
-        from transformers import BlipForImageTextRetrieval, BlipProcessor
+        try:
+            from transformers import BlipForImageTextRetrieval, BlipProcessor
+        except ImportError:
+            raise ValueError("the blip tier needs Hugging Face transformers: pip install 'imsearch[blip]'") from None
 
         folder = Path(model_dir)
         if not (folder / "config.json").is_file():
@@ -38,12 +43,24 @@ class BlipReranker:
         enc = tokenizer.convert_tokens_to_ids("[ENC]")
         # the original BLIP replaces [CLS] with [ENC] for ITM; HF checkpoints without it keep [CLS]
         self.enc_token_id: int | None = enc if enc != tokenizer.unk_token_id else None
+        vision = self.model.config.vision_config
+        self.feature_shape = ((vision.image_size // vision.patch_size) ** 2 + 1, vision.hidden_size)
+        self.feature_model = f"blip-itm@{_weights_sha(folder)}"
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor:
+        """(3, h, w) pixels as BLIP's processor prepares them (its resolution and normalisation)."""
+        pixels = self.processor.image_processor(images=image, return_tensors="pt")["pixel_values"]
+        return pixels[0]
 
     @torch.inference_mode()
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray:
+        """(n, t, w) float32 vision features of preprocessed images, to store at index time."""
+        hidden = self.model.vision_model(pixel_values=pixels.to(self.device)).last_hidden_state
+        return hidden.float().cpu().numpy()
+
     def image_tokens(self, images: Sequence[Image.Image]) -> np.ndarray:
-        """(n, t, w) vision features to cache in the token store."""
-        pixels = self.processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
-        return self.model.vision_model(pixel_values=pixels).last_hidden_state.float().cpu().numpy()
+        """(n, t, w) vision features of images."""
+        return self.encode_pixels(torch.stack([self.preprocess_image(im) for im in images]))
 
     def prepare(self, text: str) -> Query:
         batch: Any = self.processor.tokenizer([text], return_tensors="np", padding=False, truncation=True,
@@ -68,3 +85,15 @@ class BlipReranker:
         ).last_hidden_state
         logits = self.model.itm_head(hidden[:, 0, :])
         return torch.log_softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+
+
+def _weights_sha(folder: Path) -> str:
+    """The first 16 hex of the sha256 over the config and weights: the model's id however its folder is named."""
+    digest = hashlib.sha256()
+    for name in ("config.json", "model.safetensors"):
+        path = folder / name
+        if path.is_file():
+            with path.open("rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]

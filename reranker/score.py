@@ -11,9 +11,11 @@ import torch
 from safetensors import SafetensorError
 
 from indexer.encoder import MODELS_DIR, DualEncoder
+from indexer.features import ENCODER_TOKENS
 from reranker.model import Matcher, load_reranker
 
-TIERS = ("mid", "early")
+TIERS = ("mid", "early")  # the tiers that score the dual encoder's tokens (their features: ENCODER_TOKENS)
+KINDS = (*TIERS, "blip")  # every tier a service may load: blip scores BLIP's own vision features
 
 
 @dataclass
@@ -30,6 +32,9 @@ class Reranker(Protocol):
 
     name: str
     fusion_weight: float
+    features: str  # the index's feature set it scores: ENCODER_TOKENS, or its own (stored by --tiers at index time)
+    feature_model: str  # the model that computed them: features from other weights are refused, never scored
+    text_from_encoder: bool  # its Query is the dual encoder's text tokens (the search computed them already)
 
     def prepare(self, text: str) -> Query: ...
 
@@ -47,6 +52,7 @@ class TokenReranker:
         self.encoder = encoder
         self.name = matcher.cfg.kind
         self.fusion_weight = matcher.cfg.fusion_weight
+        self.features, self.feature_model, self.text_from_encoder = ENCODER_TOKENS, encoder.model_id, True
 
     def prepare(self, text: str) -> Query:
         _, tokens, mask = self.encoder.encode_texts_and_tokens([text])
@@ -83,10 +89,21 @@ def rerank_order(reranker: Reranker, query: Query, image_tokens: np.ndarray,
     return np.argsort(-fused, kind="stable"), log_p, fused
 
 
+def load_kind(kind: str, encoder: DualEncoder, path: Path | None = None, device: str = "cpu") -> Reranker:
+    """A tier of any kind: mid or early (load_tier), or HF BLIP ITM from its model folder."""
+    if kind != "blip":
+        return load_tier(kind, encoder, path)
+    from reranker.blip import BlipReranker
+
+    if path is None:
+        raise ValueError("the blip tier needs its model folder: blip=/models/blip-itm-base-coco")
+    return BlipReranker(path, device)
+
+
 def load_tier(kind: str, encoder: DualEncoder, path: Path | None = None) -> TokenReranker:
     """The committed reranker of a tier (or a given checkpoint of that kind) bound to its encoder."""
     if kind not in TIERS:
-        raise ValueError(f"unknown rerank tier {kind!r}: use one of {', '.join(TIERS)}")
+        raise ValueError(f"unknown rerank tier {kind!r}: use one of {', '.join(KINDS)}")
     try:
         matcher = load_reranker(path or MODELS_DIR / f"reranker-{kind}.safetensors")
     except SafetensorError as exc:

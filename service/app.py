@@ -91,8 +91,19 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
                 responses["4XX"] = {"description": "a client error, explained in `detail`", **error}
         for name in ("HTTPValidationError", "ValidationError"):
             schemas.pop(name, None)
+        _list_tiers(app, schemas)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _list_tiers(app: FastAPI, schemas: dict[str, Any]) -> None:
+    """The `rerank` values a request may name: none and the tiers loaded (configured, before startup)."""
+    engine = getattr(app.state, "engine", None)
+    names = list(engine.rerankers) if engine else [e.partition("=")[0] for e in app.state.settings.rerankers]
+    for option in schemas.get("SearchRequest", {}).get("properties", {}).get("rerank", {}).get("anyOf", []):
+        if option.get("type") == "string":
+            option.pop("pattern", None)
+            option["enum"] = ["none", *names]
 
 
 class TimedRoutes:

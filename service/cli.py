@@ -118,10 +118,11 @@ def search(
     text: Annotated[str | None, typer.Argument(help="what to look for, in words")] = None,
     image: Annotated[Path | None, typer.Option(help="search by this image file instead of text")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="how many results")] = 10,
-    rerank: Annotated[str, typer.Option(help="rerank tier: none, mid or early")] = "none",
+    rerank: Annotated[str, typer.Option(help="rerank tier: none, mid, early or blip (with --checkpoint)")] = "none",
     rerank_k: Annotated[int, typer.Option(min=1, max=256, help="candidates the reranker rescores")] = 16,
     checkpoint: Annotated[Path | None, typer.Option(help="the --rerank tier's checkpoint (default: the committed "
-                                                    "one), e.g. from `imsearch train reranker --data`")] = None,
+                                                    "one), e.g. from `imsearch train reranker --data`; for blip "
+                                                    "its model folder")] = None,
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
-
 from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+
+TIER_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
 
 
 class SearchRequest(BaseModel):
@@ -16,7 +16,8 @@ class SearchRequest(BaseModel):
     image: str | None = Field(None, min_length=1, description="base64 of the image file's bytes")
     embedding: list[float] | None = Field(None, min_length=1, max_length=8192)
     k: StrictInt = Field(10, ge=1, le=1000)  # strict: JSON true is not a count, nor "10"
-    rerank: Literal["none", "mid", "early"] | None = None
+    rerank: str | None = Field(None, pattern=TIER_NAME, description=(
+        "none, or a rerank tier this service loaded (this schema lists them; /readyz too)"))
     rerank_k: StrictInt | None = Field(None, ge=1, le=256)
     min_similarity: float | None = Field(None, ge=-1.0, le=1.0)
     index: str | None = Field(None, min_length=1, max_length=200)

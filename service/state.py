@@ -16,7 +16,7 @@ from threadpoolctl import threadpool_limits
 from indexer.encoder import DualEncoder, EncoderSpec, EncoderUnavailable, load_encoder
 from indexer.integrity import IndexNotFound
 from indexer.store import Index
-from reranker.score import Reranker, load_tier
+from reranker.score import Reranker, load_kind
 from service.config import Settings
 from service.errors import StartupError, UnknownIndex
 from service.jobs.queues import JobQueue, LocalJobs, RQJobs
@@ -129,7 +129,7 @@ def load_engine(settings: Settings) -> Engine:
         if not encoder.is_model(built):
             raise StartupError(f"index {name!r} was built with model {built}, but the service is configured "
                                f"with {encoder.model_id}; set IMSEARCH_MODEL/IMSEARCH_PRETRAINED to match")
-    rerankers, failed = load_tiers(settings.rerankers, encoder)
+    rerankers, failed = load_tiers(settings.rerankers, encoder, settings.device)
     default = settings.default_rerank
     if default != "none" and default not in rerankers:
         why = failed.get(default, "it is not in IMSEARCH_RERANKERS")
@@ -140,17 +140,18 @@ def load_engine(settings: Settings) -> Engine:
     return engine
 
 
-def load_tiers(tiers: list[str], encoder: DualEncoder) -> tuple[dict[str, Reranker], dict[str, str]]:
+def load_tiers(tiers: list[str], encoder: DualEncoder,
+               device: str = "cpu") -> tuple[dict[str, Reranker], dict[str, str]]:
     """(loaded tier → reranker, failed tier → why) from TIER or TIER=CHECKPOINT entries (a reranker of that
-    kind trained for this encoder, e.g. by `imsearch train reranker --data`); a tier that cannot load is
-    served without, and reported."""
+    kind trained for this encoder, e.g. by `imsearch train reranker --data`, or blip=MODEL_FOLDER); a tier
+    that cannot load is served without, and reported."""
     rerankers: dict[str, Reranker] = {}
     failed: dict[str, str] = {}
     for entry in tiers:
         tier, _, checkpoint = entry.partition("=")
         try:
-            rerankers[tier] = load_tier(tier, encoder, Path(checkpoint) if checkpoint else None)
-        except (FileNotFoundError, ValueError) as exc:
+            rerankers[tier] = load_kind(tier, encoder, Path(checkpoint) if checkpoint else None, device)
+        except (FileNotFoundError, OSError, ValueError) as exc:
             log.warning("rerank tier %s unavailable: %s", tier, exc)
             failed[tier] = str(exc)
     return rerankers, failed

@@ -47,6 +47,7 @@ EXPECTED_FAILURES = {
     "--pretrained /models/vit-b-32.safetensors": "does not exist",
     "--model local-dir:/models/my-clip": "has no open_clip_config.json",
     "--model /models/my-arch.json": "does not exist",
+    "--tiers mid,blip=/models/blip-itm-base-coco": "is not a BLIP checkpoint folder",
     "--ray auto": "Ray",
 }
 SKIPPED = {

@@ -135,7 +135,7 @@ class Pipeline:
         """The query's hits (carrying the metadata `columns`, default all) with encode, search, rerank, fetch
         (the hits' metadata) and total ms; a cached answer (the index version is in its key) times only the lookup."""
         start = time.perf_counter()
-        self._check(q)
+        self._check(q, index)
         key = self._key(index, q, columns)
         if key is not None and (raw := (await self.reads(key))) is not None:
             self.metrics.cache_lookup("result", True)
@@ -153,11 +153,16 @@ class Pipeline:
         self.metrics.observe_search(out.timings_ms, q.rerank)
         return out
 
-    def _check(self, q: QueryInput) -> None:
-        if q.rerank != "none" and q.rerank not in self.rerankers:
+    def _check(self, q: QueryInput, index: Index) -> None:
+        if q.rerank == "none":
+            return
+        if q.rerank not in self.rerankers:
             raise BadQuery(f"rerank tier {q.rerank!r} is not loaded; available: none, {', '.join(self.rerankers)}")
-        if q.rerank != "none" and q.text is None:
+        if q.text is None:
             raise BadQuery(RERANK_NEEDS_TEXT)
+        problem = missing_features(self.rerankers[q.rerank], index)
+        if problem:
+            raise BadQuery(problem)
 
     def _key(self, index: Index, q: QueryInput, columns: Sequence[str] | None) -> str | None:
         """The result-cache key (None when nothing is cached): the index folder and version, the query, the columns."""
@@ -175,7 +180,9 @@ class Pipeline:
         reranked = None  # (log p(match), fused score), NaN past rerank_k
         scores, ids = found.scores, found.ids
         if ticket is not None:
-            query = Query(str(q.text), found.encoding.tokens, found.encoding.mask)
+            reranker = self.rerankers[q.rerank]
+            query = (Query(str(q.text), found.encoding.tokens, found.encoding.mask) if reranker.text_from_encoder
+                     else reranker.prepare(str(q.text)))  # its own tokenizer: no model runs
             scores, ids, reranked = await self._rerank(index, q, query, scores, ids, ticket)
         reranked_at = time.perf_counter()
         hits = _hits(index, scores, ids, reranked, q, columns)
@@ -209,6 +216,21 @@ class Pipeline:
             parts.append(log_p)
         log_p = np.concatenate(parts) if parts else np.zeros(0, np.float32)
         return order(log_p, scores, ids, reranker.fusion_weight)
+
+
+def missing_features(reranker: Reranker, index: Index) -> str | None:
+    """Why the index cannot be reranked by this tier (None: it can): a tier with its own vision tower scores
+    the features stored for it at index time by the same weights, never another model's tokens."""
+    if reranker.text_from_encoder:
+        return None
+    held = index.feature_sets.get(reranker.features)
+    if held is None:
+        return (f"index {index.root.name!r} holds no {reranker.features} image features, which the rerank tier "
+                f"{reranker.name!r} scores: rebuild it with `imsearch index build --tiers {reranker.name}=MODEL_DIR`")
+    if held.get("model") != reranker.feature_model:
+        return (f"index {index.root.name!r} holds {reranker.features} features of model {held.get('model')}, "
+                f"but the tier {reranker.name!r} is {reranker.feature_model}: rebuild it with this tier's model")
+    return None
 
 
 def _from_cache(data: dict[str, Any], start: float) -> SearchOutput:

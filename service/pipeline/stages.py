@@ -175,7 +175,7 @@ def rerank_stage(chunks: list[RerankChunk]) -> list[Any]:
 
     def score(chunk: RerankChunk) -> tuple[np.ndarray, float]:
         start = time.perf_counter()
-        log_p = chunk.reranker.log_match(chunk.query, chunk.index.tokens(chunk.ids))
+        log_p = chunk.reranker.log_match(chunk.query, chunk.index.features(chunk.reranker.features, chunk.ids))
         return log_p, time.perf_counter() - start
 
     return per_item(score, chunks)

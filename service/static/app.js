@@ -4,6 +4,7 @@
 const $ = (sel) => document.querySelector(sel);
 const TIER_NAMES = {
   mid: "mid fusion (ITM cross-attention)", early: "early fusion (single stream)", none: "none (no reranking)",
+  blip: "BLIP ITM (its own vision features)",
 };
 // one size per screen density rather than per tile, so the tiles of every search share cached thumbnails
 const THUMB_SIDE = Math.min(1024, 256 * Math.ceil(window.devicePixelRatio || 1));

@@ -119,6 +119,12 @@ CASES: dict[str, tuple[Callable[[Path], Path], str, str]] = {
                                OLDER),
     "manifest with a path for a shard": (lambda r: _rewrite_manifest(
         r, "v000003", lambda m: m["shards"][0].update(name="../../elsewhere")), "has an invalid shard entry", OLDER),
+    "manifest with a path for a feature set": (lambda r: _rewrite_manifest(
+        r, "v000003", lambda m: m.update(features={"../x": {"model": "m", "format": "fp16"}})),
+        "has an invalid features entry", OLDER),
+    "manifest naming a feature set no shard holds": (lambda r: _rewrite_manifest(
+        r, "v000003", lambda m: m.update(features={"blip": {"model": "m", "format": "fp16"}})) and _shard_file(
+        r, "feat-blip.npy", 0), "is missing", OLDER),
 }
 
 

@@ -136,6 +136,7 @@ class _Overlaps:
     def __init__(self, inner: Reranker):
         self.inner, self.running, self.most = inner, 0, 0
         self.fusion_weight = inner.fusion_weight
+        self.features, self.feature_model, self.text_from_encoder = inner.features, inner.feature_model, True
         self.lock = threading.Lock()
 
     def prepare(self, text: str) -> Query:

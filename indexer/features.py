@@ -1,0 +1,61 @@
+"""Indexer, encode: a rerank tier's own image features (e.g. BLIP's vision tower), computed at index time
+and stored beside the dual encoder's tokens, one feature set per tier that needs one."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+from PIL import Image
+
+from indexer.tokens import TokenFormat, token_format
+
+ENCODER_TOKENS = "tokens"  # the dual encoder's patch tokens (tok.npy), the features of the mid and early tiers
+
+
+class ImageFeatures(Protocol):
+    """A vision tower whose output a reranker scores: run once per image while indexing, never per query."""
+
+    features: str  # the feature set's name in the index (the tier's name: "blip")
+    feature_model: str  # the id of the weights that computed them: an index's features are scored by no other
+    feature_shape: tuple[int, int]  # (tokens, width) per image
+
+    def preprocess_image(self, image: Image.Image) -> torch.Tensor: ...
+
+    def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray: ...
+
+
+def describe(source: ImageFeatures, fmt: TokenFormat) -> dict[str, Any]:
+    """The manifest's record of one feature set."""
+    return {"model": source.feature_model, **fmt.describe()}
+
+
+def formats(sources: Sequence[ImageFeatures], tokens: TokenFormat) -> dict[str, TokenFormat]:
+    """Each feature set stored as the index stores its tokens (fp16, int8 or int4), at its own shape."""
+    return {s.features: token_format(tokens.name, s.feature_shape) for s in sources}
+
+
+def mismatch(held: dict[str, dict[str, Any]], sources: Sequence[ImageFeatures], where: str) -> str | None:
+    """Why an add cannot extend its index with these feature sources (None: it can). An add extends every
+    feature set its index holds, from the same weights, and adds none: an index scored by a tier holds that
+    tier's features for every image."""
+    brought = {s.features: s.feature_model for s in sources}
+    kept = {name: str(info.get("model")) for name, info in held.items()}
+    if brought == kept:
+        return None
+    need = ", ".join(f"{name} (model {model})" for name, model in kept.items()) or "none"
+    got = ", ".join(f"{name} (model {model})" for name, model in brought.items()) or "none"
+    return (f"index {where} stores image features for the rerank tiers {need}, and this add brings {got}: "
+            "pass the same --tiers as its build, or rebuild it with --replace")
+
+
+def encode(sources: Sequence[ImageFeatures], pixels: dict[str, list[torch.Tensor]]) -> dict[str, np.ndarray]:
+    """Each tier's features of one batch's good images, from their pixels preprocessed for that tier."""
+    out = {}
+    for source in sources:
+        batch = pixels[source.features]
+        out[source.features] = (source.encode_pixels(torch.stack(batch)) if batch
+                                else np.zeros((0, *source.feature_shape), np.float32))
+    return out
