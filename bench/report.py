@@ -61,6 +61,8 @@ STEPS = (
                        "--out", "{out}"), "small queries beside large reranks"),
     Step("tokens", (PY, "bench/tokens.py", "--n", "1000", "--seeds", "2026,7", "--out", "{out}"),
          "token store formats: bytes per image and mid R@1"),
+    Step("real_models", (PY, "bench/real_models.py", "--n", "256", "--out", "{out}"),
+         "ViT-B-32 indexing, mid over its tokens, BLIP base"),
 )
 STEP = {step.name: step for step in STEPS}
 
@@ -315,6 +317,38 @@ The same formats for the real models' token shapes:
 """
 
 
+def section_real_models() -> str:
+    r = load("real_models")
+    if not r:
+        return ""
+    vit, mid, blip = r["vit_b32"], r["mid_over_vit_b32"], r["blip_base"]
+    rows = [["ViT-B-32 index build / bare encode loop", f"{vit['pipeline_images_per_s']} / "
+             f"{vit['bare_images_per_s']} images/s", f"{vit['ratio']} {verdict(vit['ratio'] >= 0.85)} (≥ 0.85)"],
+            ["ViT-B-32 text encode, one query", f"{vit['text_encode_ms_p50']} ms", ""],
+            [f"mid reranker over ViT-B-32 tokens, k = {mid['k']}", f"{mid['ms_p50']} ms", ""],
+            [f"BLIP base ITM over its stored features {blip['feature_shape']}, k = {blip['k']}",
+             f"{blip['ms_p50']} ms", ""],
+            ["BLIP base vision tower at index time", f"{blip['vision_images_per_s']} images/s", ""]]
+    drift = ("\nA ratio above 1 is the machine's speed drifting between rounds: the pipeline does the bare loop's "
+             "work and more.\n" if vit["ratio"] > 1 else "")
+    stored = [[name, fmt, f"{x[fmt]['bytes']:,}", x[fmt]["gb_per_million"], x[fmt]["of_fp16"]]
+              for name, x in r["stored_bytes"].items() for fmt in ("fp16", "int8", "int4")]
+    return f"""## Real-size models (`bench/real_models.py`, {r['device']})
+
+`{STEP["real_models"].command()}` — random weights at the real sizes (speed does not depend on them),
+saved and loaded as a user's would be: `imsearch index build` of {vit['n']} scenes with ViT-B-32
+({vit['workers']} decoding workers: the default, cores − 2) against its bare encode loop over the same images
+decoded beforehand, best of {vit['rounds']} rounds each; one query's text encode; each reranker's one call over k
+candidates (p50).
+
+{table(["measure", "figure", "target"], rows)}
+{drift}
+Stored image features per tier (`--tokens`; blip's by `--tiers blip=DIR`):
+
+{table(["features of", "format", "bytes per image", "GB per million images", "of fp16"], stored)}
+"""
+
+
 def section_ann() -> str:
     r = load("ann")
     if not r:
@@ -470,7 +504,8 @@ def render() -> str:
         f"{machine()}. The steps took {total / 60:.1f} min in all. Speed figures are ratios against a "
         "baseline measured in the same run; raw JSON is in `bench/results/` (not committed).",
         "",
-        section_encoder(), section_rerankers(), section_freeform(), section_tokens(), section_ann(), section_indexing(),
+        section_encoder(), section_rerankers(), section_freeform(), section_tokens(), section_real_models(),
+        section_ann(), section_indexing(),
         section_service(), section_soak(), section_admission(), section_gpu(),
     ]).rstrip() + "\n"
 
