@@ -154,10 +154,9 @@ def _served_tiers(raw: str | None) -> list[str]:
 
 
 def _blip(folder: Path, device: str) -> Any:
-    from indexer.encoder import resolve_device
     from reranker.blip import BlipReranker
 
-    return BlipReranker(folder, str(resolve_device(device)))
+    return BlipReranker(folder, device)
 
 
 def _options(batch_size: int, workers: int | None, index_type: IndexType, shard_size: int, max_pixels: int,

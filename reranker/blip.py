@@ -11,6 +11,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from indexer.encoder import resolve_device
 from reranker.score import Query
 
 
@@ -35,9 +36,9 @@ class BlipReranker:
             raise FileNotFoundError(f"{folder} is not a BLIP checkpoint folder (no config.json); download "
                                     "e.g. Salesforce/blip-itm-base-coco where a network is available")
         model: Any = BlipForImageTextRetrieval.from_pretrained(folder, local_files_only=True, use_safetensors=True)
-        self.model = model.to(device).eval()
+        self.device = resolve_device(device)  # auto: a GPU when there is one
+        self.model = model.to(self.device).eval()
         self.processor = BlipProcessor.from_pretrained(folder, local_files_only=True)
-        self.device = torch.device(device)
         self.fusion_weight = fusion_weight
         tokenizer = self.processor.tokenizer
         enc = tokenizer.convert_tokens_to_ids("[ENC]")

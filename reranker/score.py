@@ -34,6 +34,7 @@ class Reranker(Protocol):
     fusion_weight: float
     features: str  # the index's feature set it scores: ENCODER_TOKENS, or its own (stored by --tiers at index time)
     feature_model: str  # the model that computed them: features from other weights are refused, never scored
+    feature_shape: tuple[int, int]  # (tokens, width) of one image's features
     text_from_encoder: bool  # its Query is the dual encoder's text tokens (the search computed them already)
 
     def prepare(self, text: str) -> Query: ...
@@ -53,6 +54,7 @@ class TokenReranker:
         self.name = matcher.cfg.kind
         self.fusion_weight = matcher.cfg.fusion_weight
         self.features, self.feature_model, self.text_from_encoder = ENCODER_TOKENS, encoder.model_id, True
+        self.feature_shape = encoder.token_shape
 
     def prepare(self, text: str) -> Query:
         _, tokens, mask = self.encoder.encode_texts_and_tokens([text])

@@ -14,6 +14,7 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from indexer.encoder import DualEncoder, EncoderSpec, EncoderUnavailable, load_encoder
+from indexer.features import ENCODER_TOKENS
 from indexer.integrity import IndexNotFound
 from indexer.store import Index
 from reranker.score import Reranker, load_kind
@@ -50,6 +51,11 @@ class Engine:
     async def run(self, fn: Callable[..., T], *args: Any) -> T:
         """Run a blocking call (thumbnails, previews) on the request pool and await it."""
         return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    @property
+    def feature_tiers(self) -> set[str]:
+        """The loaded tiers that score image features of their own (blip), which indexing jobs compute."""
+        return {name for name, reranker in self.rerankers.items() if reranker.features != ENCODER_TOKENS}
 
     @property
     def indexes(self) -> dict[str, Index]:
@@ -151,7 +157,7 @@ def load_tiers(tiers: list[str], encoder: DualEncoder,
         tier, _, checkpoint = entry.partition("=")
         try:
             rerankers[tier] = load_kind(tier, encoder, Path(checkpoint) if checkpoint else None, device)
-        except (FileNotFoundError, OSError, ValueError) as exc:
+        except (EncoderUnavailable, OSError, ValueError) as exc:
             log.warning("rerank tier %s unavailable: %s", tier, exc)
             failed[tier] = str(exc)
     return rerankers, failed

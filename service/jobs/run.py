@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -9,13 +10,17 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import redis
 
 from indexer.build import BuildOptions, build_or_add, remove
 from indexer.encoder import DualEncoder, EncoderSpec, load_encoder
+from indexer.features import ImageFeatures
+from indexer.integrity import IndexNotFound, read_manifest
 from indexer.reader import list_source
+from indexer.versions import version_dir
+from reranker.score import load_kind
 from service.jobs.api import JobRejected, JobSpec
 from service.names import VERSIONS_CHANNEL
 from service.workers import signal_on_parent_death
@@ -24,16 +29,42 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5
 
 _ENCODERS: dict[tuple[str, str | None, str], DualEncoder] = {}
+_FEATURES: dict[tuple[str, str], ImageFeatures] = {}
+
+
+def _device(spec: JobSpec) -> str:
+    from service.config import Settings
+
+    return spec.device or Settings().device  # "" = the worker's own IMSEARCH_DEVICE (a GPU worker: cuda)
 
 
 def _encoder(spec: JobSpec) -> DualEncoder:
-    from service.config import Settings
-
-    device = spec.device or Settings().device  # "" = the worker's own IMSEARCH_DEVICE (a GPU worker: cuda)
+    device = _device(spec)
     key = (spec.model, spec.pretrained, device)
     if key not in _ENCODERS:  # once per worker process, shared by its jobs
         _ENCODERS[key] = load_encoder(EncoderSpec(spec.model, spec.pretrained, device))
     return _ENCODERS[key]
+
+
+def _features(spec: JobSpec) -> tuple[ImageFeatures, ...]:
+    """The vision towers of the served tiers that score features of their own (spec.tiers: blip=DIR), loaded
+    once per worker: a build stores each one's features, an add those its index already holds."""
+    if spec.mode == "remove" or not spec.tiers:
+        return ()
+    held = None
+    if spec.mode == "add":
+        with contextlib.suppress(IndexNotFound):
+            held = set(read_manifest(version_dir(Path(spec.index_dir))).get("features") or ())
+    sources = []
+    for entry in spec.tiers:
+        kind, _, folder = entry.partition("=")
+        if held is not None and kind not in held:
+            continue
+        key = (entry, _device(spec))
+        if key not in _FEATURES:  # a tier of its own features is its vision tower too (reranker.blip)
+            _FEATURES[key] = cast(ImageFeatures, load_kind(kind, _encoder(spec), Path(folder), key[1]))
+        sources.append(_FEATURES[key])
+    return tuple(sources)
 
 
 def _options(spec: JobSpec) -> BuildOptions:
@@ -41,7 +72,7 @@ def _options(spec: JobSpec) -> BuildOptions:
     budget = (options["memory_budget_mb"] or 0) * 2**20 or None
     return BuildOptions(batch_size=options["batch_size"], shard_size=options["shard_size"],
                         index_kind=options["index_kind"], memory_budget=budget, replace=spec.mode == "build",
-                        roots=tuple(spec.roots), tokens=options.get("tokens"))
+                        roots=tuple(spec.roots), tokens=options.get("tokens"), features=_features(spec))
 
 
 def execute(spec: JobSpec, report: Callable[[dict[str, float]], None]) -> dict[str, Any]:

@@ -227,7 +227,7 @@ def missing_features(reranker: Reranker, index: Index) -> str | None:
     if held is None:
         return (f"index {index.root.name!r} holds no {reranker.features} image features, which the rerank tier "
                 f"{reranker.name!r} scores: rebuild it with `imsearch index build --tiers {reranker.name}=MODEL_DIR`")
-    if held.get("model") != reranker.feature_model:
+    if held.get("model") != reranker.feature_model or held.get("shape") != list(reranker.feature_shape):
         return (f"index {index.root.name!r} holds {reranker.features} features of model {held.get('model')}, "
                 f"but the tier {reranker.name!r} is {reranker.feature_model}: rebuild it with this tier's model")
     return None

@@ -10,6 +10,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from indexer.encoder import EMBEDDED
 from service.deps import EngineDep
+from service.pipeline.search import missing_features
+from service.state import Engine
 from training.descriptions import VOCABULARY, example_queries
 
 router = APIRouter(tags=["health"])
@@ -24,12 +26,19 @@ def healthz() -> dict[str, Any]:
 @router.get("/readyz")
 def readyz(engine: EngineDep) -> dict[str, Any]:
     """Model, indexes and rerankers loaded: `ready`; `degraded` (still 200: searches are answered) when a
-    configured Redis is unreachable or a configured rerank tier failed to load (`failed_rerankers` says why)."""
+    configured Redis is unreachable or a configured rerank tier failed to load (`failed_rerankers` says why).
+    `tiers` says which image features each loaded tier scores, from which model, and which indexes hold them."""
     cache = "disabled" if not engine.cache.enabled else ("ok" if engine.cache.healthy() else "degraded")
     healthy = cache != "degraded" and not engine.failed_tiers
     return {"status": "ready" if healthy else "degraded", "cache": cache, "model": engine.encoder.model_id,
             "indexes": list(engine.indexes), "rerankers": ["none", *engine.rerankers],
-            "failed_rerankers": engine.failed_tiers}
+            "failed_rerankers": engine.failed_tiers, "tiers": _tiers(engine)}
+
+
+def _tiers(engine: Engine) -> dict[str, dict[str, Any]]:
+    return {name: {"features": r.features, "model": r.feature_model, "shape": list(r.feature_shape),
+                   "indexes": [i for i, index in engine.indexes.items() if missing_features(r, index) is None]}
+            for name, r in engine.rerankers.items()}
 
 
 @router.get("/v1/index")

@@ -30,7 +30,8 @@ async def start_index_job(body: JobRequest, engine: EngineDep) -> JSONResponse:
     settings = engine.settings
     spec = JobSpec(body.job_id or new_job_id(), str(source), body.mode, name, str(folder),
                    body.options.model_dump(), settings.model, settings.pretrained,
-                   settings.device if engine.jobs.in_process else "", list(settings.job_roots))
+                   settings.device if engine.jobs.in_process else "", list(settings.job_roots),
+                   [e for e in settings.rerankers if e.partition("=")[0] in engine.feature_tiers])
     info, created = await run_in_threadpool(engine.jobs.submit, spec)
     return JSONResponse(status_code=202 if created else 200, content=asdict(info))
 

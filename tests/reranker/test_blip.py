@@ -163,6 +163,9 @@ def test_the_blip_tier_reranks_a_served_index_end_to_end(blip_dir: Path, blip_in
     with TestClient(create_app(settings)) as client:
         ready = client.get("/readyz").json()
         assert ready["rerankers"] == ["none", "mid", "blip"] and "blip2" in ready["failed_rerankers"]
+        assert ready["tiers"]["blip"]["features"] == "blip" and ready["tiers"]["blip"]["shape"] == [17, 48]
+        tiers = ready["tiers"]
+        assert tiers["blip"]["indexes"] == ["scenes"] and tiers["mid"]["indexes"] == ["scenes", "plain"]
         enum = client.get("/openapi.json").json()["components"]["schemas"]["SearchRequest"]["properties"]["rerank"]
         assert ["none", "mid", "blip"] in [option.get("enum") for option in enum["anyOf"]]
         text = "a small red circle left of a large blue square"
@@ -180,3 +183,37 @@ def test_the_blip_tier_reranks_a_served_index_end_to_end(blip_dir: Path, blip_in
         assert refused.status_code == 422 and "holds no blip image features" in refused.json()["detail"]
         unknown = client.post("/v1/search", json={"text": text, "rerank": "blip2"})
         assert unknown.status_code == 422 and "not loaded" in unknown.json()["detail"]
+
+
+def test_an_indexing_job_adds_the_served_blip_tier_s_features(blip_dir: Path, blip_index: tuple[Path, Path],
+                                                              tmp_path: Path) -> None:
+    import shutil
+
+    from fastapi.testclient import TestClient
+
+    from indexer.store import Index
+    from service.app import create_app
+    from service.config import Settings
+    from tests.service.procs import wait_for
+    from training.scenes import write_scenes
+
+    index = shutil.copytree(blip_index[0], tmp_path / "idx")
+    write_scenes(tmp_path / "incoming" / "new", 3, seed=47)
+    settings = Settings(indexes=[f"scenes={index}"], rerankers=["mid", f"blip={blip_dir}"], api_key="k",
+                        job_roots=[str(tmp_path / "incoming")], redis_url=None)
+    key = {"X-API-Key": "k"}
+    with TestClient(create_app(settings)) as client:
+        before = client.get("/v1/index").json()["count"]
+        start = client.post("/v1/jobs/index", headers=key, json={"source": str(tmp_path / "incoming"), "job_id": "b1"})
+        assert start.status_code == 202, start.text
+        done = wait_for(lambda: (j := client.get("/v1/jobs/b1", headers=key).json())["status"]
+                        in ("succeeded", "failed") and j)
+        assert done["status"] == "succeeded", done
+        assert client.get("/v1/index").json()["count"] == before + 3
+        with Index.open(index) as new:
+            added = new.ids()[-3:]
+            assert new.features("blip", added).shape == (3, 17, 48)
+        answer = client.post("/v1/search", json={"text": "a red circle", "k": 50, "rerank": "blip", "rerank_k": 50})
+        hits = answer.json()["hits"]
+        assert answer.status_code == 200 and set(added.tolist()) <= {h["id"] for h in hits}
+        assert all(h["rerank_score"] is not None for h in hits)  # the new images' features were stored

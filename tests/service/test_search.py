@@ -137,6 +137,7 @@ class _Overlaps:
         self.inner, self.running, self.most = inner, 0, 0
         self.fusion_weight = inner.fusion_weight
         self.features, self.feature_model, self.text_from_encoder = inner.features, inner.feature_model, True
+        self.feature_shape = inner.feature_shape
         self.lock = threading.Lock()
 
     def prepare(self, text: str) -> Query:
