@@ -9,6 +9,8 @@ from dataclasses import asdict, dataclass
 import faiss
 import numpy as np
 
+from indexer.filters import Selection
+
 FLAT_MAX = 50_000  # exact search is fast enough below this (a few ms per query on 2 cores)
 TRAIN_POINTS_PER_LIST = 39  # k-means sample size per list: FAISS's lower bound (39..256), to bound training
 KINDS = ("auto", "flat", "hnsw", "ivf", "ivfpq")
@@ -151,20 +153,26 @@ def _training_sample(vectors: np.ndarray, nlist: int, seed: int) -> np.ndarray:
 
 
 def search_params(plan: AnnPlan, nprobe: int | None = None, ef_search: int | None = None,
-                  k: int = 10) -> faiss.SearchParameters | None:
-    """Per-call parameters: never mutate a shared index (concurrent searches would race)."""
+                  k: int = 10, only: Selection | None = None) -> faiss.SearchParameters | None:
+    """Per-call parameters: never mutate a shared index (concurrent searches would race). Inside a
+    selection of a share s of the vectors, IVF probes 1/s times the lists and HNSW keeps 1/s times the
+    candidates, so that about as many selected vectors are compared as an unfiltered search compares."""
+    widen = 1.0 / max(only.share, 1e-6) if only is not None else 1.0
+    sel = {"sel": only.selector} if only is not None else {}
     if plan.kind == "hnsw":
-        return faiss.SearchParametersHNSW(efSearch=max(ef_search or plan.ef_search, k))  # type: ignore[attr-defined]
+        ef = int(min(4096, max(ef_search or plan.ef_search, k) * widen))
+        return faiss.SearchParametersHNSW(efSearch=ef, **sel)  # type: ignore[attr-defined]
     if plan.kind in ("ivf", "ivfpq"):
-        return faiss.SearchParametersIVF(nprobe=nprobe or plan.nprobe)  # type: ignore[call-arg]
-    return None
+        probes = int(min(plan.nlist, math.ceil((nprobe or plan.nprobe) * widen)))
+        return faiss.SearchParametersIVF(nprobe=probes, **sel)  # type: ignore[call-arg]
+    return faiss.SearchParameters(**sel) if sel else None
 
 
-def ann_search(index: faiss.Index, plan: AnnPlan, queries: np.ndarray, k: int,
-               nprobe: int | None = None, ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def ann_search(index: faiss.Index, plan: AnnPlan, queries: np.ndarray, k: int, nprobe: int | None = None,
+               ef_search: int | None = None, only: Selection | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(q, k) scores and ids; ids are -1 where fewer than k results exist."""
     queries = np.ascontiguousarray(queries, dtype=np.float32)
-    params = search_params(plan, nprobe, ef_search, k)
+    params = search_params(plan, nprobe, ef_search, k, only)
     if params is None:
         return index.search(queries, k)
     return index.search(queries, k, params=params)

@@ -14,13 +14,19 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from indexer.ann import GPU_MAX_K, AnnPlan, ann_search, place_for_search, rescore
+from indexer.ann import GPU_MAX_K, AnnPlan, ann_search, exact_search, place_for_search, rescore
 from indexer.features import ENCODER_TOKENS
+from indexer.filters import STORED, Filter, Selection, extra_columns, select
 from indexer.integrity import IndexCorrupt, IndexNotFound, check_version, corrupt, read_npy
 from indexer.layout import DELETED, INDEX_FILE, SHARDS
 from indexer.rows import Column, Rows, Shard, open_shard, read_meta
 from indexer.tokens import decode
 from indexer.versions import advice, current_version, version_dir
+
+# a selection this small is searched exactly over its own vectors (a few ms even at its largest: 64k x 512
+# floats), where the ANN index with a selector would scan mostly vectors the filter rules out
+EXACT_SELECTION = 65_536
+KEPT_SELECTIONS = 8  # filters whose selections an open version keeps
 
 
 class UnknownImage(KeyError):
@@ -149,6 +155,7 @@ class Index:
             if self.shards else None
         self._meta_pos = np.argsort(order, kind="stable")  # position in meta of the i-th sorted id
         self._columns: dict[str, Column] = {}
+        self._selections: dict[str, Selection] = {}  # filter key → its selection, oldest first (select)
 
     def __len__(self) -> int:
         return int(self.manifest["count"])
@@ -261,21 +268,53 @@ class Index:
             column = self._columns[name] = Column(self._meta.column(name).chunk(0))
         return column
 
+    def select(self, flt: Filter) -> Selection:
+        """The live ids that meet a metadata filter (BadFilter for an unknown field or a value of another
+        kind); the last few filters' selections are kept, as a user refines a query under one filter."""
+        key = flt.key()
+        with self._lock:
+            hit = self._selections.pop(key, None)
+        if hit is None:
+            assert self._meta is not None or not self.shards
+            meta = self._meta if self._meta is not None else pa.table({c: pa.array([], pa.string()) for c in
+                                                                       ("id", *STORED)})
+            hit = select(meta, self._extra_columns, flt, self.ids())
+        with self._lock:
+            self._selections[key] = hit
+            while len(self._selections) > KEPT_SELECTIONS:
+                self._selections.pop(next(iter(self._selections)))
+        return hit
+
+    @cached_property
+    def _extra_columns(self) -> dict[str, pa.Array]:
+        return extra_columns(self._meta["extra"]) if self._meta is not None else {}
+
     def search(self, queries: np.ndarray, k: int, nprobe: int | None = None,
-               ef_search: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+               ef_search: int | None = None, only: Selection | None = None) -> tuple[np.ndarray, np.ndarray]:
         """(q, k) inner-product scores and ids, best first; -1 ids pad when fewer than k exist.
 
         IVF-PQ results are re-scored exactly from the stored vectors (k * refine_factor candidates).
+        With `only`, the search runs inside the selection: exactly over its vectors when it is small,
+        else in the ANN index with FAISS's selector, looking as much wider as the selection is narrower.
         """
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
+        if only is not None and not len(only.ids):
+            return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
+        if only is not None and (len(only.ids) <= EXACT_SELECTION or self.plan.kind == "flat"):
+            return exact_search(self._selected_vectors(only), only.ids, queries, k)
         fetch = k * self.plan.refine_factor if self.plan.refine_factor else k
-        index = self._on_gpu if self._on_gpu is not None and fetch <= GPU_MAX_K else self.faiss
-        scores, ids = ann_search(index, self.plan, queries, fetch, nprobe, ef_search)
+        gpu = self._on_gpu if fetch <= GPU_MAX_K and only is None else None  # selectors run on the CPU index
+        scores, ids = ann_search(self.faiss if gpu is None else gpu, self.plan, queries, fetch, nprobe, ef_search, only)
         if self.plan.refine_factor:
             scores, ids = rescore(queries, ids, self.vectors, k)
         return scores, ids
+
+    def _selected_vectors(self, only: Selection) -> np.ndarray:
+        if only.vectors is None:  # read once per selection; a flat index's large one as well (it is in memory)
+            only.vectors = self.vectors(only.ids)
+        return only.vectors
 
 
 def _read_faiss(path: Path) -> faiss.Index:

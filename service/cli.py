@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -123,10 +124,16 @@ def search(
     checkpoint: Annotated[Path | None, typer.Option(help="the --rerank tier's checkpoint (default: the committed "
                                                     "one), e.g. from `imsearch train reranker --data`; for blip "
                                                     "its model folder")] = None,
+    where: Annotated[list[str] | None, typer.Option(help=(
+        "only images whose metadata meet FIELD=VALUE or FIELD>=, >, <=, < VALUE (repeatable; FIELD: path, caption, "
+        "width, height, bytes or a source column; a VALUE that reads as a number is one)"))] = None,
+    path_glob: Annotated[str | None, typer.Option(help="only images whose path matches this glob")] = None,
+    caption_contains: Annotated[str | None, typer.Option(help="only images whose caption holds this text")] = None,
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
     """Search an index from the terminal: rank, score and path of the best matches."""
+    from indexer.filters import Filter
     from service.config import Settings
     from service.errors import StartupError
     from service.pipeline.search import QueryInput
@@ -137,8 +144,9 @@ def search(
         fail("give a text to search for, or --image FILE (one of them)")
     if text is not None and not text.strip():
         fail("the text is empty")
+    flt = Filter(path_glob, caption_contains, parse_where(where or []))
     query = QueryInput(text=text, image=_read_query_image(image) if image else None, k=k, rerank=rerank,
-                       rerank_k=rerank_k)
+                       rerank_k=rerank_k, filter=flt)
     settings = Settings(indexes=[str(index_dir)], model=model, pretrained=pretrained, device=device,
                         rerankers=[] if rerank == "none" else [f"{rerank}={checkpoint}" if checkpoint else rerank],
                         redis_url=None, threads=0)
@@ -155,6 +163,32 @@ def search(
     finally:
         engine.close()
     _print_hits(out, as_json)
+
+
+WHERE = re.compile(r"^([^<>=]+?)\s*(>=|<=|=|>|<)\s*(.*)$")
+OPS = {">=": "gte", ">": "gt", "<=": "lte", "<": "lt"}
+
+
+def parse_where(conditions: list[str]) -> dict[str, Any]:
+    """--where FIELD=VALUE / FIELD>=VALUE ... as a filter's where: bounds on one field combine."""
+    where: dict[str, Any] = {}
+    for text in conditions:
+        match = WHERE.match(text)
+        if match is None or not match.group(3):
+            fail(f"--where {text!r}: write FIELD=VALUE, or FIELD>=VALUE (also >, <=, <)")
+        name, op, raw = match.group(1).strip(), match.group(2), match.group(3)
+        try:
+            value: Any = json.loads(raw) if re.fullmatch(r"-?\d+(\.\d+)?([eE][-+]?\d+)?", raw) else raw
+        except ValueError:
+            value = raw
+        if op == "=":
+            where[name] = value
+        else:
+            bounds = where.setdefault(name, {})
+            if not isinstance(bounds, dict):
+                fail(f"--where {name}: give either a value or bounds, not both")
+            bounds[OPS[op]] = value
+    return where
 
 
 def _read_query_image(path: Path) -> bytes:

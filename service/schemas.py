@@ -2,9 +2,61 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
+from typing import Annotated, Any
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StrictInt,
+    field_validator,
+    model_validator,
+)
+
+from indexer.filters import Filter
 
 TIER_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
+
+
+RANGE_KEYS = ("gte", "gt", "lte", "lt")
+
+
+class FilterIn(BaseModel):
+    """Conditions on the stored metadata, applied inside the search: k hits whenever k images match."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    path_glob: str | None = Field(None, min_length=1, max_length=500, description="e.g. */2024/*.jpg")
+    caption_contains: str | None = Field(None, min_length=1, max_length=200, description="case-insensitive")
+    where: dict[Annotated[str, Field(min_length=1, max_length=100)], Any] = Field(
+        default_factory=dict, max_length=16, description=(
+            "FIELD: VALUE (equal), or FIELD: {gte, gt, lte, lt: VALUE} (numbers, or text compared as text: ISO "
+            "dates sort as dates); FIELD: path, caption, width, height, bytes, sha256 or a column of the source list"),
+        json_schema_extra={"additionalProperties": {"anyOf": [
+            {"type": ["string", "number", "boolean"]},
+            {"type": "object", "properties": {k: {"type": ["string", "number"]} for k in RANGE_KEYS},
+             "additionalProperties": False, "minProperties": 1}]}})
+
+    @field_validator("where")
+    @classmethod
+    def _conditions(cls, where: dict[str, Any]) -> dict[str, Any]:
+        for name, value in where.items():
+            if isinstance(value, dict):
+                if not value or set(value) - set(RANGE_KEYS):
+                    raise ValueError(f"where.{name}: a range takes at least one of gte, gt, lte, lt "
+                                     f"(got {sorted(value) or 'none'})")
+                if not all(_scalar(v) and not isinstance(v, bool) for v in value.values()):
+                    raise ValueError(f"where.{name}: a range's bounds are numbers or text")
+            elif not _scalar(value):
+                raise ValueError(f"where.{name} must be a value (text, number, true/false) or a range {{gte: ...}}")
+        return where
+
+    def to_filter(self) -> Filter:
+        return Filter(self.path_glob, self.caption_contains, dict(self.where))
+
+
+def _scalar(value: Any) -> bool:
+    return isinstance(value, str | int | float | bool)
 
 
 class SearchRequest(BaseModel):
@@ -21,6 +73,7 @@ class SearchRequest(BaseModel):
     rerank_k: StrictInt | None = Field(None, ge=1, le=256)
     min_similarity: float | None = Field(None, ge=-1.0, le=1.0)
     index: str | None = Field(None, min_length=1, max_length=200)
+    filter: FilterIn | None = None
 
     @field_validator("text")
     @classmethod

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import hashlib
@@ -14,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from indexer.encoder import DualEncoder
+from indexer.filters import BadFilter, Filter, Selection
 from indexer.store import Index
 from reranker.score import Query, Reranker
 from service.config import Settings
@@ -59,6 +61,7 @@ class QueryInput:
     rerank: str = "none"
     rerank_k: int = 16
     min_similarity: float | None = None
+    filter: Filter | None = None  # metadata conditions every hit meets (inside the search, not after it)
 
 
 @dataclass
@@ -192,15 +195,33 @@ class Pipeline:
     async def _find(self, index: Index, q: QueryInput) -> Found:
         """The query encoded (a text for a reranker: with its tokens) and its candidates found."""
         depth = max(q.k, q.rerank_k if q.rerank != "none" else 0)
+        start = time.perf_counter()
+        only = await self._selection(index, q)
+        selected = time.perf_counter() - start
+        found = await self._candidates(index, q, depth, only)
+        found.search_s += selected  # the filter is part of the search (its first use per version reads the metadata)
+        return found
+
+    async def _selection(self, index: Index, q: QueryInput) -> Selection | None:
+        """The ids the query's filter allows (None: no filter), off the event loop: evaluated once per
+        version and filter (index.select keeps the last few)."""
+        if q.filter is None or q.filter.empty:
+            return None
+        try:
+            return await asyncio.to_thread(index.select, q.filter)
+        except BadFilter as exc:
+            raise BadQuery(str(exc)) from None
+
+    async def _candidates(self, index: Index, q: QueryInput, depth: int, only: Selection | None) -> Found:
         if q.text is not None:
             if q.rerank == "none":
-                return await self.texts((q.text, index, depth))
-            return await self.rerank_texts((q.text, index, depth), key=q.rerank_k)  # the rerank's own key
+                return await self.texts((q.text, index, depth, only))
+            return await self.rerank_texts((q.text, index, depth, only), key=q.rerank_k)  # the rerank's own key
         if q.image is not None:
-            return await self.images((q.image, index, depth))
+            return await self.images((q.image, index, depth, only))
         vector = normalised(q.embedding or [], index.dim)
         start = time.perf_counter()
-        scores, ids = await self.ann(AnnQuery(index, vector, depth))
+        scores, ids = await self.ann(AnnQuery(index, vector, depth, only))
         return Found(vector, scores, ids, time.perf_counter() - start)
 
     async def _rerank(self, index: Index, q: QueryInput, query: Query, scores: np.ndarray, ids: np.ndarray,

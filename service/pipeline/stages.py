@@ -11,6 +11,7 @@ import faiss
 import numpy as np
 
 from indexer.encoder import DualEncoder
+from indexer.filters import Selection
 from indexer.reader import decode_image
 from indexer.store import Index
 from reranker.score import Query, Reranker, fuse
@@ -105,6 +106,7 @@ class AnnQuery:
     index: Index  # the version the request took at its start
     vector: np.ndarray
     depth: int
+    only: Selection | None = None  # a metadata filter's ids: the search runs inside them
 
 
 class AnnStage:
@@ -121,10 +123,11 @@ class AnnStage:
         if self.threads:  # OpenMP thread counts are per calling thread: set in the stage's own
             faiss.omp_set_num_threads(self.threads)
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}  # query's position → its hits
-        for index in {id(q.index): q.index for q in queries}.values():
-            rows = [i for i, q in enumerate(queries) if q.index is index]
+        groups = {(id(q.index), id(q.only)): (q.index, q.only) for q in queries}  # one call per version and filter
+        for index, only in groups.values():
+            rows = [i for i, q in enumerate(queries) if q.index is index and q.only is only]
             scores, ids = index.search(np.stack([queries[i].vector for i in rows]).astype(np.float32),
-                                       max(queries[i].depth for i in rows))
+                                       max(queries[i].depth for i in rows), only=only)
             for r, i in enumerate(rows):
                 d = queries[i].depth
                 keep = ids[r, :d] >= 0
@@ -143,17 +146,18 @@ class Found:
 
 
 class EncodeThenSearch:
-    """encode → ANN as one batch call, (query, index version, depth) → Found: a query's two stages cost
-    one hand-off to a worker thread and back, not two, and each batch is one forward and one FAISS call."""
+    """encode → ANN as one batch call, (query, index version, depth, filter's selection) → Found: a query's
+    two stages cost one hand-off to a worker thread and back, not two, and each batch is one forward and one
+    FAISS call per version and filter."""
 
     def __init__(self, encode: Callable[[list[Any]], list[Any]], ann: AnnStage, vector: Callable[[Any], np.ndarray]):
         self.encode, self.ann, self.vector = encode, ann, vector
 
-    def __call__(self, items: list[tuple[Any, Index, int]]) -> list[Any]:
-        out: list[Any] = list(self.encode([query for query, _, _ in items]))
+    def __call__(self, items: list[tuple[Any, Index, int, Selection | None]]) -> list[Any]:
+        out: list[Any] = list(self.encode([item[0] for item in items]))
         good = [i for i, enc in enumerate(out) if not isinstance(enc, Exception)]
         start = time.perf_counter()
-        found = self.ann([AnnQuery(items[i][1], self.vector(out[i]), items[i][2]) for i in good])
+        found = self.ann([AnnQuery(items[i][1], self.vector(out[i]), items[i][2], items[i][3]) for i in good])
         seconds = time.perf_counter() - start
         for i, (scores, ids) in zip(good, found, strict=True):
             out[i] = Found(out[i], scores, ids, seconds)

@@ -92,7 +92,7 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
                        embedding=body.embedding, k=min(body.k, settings.max_k),
                        rerank=body.rerank or settings.default_rerank,
                        rerank_k=min(body.rerank_k or settings.default_rerank_k, settings.max_rerank_k),
-                       min_similarity=body.min_similarity)
+                       min_similarity=body.min_similarity, filter=body.filter.to_filter() if body.filter else None)
     return await answer(engine, body.index, query)
 
 

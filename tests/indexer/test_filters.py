@@ -1,0 +1,139 @@
+"""Metadata filters inside the search: every kind of condition against exact filtered search on real FAISS."""
+
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections.abc import Callable
+from typing import Any
+
+import numpy as np
+import pytest
+
+from indexer.ann import build_index, exact_search, plan_index
+from indexer.build import BuildOptions, build_or_add, remove
+from indexer.encoder import DualEncoder
+from indexer.filters import BadFilter, Filter, Selection, glob_regex
+from indexer.store import Index
+from training.scenes import write_scenes
+
+ALBUMS = ("holiday", "work", "family")
+
+
+@pytest.fixture(scope="module")
+def index(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Index:
+    """60 scenes with extra columns (album, rating, taken), two of them removed."""
+    root = tmp_path_factory.mktemp("filters")
+    listing = write_scenes(root / "src", 30, seed=61, twins=True)
+    rows = [json.loads(line) for line in listing.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row.update(album=ALBUMS[i % 3], rating=i % 5, taken=f"2024-{1 + i % 12:02d}-15")
+        if i % 10 == 0:
+            row.pop("rating")  # a column some rows lack
+    listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_or_add(listing, root / "idx", encoder, BuildOptions(workers=0), "build")
+    remove(root / "idx", ids=[0, 7])
+    return Index.open(root / "idx")
+
+
+def _matches(index: Index, keep: Callable[[dict[str, Any]], bool]) -> np.ndarray:
+    rows = index.metadata(index.ids())
+    return np.array([r["id"] for r in rows if keep({**r, **json.loads(r["extra"] or "{}")})], np.int64)
+
+
+def _exact(index: Index, query: np.ndarray, ids: np.ndarray, k: int) -> np.ndarray:
+    return exact_search(index.vectors(ids), ids, query[None], min(k, len(ids)))[1][0]
+
+
+CASES: dict[str, tuple[Filter, Callable[[dict[str, Any]], bool]]] = {
+    "path glob": (Filter(path_glob="*/scene_00000[1-3]*.png"),
+                  lambda r: fnmatch.fnmatchcase(r["path"], "*/scene_00000[1-3]*.png")),
+    "caption contains, any case": (Filter(caption_contains="RED"), lambda r: "red" in (r["caption"] or "")),
+    "text equal": (Filter(where={"album": "work"}), lambda r: r["album"] == "work"),
+    "number range": (Filter(where={"rating": {"gte": 1, "lt": 3}}), lambda r: r.get("rating") in (1, 2)),
+    "date range as text": (Filter(where={"taken": {"gt": "2024-03-01", "lte": "2024-06-30"}}),
+                           lambda r: "2024-03-01" < r["taken"] <= "2024-06-30"),
+    "stored column": (Filter(where={"sha256": {"lt": "8"}}), lambda r: r["sha256"] < "8"),
+    "stored number": (Filter(where={"width": 64, "bytes": {"gt": 0}, "rating": 4}),
+                      lambda r: r["width"] == 64 and r.get("rating") == 4),
+    "all together": (Filter(path_glob="*.png", caption_contains="circle", where={"album": "family", "rating": {
+        "lte": 4}}), lambda r: "circle" in r["caption"] and r["album"] == "family" and r.get("rating") is not None),
+}
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_a_filtered_search_equals_exact_search_over_the_matching_images(index: Index, case: str) -> None:
+    flt, keep = CASES[case]
+    wanted = _matches(index, keep)
+    assert 0 < len(wanted) < len(index.ids()), "the case must select some images, not all"
+    selection = index.select(flt)
+    assert np.array_equal(selection.ids, np.sort(wanted))
+    query = index.vectors(index.ids()[5:6])[0]
+    scores, ids = index.search(query[None], 10, only=selection)
+    found = ids[0][ids[0] >= 0]
+    assert len(found) == min(10, len(wanted))  # k hits whenever k images match
+    assert np.array_equal(found, _exact(index, query, wanted, 10))
+    assert np.all(np.diff(scores[0][: len(found)]) <= 1e-6)
+
+
+def test_no_match_gives_no_hits_and_all_matching_gives_the_unfiltered_answer(index: Index) -> None:
+    query = index.vectors(index.ids()[:1])
+    _, none = index.search(query, 5, only=index.select(Filter(caption_contains="no such words")))
+    assert (none == -1).all()
+    everything = index.select(Filter(path_glob="*"))
+    assert np.array_equal(everything.ids, index.ids()) and everything.share == 1.0
+    assert np.array_equal(index.search(query, 8, only=everything)[1], index.search(query, 8)[1])
+
+
+def test_removed_images_are_never_selected(index: Index) -> None:
+    assert not {0, 7} & set(index.select(Filter(path_glob="*")).ids.tolist())
+
+
+def test_the_last_filters_are_kept_per_version(index: Index) -> None:
+    first = index.select(Filter(where={"album": "holiday"}))
+    assert index.select(Filter(where={"album": "holiday"})) is first
+
+
+@pytest.mark.parametrize(("flt", "message"), [
+    (Filter(where={"colour": "red"}), "unknown metadata field 'colour' in where; this index has: path, .*, rating"),
+    (Filter(where={"rating": "high"}), "where.rating holds numbers"),
+    (Filter(where={"album": 3}), "where.album holds text"),
+    (Filter(where={"rating": {"above": 2}}), "a range takes gte, gt, lte and lt"),
+    (Filter(where={"width": float("nan")}), "not a finite number"),
+])
+def test_a_filter_that_cannot_apply_says_why(index: Index, flt: Filter, message: str) -> None:
+    with pytest.raises(BadFilter, match=message):
+        index.select(flt)
+
+
+def test_glob_patterns_are_anchored_and_escape_regex_syntax() -> None:
+    import re
+
+    pattern = re.compile(glob_regex("/a/b.c(1)/*.jp?g"))
+    assert pattern.match("/a/b.c(1)/x/y.jpeg") and not pattern.match("/a/bxc(1)/y.jpeg")
+    assert not pattern.match("/z/a/b.c(1)/y.jpeg") and not re.match(glob_regex("*[!a]"), "xa")
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("share", [0.1, 0.5])
+def test_an_ann_index_searches_inside_a_selector_with_the_recall_of_exact_filtered_search(kind: str,
+                                                                                          share: float) -> None:
+    rng = np.random.default_rng(3)
+    centres = rng.standard_normal((40, 32)).astype(np.float32)
+    vectors = centres[rng.integers(0, 40, 20_000)] + 0.4 * rng.standard_normal((20_000, 32)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    ids = np.arange(len(vectors), dtype=np.int64) * 3  # ids are not positions
+    plan = plan_index(len(ids), 32, kind)
+    faiss_index = build_index(plan, vectors, ids)
+    chosen = np.sort(rng.choice(len(ids), int(share * len(ids)), replace=False))
+    bits = np.zeros(int(ids[chosen].max()) + 1, bool)
+    bits[ids[chosen]] = True
+    selection = Selection(ids[chosen], np.packbits(bits, bitorder="little"), share)
+    queries = vectors[rng.choice(len(ids), 40)] + 0.1 * rng.standard_normal((40, 32)).astype(np.float32)
+    from indexer.ann import ann_search
+
+    _, got = ann_search(faiss_index, plan, queries, 10, only=selection)
+    _, want = exact_search(vectors[chosen], ids[chosen], queries, 10)
+    assert np.isin(got[got >= 0], ids[chosen]).all()  # never a hit outside the filter
+    recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
+    assert recall >= 0.9, recall

@@ -1,0 +1,78 @@
+"""Filters on the search API and the CLI: every hit meets them, k hits whenever k match, bad ones are 422s."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+from typer.testing import CliRunner
+
+from imsearch.cli import app as cli
+from indexer.build import BuildOptions, build_or_add
+from indexer.encoder import DualEncoder
+from service.app import create_app
+from service.config import Settings
+from training.scenes import write_scenes
+
+
+@pytest.fixture(scope="module")
+def index_dir(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("filter-api")
+    listing = write_scenes(root / "src", 20, seed=63, twins=True)
+    rows = [json.loads(line) for line in listing.read_text().splitlines()]
+    for i, row in enumerate(rows):
+        row.update(album="work" if i % 4 == 0 else "home", rating=i % 5)
+    listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    build_or_add(listing, root / "idx", encoder, BuildOptions(workers=0), "build")
+    return root / "idx"
+
+
+@pytest.fixture(scope="module")
+def client(index_dir: Path) -> TestClient:
+    with TestClient(create_app(Settings(indexes=[f"s={index_dir}"], rerankers=["mid"], redis_url=None))) as c:
+        yield c
+
+
+def _hits(client: TestClient, body: dict) -> list[dict]:
+    answer = client.post("/v1/search", json={"text": "a red circle", **body})
+    assert answer.status_code == 200, answer.text
+    return answer.json()["hits"]
+
+
+def test_every_hit_meets_the_filter_and_k_hits_come_back_when_k_match(client: TestClient) -> None:
+    hits = _hits(client, {"k": 10, "filter": {"where": {"album": "work"}}})
+    ids = {h["id"] for h in hits}
+    assert len(hits) == 10 and all(i % 4 == 0 for i in ids)  # ids follow the listing's order
+    reranked = _hits(client, {"k": 5, "rerank": "mid", "filter": {"caption_contains": "RED",
+                                                                  "where": {"rating": {"gte": 2, "lte": 3}}}})
+    assert reranked and all("red" in h["caption"] and h["id"] % 5 in (2, 3) for h in reranked)
+    assert all(h["rerank_score"] is not None for h in reranked)
+    assert _hits(client, {"filter": {"path_glob": "*/nothing-*.png"}}) == []
+
+
+@pytest.mark.parametrize(("flt", "needle"), [
+    ({"where": {"colour": "red"}}, "unknown metadata field 'colour'"),
+    ({"where": {"rating": "high"}}, "holds numbers"),
+    ({"where": {"rating": {}}}, "a range takes at least one of gte"),
+    ({"where": {"rating": {"above": 1}}}, "above"),
+    ({"colour": "red"}, "colour"),
+    ({"where": {"rating": [1, 2]}}, "where.rating must be a value"),
+])
+def test_a_filter_that_cannot_apply_is_a_422_that_says_why(client: TestClient, flt: dict, needle: str) -> None:
+    answer = client.post("/v1/search", json={"text": "a red circle", "filter": flt})
+    assert answer.status_code == 422 and needle in answer.json()["detail"], answer.text
+
+
+def test_the_cli_filters_with_where_path_glob_and_caption_contains(index_dir: Path) -> None:
+    runner = CliRunner()
+    done = runner.invoke(cli, ["search", "a red circle", "--index", str(index_dir), "-k", "20", "--json",
+                               "--where", "album=work", "--where", "rating>=1", "--where", "rating<4"])
+    assert done.exit_code == 0, done.output
+    hits = json.loads(done.stdout)["hits"]
+    assert hits and all(h["id"] % 4 == 0 and 1 <= h["id"] % 5 < 4 for h in hits)
+    bad = runner.invoke(cli, ["search", "x", "--index", str(index_dir), "--where", "rating"])
+    assert bad.exit_code == 2 and "write FIELD=VALUE" in bad.output
+    unknown = runner.invoke(cli, ["search", "x", "--index", str(index_dir), "--where", "colour=red"])
+    assert unknown.exit_code == 2 and "unknown metadata field 'colour'" in unknown.output
