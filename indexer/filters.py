@@ -38,6 +38,11 @@ class Filter:
         return self.path_glob is None and self.caption_contains is None and not self.where
 
 
+# a selection this small is searched exactly over its own vectors (a few ms even at its largest: 64k x 512
+# floats), where the ANN index with a selector would scan mostly vectors the filter rules out
+EXACT_SELECTION = 65_536
+
+
 @dataclass
 class Selection:
     """The live ids a filtered search may return (sorted), and the FAISS selector over them."""
@@ -46,6 +51,10 @@ class Selection:
     bitmap: np.ndarray  # one bit per id up to the largest, little-endian bit order (IDSelectorBitmap's)
     share: float  # the selected fraction of the live images: how much wider the ANN must look
     vectors: np.ndarray | None = None  # the selected ids' vectors, once read for an exact search
+
+    def exact(self, kind: str) -> bool:
+        """Whether to search it exactly over its own vectors rather than in an ANN index of this kind."""
+        return len(self.ids) <= EXACT_SELECTION or kind == "flat"
 
     @property
     def selector(self) -> faiss.IDSelector:

@@ -23,9 +23,6 @@ from indexer.rows import Column, Rows, Shard, open_shard, read_meta
 from indexer.tokens import decode
 from indexer.versions import advice, current_version, version_dir
 
-# a selection this small is searched exactly over its own vectors (a few ms even at its largest: 64k x 512
-# floats), where the ANN index with a selector would scan mostly vectors the filter rules out
-EXACT_SELECTION = 65_536
 KEPT_SELECTIONS = 8  # filters whose selections an open version keeps
 
 
@@ -302,7 +299,7 @@ class Index:
             raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
         if only is not None and not len(only.ids):
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        if only is not None and (len(only.ids) <= EXACT_SELECTION or self.plan.kind == "flat"):
+        if only is not None and only.exact(self.plan.kind):
             return exact_search(self._selected_vectors(only), only.ids, queries, k)
         fetch = k * self.plan.refine_factor if self.plan.refine_factor else k
         gpu = self._on_gpu if fetch <= GPU_MAX_K and only is None else None  # selectors run on the CPU index
