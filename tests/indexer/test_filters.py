@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 
 from indexer.ann import build_index, exact_search, plan_index
-from indexer.build import BuildOptions, build_or_add, remove
+from indexer.build import remove
 from indexer.encoder import DualEncoder
 from indexer.filters import BadFilter, Filter, Selection, glob_regex
 from indexer.store import Index
-from training.scenes import write_scenes
+from tests.listing import index_with_columns
 
 ALBUMS = ("holiday", "work", "family")
 
@@ -23,15 +23,12 @@ ALBUMS = ("holiday", "work", "family")
 @pytest.fixture(scope="module")
 def index(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Index:
     """60 scenes with extra columns (album, rating, taken), two of them removed."""
-    root = tmp_path_factory.mktemp("filters")
-    listing = write_scenes(root / "src", 30, seed=61, twins=True)
-    rows = [json.loads(line) for line in listing.read_text().splitlines()]
-    for i, row in enumerate(rows):
+    def columns(i: int, row: dict[str, Any]) -> None:
         row.update(album=ALBUMS[i % 3], rating=i % 5, taken=f"2024-{1 + i % 12:02d}-15")
         if i % 10 == 0:
             row.pop("rating")  # a column some rows lack
-    listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    build_or_add(listing, root / "idx", encoder, BuildOptions(workers=0), "build")
+
+    root = index_with_columns(encoder, tmp_path_factory.mktemp("filters"), 30, 61, columns).parent
     remove(root / "idx", ids=[0, 7])
     return Index.open(root / "idx")
 

@@ -4,29 +4,25 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from imsearch.cli import app as cli
-from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
 from service.app import create_app
 from service.config import Settings
-from training.scenes import write_scenes
+from tests.listing import index_with_columns
 
 
 @pytest.fixture(scope="module")
 def index_dir(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("filter-api")
-    listing = write_scenes(root / "src", 20, seed=63, twins=True)
-    rows = [json.loads(line) for line in listing.read_text().splitlines()]
-    for i, row in enumerate(rows):
+    def columns(i: int, row: dict[str, Any]) -> None:
         row.update(album="work" if i % 4 == 0 else "home", rating=i % 5)
-    listing.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    build_or_add(listing, root / "idx", encoder, BuildOptions(workers=0), "build")
-    return root / "idx"
+
+    return index_with_columns(encoder, tmp_path_factory.mktemp("filter-api"), 20, 63, columns)
 
 
 @pytest.fixture(scope="module")
