@@ -15,7 +15,7 @@ from typing import Any
 import faiss
 import numpy as np
 
-from indexer.ann import ann_search, build_index, exact_search, plan_index, rescore
+from indexer.ann import ann_search, build_index, exact_search, exact_within, plan_index, rescore, search_within
 from indexer.filters import Selection
 
 
@@ -51,8 +51,11 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=200)
     parser.add_argument("--kinds", default="auto,ivf,ivfpq")
     parser.add_argument("--filter", action="store_true", help="search inside selections (filters) instead")
+    parser.add_argument("--threads", type=int, default=0, help="FAISS threads (0: its default)")
     parser.add_argument("--out", type=Path, default=None)
     args = parser.parse_args()
+    if args.threads:
+        faiss.omp_set_num_threads(args.threads)
     base = clustered(args.n, args.dim, seed=0)
     ids = np.arange(args.n, dtype=np.int64)
     queries = clustered(args.queries, args.dim, seed=1)
@@ -111,15 +114,16 @@ def filtered(base: np.ndarray, ids: np.ndarray, queries: np.ndarray, kinds: str)
             truth, exact_ms = timed_search(lambda q, s=subset, o=only: exact_search(s, o.ids, q, 10)[1], queries)
 
             def fn(q, plan=plan, index=index, only=only, subset=subset):  # type: ignore[no-untyped-def]
-                if only.exact(plan.kind):
+                if exact_within(plan, only, len(ids)):
                     return exact_search(subset, only.ids, q, 10)[1]
                 fetch = 10 * plan.refine_factor if plan.refine_factor else 10
-                cand = ann_search(index, plan, q, fetch, only=only)[1]
+                cand = search_within(index, plan, q, fetch, only, lambda r, t: exact_search(subset, only.ids, r, t))[1]
                 return rescore(q, cand, lambda got: base[got], 10)[1] if plan.refine_factor else cand
 
             found, _ = timed_search(fn, queries)
             p50 = float(np.median([_ms(fn, q[None]) for q in queries]))
-            rows.append({"kind": kind, "chosen": plan.kind, "share": share, "exact_path": only.exact(plan.kind),
+            exact = exact_within(plan, only, len(ids))
+            rows.append({"kind": kind, "chosen": plan.kind, "share": share, "exact_path": exact,
                          "recall_at_10": round(recall(found, truth), 4), "ms_p50": round(p50, 3),
                          "exact_filtered_ms": round(exact_ms, 3), "speedup_vs_exact": round(exact_ms / p50, 1)})
             print(json.dumps(rows[-1]), flush=True)

@@ -49,6 +49,8 @@ STEPS = (
     Step("tradeoff_seed7", (CLI, "eval", "tradeoff", "--json", "--errors", "--seed", "7", "--ks", "16"),
          "late/mid/early at k 16, seed 7"),
     Step("ann", (PY, "bench/ann.py", "--n", "200000", "--kinds", "auto,hnsw,ivfpq", "--out", "{out}"), "ANN choice"),
+    Step("ann_filter", (PY, "bench/ann.py", "--filter", "--n", "1000000", "--queries", "100", "--threads", "1",
+                        "--out", "{out}"), "filtered search at 1M vectors, one core"),
     Step("index_throughput", (PY, "bench/index_throughput.py", "--n", "3000", "--big", "6000", "--rounds", "3",
                               "--out", "{out}"), "indexing throughput and memory"),
     Step("service", (PY, "bench/service.py", "--n", "100000", "--n-real", "2000", "--duration", "5",
@@ -368,6 +370,31 @@ Target (the automatically chosen index): recall@10 ≥ 0.95 at ≥ 10× exact �
 """
 
 
+def section_filters() -> str:
+    r = load("ann_filter")
+    if not r:
+        return ""
+    rows = [[f"{x['share']:.0%}", x["chosen"], "exact over the selection" if x["exact_path"] else "ANN + selector",
+             x["recall_at_10"], x["ms_p50"], x["exact_filtered_ms"], x["speedup_vs_exact"]] for x in r["rows"]]
+    half = [x for x in r["rows"] if x["share"] == 0.5]
+    checks = [["recall@10 ≥ 0.95 at every share", verdict(all(x["recall_at_10"] >= 0.95 for x in r["rows"]))],
+              ["p50 ≤ 10 ms at every share", verdict(all(x["ms_p50"] <= 10 for x in r["rows"]))],
+              ["≥ 5× exact filtered search at 50 %", verdict(bool(half) and all(x["speedup_vs_exact"] >= 5
+                                                                               for x in half))]]
+    return f"""## Filtered search (`bench/ann.py --filter`)
+
+`{STEP["ann_filter"].command()}` — {r['n']:,} clustered {r['dim']}-d vectors, a filter's selection of a random
+share of them (uncorrelated with the clusters, as a date range is), `Index.search`'s policy inside it (exact over
+the selection's vectors when that is cheaper, else the ANN index with FAISS's id selector), one query at a time
+on one core, against exact search over the selected vectors (the selection's vectors in memory, as an index keeps
+them for a repeated filter).
+
+{table(["selected", "index", "path", "recall@10", "ms p50", "exact filtered ms", "speed-up"], rows)}
+
+{table(["target (issue 26)", ""], checks)}
+"""
+
+
 def section_indexing() -> str:
     r = load("index_throughput")
     if not r:
@@ -505,7 +532,7 @@ def render() -> str:
         "baseline measured in the same run; raw JSON is in `bench/results/` (not committed).",
         "",
         section_encoder(), section_rerankers(), section_freeform(), section_tokens(), section_real_models(),
-        section_ann(), section_indexing(),
+        section_ann(), section_filters(), section_indexing(),
         section_service(), section_soak(), section_admission(), section_gpu(),
     ]).rstrip() + "\n"
 

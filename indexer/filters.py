@@ -38,11 +38,6 @@ class Filter:
         return self.path_glob is None and self.caption_contains is None and not self.where
 
 
-# a selection this small is searched exactly over its own vectors (a few ms even at its largest: 64k x 512
-# floats), where the ANN index with a selector would scan mostly vectors the filter rules out
-EXACT_SELECTION = 65_536
-
-
 @dataclass
 class Selection:
     """The live ids a filtered search may return (sorted), and the FAISS selector over them."""
@@ -52,9 +47,11 @@ class Selection:
     share: float  # the selected fraction of the live images: how much wider the ANN must look
     vectors: np.ndarray | None = None  # the selected ids' vectors, once read for an exact search
 
-    def exact(self, kind: str) -> bool:
-        """Whether to search it exactly over its own vectors rather than in an ANN index of this kind."""
-        return len(self.ids) <= EXACT_SELECTION or kind == "flat"
+    def holds(self, ids: np.ndarray) -> np.ndarray:
+        """Whether each id (any shape; -1 for none) is in the selection."""
+        inside = (ids >= 0) & (ids < len(self.bitmap) * 8)
+        safe = np.where(inside, ids, 0)
+        return inside & ((self.bitmap[safe >> 3] >> (safe & 7)) & 1).astype(bool)
 
     @property
     def selector(self) -> faiss.IDSelector:

@@ -14,7 +14,16 @@ import faiss
 import numpy as np
 import pyarrow as pa
 
-from indexer.ann import GPU_MAX_K, AnnPlan, ann_search, exact_search, place_for_search, rescore
+from indexer.ann import (
+    GPU_MAX_K,
+    AnnPlan,
+    ann_search,
+    exact_search,
+    exact_within,
+    place_for_search,
+    rescore,
+    search_within,
+)
 from indexer.features import ENCODER_TOKENS
 from indexer.filters import STORED, Filter, Selection, extra_columns, select
 from indexer.integrity import IndexCorrupt, IndexNotFound, check_version, corrupt, read_npy
@@ -291,19 +300,25 @@ class Index:
         """(q, k) inner-product scores and ids, best first; -1 ids pad when fewer than k exist.
 
         IVF-PQ results are re-scored exactly from the stored vectors (k * refine_factor candidates).
-        With `only`, the search runs inside the selection: exactly over its vectors when it is small,
-        else in the ANN index with FAISS's selector, looking as much wider as the selection is narrower.
+        With `only`, the search runs inside the selection: exactly over its vectors when that is cheaper
+        (ann.exact_within), else in the ANN index (ann.search_within).
         """
         queries = np.atleast_2d(np.asarray(queries, dtype=np.float32))
         if queries.shape[1] != self.dim:
             raise ValueError(f"query dimension {queries.shape[1]} != index dimension {self.dim}")
         if only is not None and not len(only.ids):
             return np.full((len(queries), k), -np.inf, np.float32), np.full((len(queries), k), -1, np.int64)
-        if only is not None and only.exact(self.plan.kind):
+        if only is not None and exact_within(self.plan, only, len(self)):
             return exact_search(self._selected_vectors(only), only.ids, queries, k)
         fetch = k * self.plan.refine_factor if self.plan.refine_factor else k
-        gpu = self._on_gpu if fetch <= GPU_MAX_K and only is None else None  # selectors run on the CPU index
-        scores, ids = ann_search(self.faiss if gpu is None else gpu, self.plan, queries, fetch, nprobe, ef_search, only)
+        if only is not None:  # selectors run on the CPU index
+            def exact(rows: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+                return exact_search(self._selected_vectors(only), only.ids, rows, top)
+
+            scores, ids = search_within(self.faiss, self.plan, queries, fetch, only, exact, nprobe, ef_search)
+        else:
+            gpu = self._on_gpu if fetch <= GPU_MAX_K else None
+            scores, ids = ann_search(self.faiss if gpu is None else gpu, self.plan, queries, fetch, nprobe, ef_search)
         if self.plan.refine_factor:
             scores, ids = rescore(queries, ids, self.vectors, k)
         return scores, ids

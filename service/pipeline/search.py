@@ -15,6 +15,7 @@ from typing import Any
 import numpy as np
 
 from indexer.encoder import DualEncoder
+from indexer.features import ENCODER_TOKENS
 from indexer.filters import BadFilter, Filter, Selection
 from indexer.store import Index
 from reranker.score import Query, Reranker
@@ -242,7 +243,7 @@ class Pipeline:
 def missing_features(reranker: Reranker, index: Index) -> str | None:
     """Why the index cannot be reranked by this tier (None: it can): a tier with its own vision tower scores
     the features stored for it at index time by the same weights, never another model's tokens."""
-    if reranker.text_from_encoder:
+    if reranker.features == ENCODER_TOKENS:  # every index holds them (their model is checked at startup)
         return None
     held = index.feature_sets.get(reranker.features)
     if held is None:

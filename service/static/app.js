@@ -27,6 +27,25 @@ async function send(url, init) {
   throw new Error(error.detail || `HTTP ${response.status} ${response.statusText}`);
 }
 
+const BOUNDS = { ">=": "gte", ">": "gt", "<=": "lte", "<": "lt" };
+
+// "caption~circle width>=64 album=work" → the API's filter (null when empty); throws on a term it cannot read
+function parseFilter(text) {
+  const filter = {}, where = {};
+  for (const term of (text || "").trim().split(/\s+/).filter(Boolean)) {
+    const match = term.match(/^([^<>=~]+?)(>=|<=|=|>|<|~)(.+)$/);
+    const [, field, op, raw] = match || [];
+    const value = /^-?\d+(\.\d+)?$/.test(raw || "") ? Number(raw) : raw;
+    if (op === "~" && field === "caption") filter.caption_contains = raw;
+    else if (op === "~" && field === "path") filter.path_glob = raw;
+    else if (op === "=") where[field] = value;
+    else if (op && op !== "~") (where[field] = typeof where[field] === "object" ? where[field] : {})[BOUNDS[op]] = value;
+    else throw new Error(`filter "${term}": write FIELD=VALUE, FIELD>=VALUE (also >, <=, <), caption~TEXT or path~GLOB`);
+  }
+  if (Object.keys(where).length) filter.where = where;
+  return Object.keys(filter).length ? filter : null;
+}
+
 function searchRequest(query, extra, signal) {
   if (query.image) {  // multipart: the file's bytes as they are, no base64
     const form = new FormData();
@@ -37,6 +56,12 @@ function searchRequest(query, extra, signal) {
   }
   const body = { text: query.text, k: query.k, ...extra };
   if (query.index) body.index = query.index;
+  try {
+    const filter = parseFilter(query.filter);
+    if (filter) body.filter = filter;
+  } catch (error) {
+    return Promise.reject(error);
+  }
   return send("/v1/search", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
   });
@@ -188,11 +213,12 @@ function numberIn(text, low, high, fallback) {
 }
 
 function formQuery() {
-  return { text: $("#query").value.trim(), k: numberIn($("#k").value, 1, 100, 12), index: $("#index").value || null };
+  return { text: $("#query").value.trim(), k: numberIn($("#k").value, 1, 100, 12), index: $("#index").value || null,
+    filter: $("#filter").value.trim() };
 }
 
 function sameQuery(a, b) {
-  return Boolean(b) && !b.image && a.text === b.text && a.k === b.k && a.index === b.index;
+  return Boolean(b) && !b.image && a.text === b.text && a.k === b.k && a.index === b.index && a.filter === b.filter;
 }
 
 function writeUrl() {
@@ -201,6 +227,7 @@ function writeUrl() {
   params.set("rerank", $("#tier").value);
   params.set("k", state.query?.k ?? $("#k").value);
   if (!$("#index-field").hidden && state.query?.index) params.set("index", state.query.index);
+  if (state.query?.filter) params.set("filter", state.query.filter);
   history.replaceState(null, "", `${location.pathname}?${params}`);
 }
 
@@ -213,6 +240,7 @@ function readUrl() {
   choose($("#tier"), params.get("rerank"));
   choose($("#index"), params.get("index"));
   if (params.has("k")) $("#k").value = numberIn(params.get("k"), 1, 100, 12);
+  $("#filter").value = params.get("filter") || "";
   const text = (params.get("q") || "").trim();
   if (text) {
     $("#query").value = text;

@@ -10,7 +10,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from indexer.ann import build_index, exact_search, plan_index
+from indexer.ann import ann_search, build_index, exact_search, plan_index, search_within
 from indexer.build import remove
 from indexer.encoder import DualEncoder
 from indexer.filters import BadFilter, Filter, Selection, glob_regex
@@ -111,26 +111,62 @@ def test_glob_patterns_are_anchored_and_escape_regex_syntax() -> None:
     assert not pattern.match("/z/a/b.c(1)/y.jpeg") and not re.match(glob_regex("*[!a]"), "xa")
 
 
-@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
-@pytest.mark.parametrize("share", [0.1, 0.5])
-def test_an_ann_index_searches_inside_a_selector_with_the_recall_of_exact_filtered_search(kind: str,
-                                                                                          share: float) -> None:
+def _clustered(n: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(vectors, their cluster, ids that are not positions)."""
     rng = np.random.default_rng(3)
     centres = rng.standard_normal((40, 32)).astype(np.float32)
-    vectors = centres[rng.integers(0, 40, 20_000)] + 0.4 * rng.standard_normal((20_000, 32)).astype(np.float32)
+    cluster = rng.integers(0, 40, n)
+    vectors = centres[cluster] + 0.4 * rng.standard_normal((n, 32)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    ids = np.arange(len(vectors), dtype=np.int64) * 3  # ids are not positions
+    return vectors, cluster, np.arange(n, dtype=np.int64) * 3
+
+
+def _selection(ids: np.ndarray, rows: np.ndarray) -> Selection:
+    bits = np.zeros(int(ids[rows].max()) + 1, bool)
+    bits[ids[rows]] = True
+    return Selection(ids[rows], np.packbits(bits, bitorder="little"), len(rows) / len(ids))
+
+
+@pytest.mark.parametrize("kind", ["ivf", "hnsw"])
+@pytest.mark.parametrize("share", [0.1, 0.5])
+def test_an_ann_index_searches_inside_a_selection_with_the_recall_of_exact_filtered_search(kind: str,
+                                                                                           share: float) -> None:
+    vectors, _, ids = _clustered(20_000)
+    rng = np.random.default_rng(4)
     plan = plan_index(len(ids), 32, kind)
     faiss_index = build_index(plan, vectors, ids)
-    chosen = np.sort(rng.choice(len(ids), int(share * len(ids)), replace=False))
-    bits = np.zeros(int(ids[chosen].max()) + 1, bool)
-    bits[ids[chosen]] = True
-    selection = Selection(ids[chosen], np.packbits(bits, bitorder="little"), share)
+    rows = np.sort(rng.choice(len(ids), int(share * len(ids)), replace=False))
+    selection = _selection(ids, rows)
     queries = vectors[rng.choice(len(ids), 40)] + 0.1 * rng.standard_normal((40, 32)).astype(np.float32)
-    from indexer.ann import ann_search
+    _, want = exact_search(vectors[rows], ids[rows], queries, 10)
+    def exact(rows: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+        return exact_search(vectors[rows_], ids[rows_], rows, top)
 
-    _, got = ann_search(faiss_index, plan, queries, 10, only=selection)
-    _, want = exact_search(vectors[chosen], ids[chosen], queries, 10)
-    assert np.isin(got[got >= 0], ids[chosen]).all()  # never a hit outside the filter
-    recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
-    assert recall >= 0.9, recall
+    rows_ = rows
+    searches = {"selector": lambda: ann_search(faiss_index, plan, queries, 10, only=selection),
+                "search_within": lambda: search_within(faiss_index, plan, queries, 10, selection, exact)}
+    for name, search in searches.items():  # FAISS's selector alone, and the policy around it
+        _, got = search()
+        assert np.isin(got, ids[rows]).all()  # ten hits, none outside the filter
+        recall = np.mean([len(set(g) & set(w)) / 10 for g, w in zip(got, want, strict=True)])
+        assert recall >= 0.9, (name, recall)
+
+
+@pytest.mark.parametrize(("clusters", "exactly"), [(range(12, 40), False), (range(39, 40), True)])
+def test_a_selection_far_from_the_query_still_gives_k_hits_from_inside_it(clusters: range, exactly: bool) -> None:
+    vectors, cluster, ids = _clustered(20_000)
+    plan = plan_index(len(ids), 32, "ivf")
+    faiss_index = build_index(plan, vectors, ids)
+    rows = np.flatnonzero(np.isin(cluster, list(clusters)))  # none in the queries' cluster
+    near = vectors[np.flatnonzero(cluster == 0)[:5]]
+    calls = []
+
+    def exact(queries: np.ndarray, top: int) -> tuple[np.ndarray, np.ndarray]:
+        calls.append(len(queries))
+        return exact_search(vectors[rows], ids[rows], queries, top)
+
+    # nprobe 1 for the narrow one: the few lists probed near the queries then hold none of it
+    _, got = search_within(faiss_index, plan, near, 10, _selection(ids, rows), exact, nprobe=1 if exactly else None)
+    assert np.isin(got, ids[rows]).all()  # ten hits each, all inside the selection
+    if exactly:  # the probed lists hold none of a far, narrow selection: those queries were searched exactly
+        assert calls == [5] and np.array_equal(got, exact_search(vectors[rows], ids[rows], near, 10)[1])

@@ -249,6 +249,26 @@ def test_a_link_reproduces_its_search(server: str, browser: webdriver.Chrome) ->
     assert {"q": [OTHER], "rerank": ["early"], "k": ["5"]}.items() <= _query_string(browser).items()
 
 
+def test_the_filter_box_restricts_both_columns_and_says_what_it_cannot_read(server: str,
+                                                                            browser: webdriver.Chrome) -> None:
+    wait = _open(browser, server)
+    browser.find_element(By.ID, "filter").send_keys("caption~circle width>=64")
+    browser.find_element(By.ID, "query").send_keys(QUERY + Keys.ENTER)
+    flt = {"caption_contains": "circle", "where": {"width": {"gte": 64}}}
+    fast = _ids(server, text=QUERY, rerank="none", filter=flt)
+    wait.until(lambda d: _column(d, "fast")[0] == fast and len(_column(d, "deep")[0]) == 12 and _idle(d))
+    assert _column(browser, "deep")[0] == _ids(server, text=QUERY, rerank="mid", rerank_k=16, filter=flt)
+    captions = [p.text for p in browser.find_elements(By.CSS_SELECTOR, ".column .caption")]
+    assert len(captions) == 24 and all("circle" in c for c in captions)
+    assert _query_string(browser)["filter"] == ["caption~circle width>=64"]
+    box = browser.find_element(By.ID, "filter")
+    box.clear()
+    box.send_keys("circle" + Keys.ENTER)
+    wait.until(lambda d: _idle(d) and len(d.find_elements(By.CSS_SELECTOR, ".column .note.error")) == 2)
+    assert all('filter "circle": write FIELD=VALUE' in e.text
+               for e in browser.find_elements(By.CSS_SELECTOR, ".column .note.error"))
+
+
 def test_none_tier_says_there_is_no_reranking(server: str, browser: webdriver.Chrome) -> None:
     wait = _open(browser, f"{server}/?q={QUERY}&rerank=none")
     wait.until(lambda d: len(_column(d, "fast")[0]) == 12 and _idle(d))
