@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import math
 import os
 import re
 import socket
@@ -128,6 +129,9 @@ def search(
         "only images whose metadata meet FIELD=VALUE or FIELD>=, >, <=, < VALUE (repeatable; FIELD: path, caption, "
         "width, height, bytes or a source column; a VALUE that reads as a number is one)"))] = None,
     path_glob: Annotated[str | None, typer.Option(help="only images whose path matches this glob")] = None,
+    term: Annotated[list[str] | None, typer.Option(help=(
+        "a part of a composed query, [WEIGHT:]TEXT or [WEIGHT:]@IMAGE_FILE (repeatable; a negative weight: less "
+        "like it), e.g. --term '-0.5:a blue square' --term 0.5:@photo.jpg"))] = None,
     caption_contains: Annotated[str | None, typer.Option(help="only images whose caption holds this text")] = None,
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
@@ -136,17 +140,22 @@ def search(
     from indexer.filters import Filter
     from service.config import Settings
     from service.errors import StartupError
-    from service.pipeline.search import QueryInput
+    from service.pipeline.search import QueryInput, Term
     from service.pipeline.stages import BadQuery
     from service.state import load_engine
 
-    if (text is None) == (image is None):
-        fail("give a text to search for, or --image FILE (one of them)")
     if text is not None and not text.strip():
         fail("the text is empty")
     flt = Filter(path_glob, caption_contains, parse_where(where or []))
-    query = QueryInput(text=text, image=_read_query_image(image) if image else None, k=k, rerank=rerank,
-                       rerank_k=rerank_k, filter=flt)
+    if term:  # a composed query: the text and the image (if given) are terms of weight 1 beside the others
+        terms = [*([Term(text)] if text else []), *([Term(None, _read_query_image(image))] if image else []),
+                 *(parse_term(t) for t in term)]
+        query = QueryInput(k=k, rerank=rerank, rerank_k=rerank_k, filter=flt, terms=terms)
+    elif (text is None) == (image is None):
+        fail("give a text to search for, or --image FILE (one of them), or --term")
+    else:
+        query = QueryInput(text=text, image=_read_query_image(image) if image else None, k=k, rerank=rerank,
+                           rerank_k=rerank_k, filter=flt)
     settings = Settings(indexes=[str(index_dir)], model=model, pretrained=pretrained, device=device,
                         rerankers=[] if rerank == "none" else [f"{rerank}={checkpoint}" if checkpoint else rerank],
                         redis_url=None, threads=0)
@@ -189,6 +198,20 @@ def parse_where(conditions: list[str]) -> dict[str, Any]:
                 fail(f"--where {name}: give either a value or bounds, not both")
             bounds[OPS[op]] = value
     return where
+
+
+def parse_term(text: str) -> Any:
+    """--term [WEIGHT:]TEXT or [WEIGHT:]@IMAGE_FILE as a composed query's Term."""
+    from service.pipeline.search import Term
+
+    head, sep, rest = text.partition(":")
+    try:
+        weight = float(head) if sep else 1.0
+    except ValueError:
+        weight, rest = 1.0, text  # a colon inside the text itself
+    if not rest.strip() or weight == 0 or not math.isfinite(weight):
+        fail(f"--term {text!r}: write [WEIGHT:]TEXT or [WEIGHT:]@IMAGE_FILE with a non-zero weight")
+    return Term(None, _read_query_image(Path(rest[1:])), weight) if rest.startswith("@") else Term(rest, None, weight)
 
 
 def _read_query_image(path: Path) -> bytes:

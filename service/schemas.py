@@ -59,8 +59,26 @@ def _scalar(value: Any) -> bool:
     return isinstance(value, str | int | float | bool)
 
 
+class TermIn(BaseModel):
+    """One part of a composed query: a text or an image, weighted; a negative weight steers away from it."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    text: str | None = Field(None, min_length=1, max_length=1000)
+    image: str | None = Field(None, min_length=1, description="base64 of the image file's bytes")
+    weight: float = Field(1.0, ge=-10.0, le=10.0)
+
+    @model_validator(mode="after")
+    def _one_part(self) -> TermIn:
+        if (self.text is None) == (self.image is None):
+            raise ValueError("a term is exactly one of text or image")
+        if self.weight == 0:
+            raise ValueError("a term's weight must not be 0")
+        return self
+
+
 class SearchRequest(BaseModel):
-    """Exactly one of text, image (base64 file bytes) or embedding."""
+    """Exactly one of text, image (base64 file bytes), embedding or terms (text and images, weighted)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -74,6 +92,9 @@ class SearchRequest(BaseModel):
     min_similarity: float | None = Field(None, ge=-1.0, le=1.0)
     index: str | None = Field(None, min_length=1, max_length=200)
     filter: FilterIn | None = None
+    terms: list[TermIn] | None = Field(None, min_length=1, max_length=8, description=(
+        "a composed query: the normalised weighted sum of the terms' embeddings, e.g. a text, an image at 0.5 "
+        "and a text at -0.5 (less like it)"))
 
     @field_validator("text")
     @classmethod
@@ -84,9 +105,9 @@ class SearchRequest(BaseModel):
 
     @model_validator(mode="after")
     def _exactly_one_query(self) -> SearchRequest:
-        given = [name for name in ("text", "image", "embedding") if getattr(self, name) is not None]
+        given = [name for name in ("text", "image", "embedding", "terms") if getattr(self, name) is not None]
         if len(given) != 1:
-            raise ValueError(f"give exactly one of text, image or embedding (got {', '.join(given) or 'none'})")
+            raise ValueError(f"give exactly one of text, image, embedding or terms (got {', '.join(given) or 'none'})")
         return self
 
 

@@ -33,6 +33,7 @@ from service.pipeline.stages import (
     Found,
     ImageStage,
     RerankChunk,
+    TextEncoding,
     TextStage,
     order,
     rerank_stage,
@@ -52,8 +53,17 @@ def decode_base64(data: str) -> bytes:
 
 
 @dataclass
+class Term:
+    """One part of a composed query: a text or an image's file bytes, weighted (negative: less like it)."""
+
+    text: str | None = None
+    image: bytes | None = None
+    weight: float = 1.0
+
+
+@dataclass
 class QueryInput:
-    """Exactly one of text, image (file bytes) or embedding."""
+    """Exactly one of text, image (file bytes), embedding or terms (a composed query)."""
 
     text: str | None = None
     image: bytes | None = None
@@ -63,6 +73,7 @@ class QueryInput:
     rerank_k: int = 16
     min_similarity: float | None = None
     filter: Filter | None = None  # metadata conditions every hit meets (inside the search, not after it)
+    terms: list[Term] | None = None  # searched by the normalised weighted sum of their embeddings
 
 
 @dataclass
@@ -125,11 +136,14 @@ class Pipeline:
         self.rerank_texts = stage(EncodeThenSearch(TextStage(encoder, cache, True, lookup), ann, pooled),
                                   "text-rerank", hold=self.rerank.busy_before)
         self.images = stage(EncodeThenSearch(ImageStage(encoder, s.max_pixels), ann, lambda v: v), "image")
+        self.text_vectors = stage(TextStage(encoder, cache, False, lookup), "text-term")  # a composed query's parts
+        self.image_vectors = stage(ImageStage(encoder, s.max_pixels), "image-term")
         self.ann: Batcher[AnnQuery, tuple[np.ndarray, np.ndarray]] = Batcher(  # embedding queries
             ann, "search", max_batch=s.max_batch, max_wait_ms=s.max_wait_ms)
         self.reads = stage(cache.get_many, "cache-get")
         self.writes = stage(cache.put_many, "cache-put")
-        self.stages = [self.rerank, self.texts, self.rerank_texts, self.images, self.ann, self.reads, self.writes]
+        self.stages = [self.rerank, self.texts, self.rerank_texts, self.images, self.text_vectors, self.image_vectors,
+                       self.ann, self.reads, self.writes]
 
     def close(self) -> None:
         for batcher in self.stages:
@@ -172,8 +186,10 @@ class Pipeline:
         """The result-cache key (None when nothing is cached): the index folder and version, the query, the columns."""
         if not self.cache.enabled:
             return None
-        image = hashlib.sha256(q.image).hexdigest() if q.image is not None else None
-        request = {**asdict(q), "image": image, "index": str(index.root), "columns": list(columns or [])}
+        digest = lambda data: hashlib.sha256(data).hexdigest() if data is not None else None  # noqa: E731
+        terms = [[t.text, digest(t.image), t.weight] for t in q.terms] if q.terms else None
+        request = {**asdict(q), "image": digest(q.image), "terms": terms, "index": str(index.root),
+                   "columns": list(columns or [])}
         return result_key(self.encoder.model_id, index.version, request)
 
     async def _run(self, index: Index, q: QueryInput, columns: Sequence[str] | None,
@@ -220,10 +236,21 @@ class Pipeline:
             return await self.rerank_texts((q.text, index, depth, only), key=q.rerank_k)  # the rerank's own key
         if q.image is not None:
             return await self.images((q.image, index, depth, only))
-        vector = normalised(q.embedding or [], index.dim)
+        vector = await self._compose(q.terms, index.dim) if q.terms else normalised(q.embedding or [], index.dim)
         start = time.perf_counter()
         scores, ids = await self.ann(AnnQuery(index, vector, depth, only))
         return Found(vector, scores, ids, time.perf_counter() - start)
+
+    async def _compose(self, terms: list[Term], dim: int) -> np.ndarray:
+        """The unit vector of a composed query: its parts encoded (each through its stage's batcher), weighted
+        and summed; BadQuery when they cancel out."""
+        parts = await asyncio.gather(*(self.text_vectors(t.text) if t.text is not None else self.image_vectors(t.image)
+                                       for t in terms))
+        vectors = [p.pooled if isinstance(p, TextEncoding) else p for p in parts]
+        total = sum((t.weight * v.astype(np.float64) for t, v in zip(terms, vectors, strict=True)), np.zeros(dim))
+        if np.linalg.norm(total) < 1e-6:
+            raise BadQuery("the terms cancel out: their weighted embeddings sum to zero")
+        return normalised(total.tolist(), dim)
 
     async def _rerank(self, index: Index, q: QueryInput, query: Query, scores: np.ndarray, ids: np.ndarray,
                       ticket: Ticket) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:

@@ -14,7 +14,7 @@ from pydantic import BaseModel
 from indexer.reader import LIST_EXTENSIONS
 from indexer.store import Index
 from service.deps import ApiKeyDep, EngineDep
-from service.pipeline.search import QueryInput, SearchOutput, decode_base64
+from service.pipeline.search import QueryInput, SearchOutput, Term, decode_base64
 from service.pipeline.stages import BadQuery
 from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
 from service.state import Engine
@@ -92,7 +92,9 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
                        embedding=body.embedding, k=min(body.k, settings.max_k),
                        rerank=body.rerank or settings.default_rerank,
                        rerank_k=min(body.rerank_k or settings.default_rerank_k, settings.max_rerank_k),
-                       min_similarity=body.min_similarity, filter=body.filter.to_filter() if body.filter else None)
+                       min_similarity=body.min_similarity, filter=body.filter.to_filter() if body.filter else None,
+                       terms=[Term(t.text, decode_base64(t.image) if t.image is not None else None, t.weight)
+                              for t in body.terms] if body.terms else None)
     return await answer(engine, body.index, query)
 
 
