@@ -24,6 +24,10 @@ class UnknownIndex(LookupError):
     """An index name the service does not serve."""
 
 
+class CursorExpired(LookupError):
+    """A page cursor whose index version is no longer served."""
+
+
 class StartupError(RuntimeError):
     """The configured model, indexes or rerankers cannot be served together."""
 
@@ -61,6 +65,7 @@ def _unexpected(exc: Exception) -> JSONResponse:
 RESPONSES: dict[type[Exception], Callable[[Any], JSONResponse]] = {
     BadQuery: lambda exc: _detail(422, str(exc)),
     UnknownIndex: lambda exc: _detail(404, str(exc.args[0])),
+    CursorExpired: lambda exc: _detail(410, str(exc.args[0])),
     UnknownImage: lambda exc: _detail(404, f"no image with id {exc.args[0]} in this index"),
     JobRejected: lambda exc: _detail(exc.status, str(exc)),
     JobNotFound: lambda exc: _detail(404, f"no job with id {exc.args[0]}"),

@@ -92,6 +92,10 @@ class SearchRequest(BaseModel):
     min_similarity: float | None = Field(None, ge=-1.0, le=1.0)
     index: str | None = Field(None, min_length=1, max_length=200)
     filter: FilterIn | None = None
+    min_score_ratio: float | None = Field(None, gt=0.0, le=1.0, description=(
+        "keep only hits whose similarity is at least this share of the best hit's (a relevance cutoff)"))
+    cursor: str | None = Field(None, min_length=1, max_length=400, description=(
+        "next_cursor of the previous page: the next k hits of the same query, from the same index version"))
     terms: list[TermIn] | None = Field(None, min_length=1, max_length=8, description=(
         "a composed query: the normalised weighted sum of the terms' embeddings, e.g. a text, an image at 0.5 "
         "and a text at -0.5 (less like it)"))
@@ -136,6 +140,7 @@ class SearchResponse(BaseModel):
     index: str
     rerank: str
     cached: bool = False
+    next_cursor: str | None = Field(None, description="pass as `cursor` with the same query for the next page")
 
 
 class ErrorResponse(BaseModel):

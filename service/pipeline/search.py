@@ -74,6 +74,7 @@ class QueryInput:
     min_similarity: float | None = None
     filter: Filter | None = None  # metadata conditions every hit meets (inside the search, not after it)
     terms: list[Term] | None = None  # searched by the normalised weighted sum of their embeddings
+    min_score_ratio: float | None = None  # hits below this share of the best hit's similarity are dropped
 
 
 @dataclass
@@ -299,6 +300,8 @@ def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: tuple[np.
           q: QueryInput, columns: Sequence[str] | None) -> list[Hit]:
     """The first k hits (after min_similarity); score is the fused score of a rerank, else the cosine."""
     keep = np.ones(len(ids), bool) if q.min_similarity is None else cosine >= q.min_similarity
+    if q.min_score_ratio is not None and len(cosine) and cosine.max() > 0:  # relative to the best similarity
+        keep &= cosine >= q.min_score_ratio * float(cosine.max())
     ids, cosine = ids[keep][: q.k], cosine[keep][: q.k]
     log_p, score = (r[keep][: q.k] for r in reranked) if reranked else (None, cosine)
     metas = index.metadata(ids, columns) if len(ids) else []

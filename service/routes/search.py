@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import binascii
+import hashlib
+import json
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, replace
 from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
@@ -14,6 +19,7 @@ from pydantic import BaseModel
 from indexer.reader import LIST_EXTENSIONS
 from indexer.store import Index
 from service.deps import ApiKeyDep, EngineDep
+from service.errors import CursorExpired
 from service.pipeline.search import QueryInput, SearchOutput, Term, decode_base64
 from service.pipeline.stages import BadQuery
 from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
@@ -67,17 +73,61 @@ FAST = {"response_model": None, "response_class": ModelJSON,
         "responses": {200: {"model": SearchResponse, "description": "hits, timings and the index version"}}}
 
 
-async def answer(engine: Engine, name: str | None, query: QueryInput) -> ModelJSON:
-    """The query's hits on the named index, as the API shows them."""
+async def answer(engine: Engine, name: str | None, query: QueryInput, page: Page | None = None) -> ModelJSON:
+    """The query's hits on the named index (a page of them, from the version that answered the first page),
+    as the API shows them."""
     name = name or engine.default_index
-    index = engine.index(name)  # the version that answers, and whose paths and URLs the hits show
-    out: SearchOutput = await engine.pipeline.search(index, query, COLUMNS)
+    index = engine.index(name) if page is None else page.index(engine, name)  # whose paths and URLs hits show
+    offset = page.offset if page else 0
+    out: SearchOutput = await engine.pipeline.search(index, replace(query, k=offset + query.k), COLUMNS)
     shown = path_view(engine, index)
     hits = [HitOut(id=h.id, score=h.score, similarity=h.similarity, rerank_score=h.rerank_score,
                    url=image_url(name, h.id, out.index_version), path=shown(h.meta.get("path")),
-                   caption=h.meta.get("caption")) for h in out.hits]
+                   caption=h.meta.get("caption")) for h in out.hits[offset:]]
+    more = len(hits) == query.k and offset + 2 * query.k <= engine.settings.max_k
+    cursor = Page.after(query, out.index_version, offset + query.k) if more else None
     return ModelJSON(SearchResponse(hits=hits, timings_ms=Timings(**out.timings_ms), index_version=out.index_version,
-                                    index=name, rerank=query.rerank, cached=out.cached))
+                                    index=name, rerank=query.rerank, cached=out.cached, next_cursor=cursor))
+
+
+@dataclass(frozen=True)
+class Page:
+    """Where a page starts: the index version of the first page, the hits before it, and the query it pages."""
+
+    version: str
+    offset: int
+    query: str  # a digest of the query: a cursor pages only the query that made it
+
+    @staticmethod
+    def after(query: QueryInput, version: str, offset: int) -> str:
+        raw = json.dumps({"v": version, "o": offset, "q": _digest(query)}).encode()
+        return base64.urlsafe_b64encode(raw).decode()
+
+    @classmethod
+    def read(cls, cursor: str, query: QueryInput, max_k: int) -> Page:
+        try:
+            data = json.loads(base64.urlsafe_b64decode(cursor.encode()))
+            page = cls(str(data["v"]), int(data["o"]), str(data["q"]))
+        except (ValueError, TypeError, KeyError, binascii.Error):
+            raise BadQuery("cursor is not one this service gave (pass next_cursor as it came)") from None
+        if page.query != _digest(query):
+            raise BadQuery("this cursor pages another query: send the same query with it")
+        if not 1 <= page.offset <= max_k - query.k:
+            raise BadQuery(f"a page ends at most {max_k} hits deep")
+        return page
+
+    def index(self, engine: Engine, name: str) -> Index:
+        index = engine.image_source(name, self.version)
+        if index.version != self.version:
+            raise CursorExpired(f"the cursor's index version {self.version} is no longer served (a version is "
+                                f"kept 5 minutes after a swap): search again for pages of {index.version}")
+        return index
+
+
+def _digest(query: QueryInput) -> str:
+    fields = {k: v for k, v in asdict(query).items() if k not in ("image", "terms")}
+    data = [fields, query.image, [(t.text, t.image, t.weight) for t in query.terms or []]]
+    return hashlib.sha256(repr(data).encode()).hexdigest()[:16]
 
 
 @router.post("/search", **FAST)  # type: ignore[arg-type]
@@ -94,8 +144,9 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
                        rerank_k=min(body.rerank_k or settings.default_rerank_k, settings.max_rerank_k),
                        min_similarity=body.min_similarity, filter=body.filter.to_filter() if body.filter else None,
                        terms=[Term(t.text, decode_base64(t.image) if t.image is not None else None, t.weight)
-                              for t in body.terms] if body.terms else None)
-    return await answer(engine, body.index, query)
+                              for t in body.terms] if body.terms else None, min_score_ratio=body.min_score_ratio)
+    page = Page.read(body.cursor, query, settings.max_k) if body.cursor else None
+    return await answer(engine, body.index, query, page)
 
 
 @router.post("/search/image", **FAST)  # type: ignore[arg-type]
