@@ -25,7 +25,7 @@ from indexer.ann import (
     search_within,
 )
 from indexer.features import ENCODER_TOKENS
-from indexer.filters import STORED, Filter, Selection, extra_columns, select
+from indexer.filters import STORED, BadFilter, Filter, Selection, extra_columns, select
 from indexer.integrity import IndexCorrupt, IndexNotFound, check_version, corrupt, read_npy
 from indexer.layout import DELETED, INDEX_FILE, SHARDS
 from indexer.rows import Column, Rows, Shard, open_shard, read_meta
@@ -266,6 +266,17 @@ class Index:
         rows = self._meta_pos[pos]
         values = [self._column(name).take(rows) for name in names]
         return [dict(zip(names, row, strict=True)) for row in zip(*values, strict=True)]
+
+    def field(self, ids: Sequence[int] | np.ndarray, name: str) -> list[Any]:
+        """One metadata field's values for the ids: a stored column or a column of the source list (None where
+        a row lacks it); BadFilter for a field this index does not have."""
+        if name in STORED:
+            return [row[name] for row in self.metadata(ids, [name])]
+        if name not in self._extra_columns:
+            raise BadFilter(f"unknown metadata field {name!r}; this index has: "
+                            f"{', '.join([*STORED, *sorted(self._extra_columns)])}")
+        rows = self._meta_pos[self._locate(ids)]
+        return list(self._extra_columns[name].take(pa.array(rows)).to_pylist())
 
     def _column(self, name: str) -> Column:
         column = self._columns.get(name)

@@ -77,6 +77,15 @@ class TermIn(BaseModel):
         return self
 
 
+class OrderIn(BaseModel):
+    """A metadata field to order the recalled hits by (rows without it come last)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    field: str = Field(min_length=1, max_length=100)
+    descending: bool = False
+
+
 class SearchRequest(BaseModel):
     """Exactly one of text, image (base64 file bytes), embedding or terms (text and images, weighted)."""
 
@@ -94,6 +103,7 @@ class SearchRequest(BaseModel):
     filter: FilterIn | None = None
     min_score_ratio: float | None = Field(None, gt=0.0, le=1.0, description=(
         "keep only hits whose similarity is at least this share of the best hit's (a relevance cutoff)"))
+    order_by: OrderIn | None = Field(None, description="the k hits re-ordered by a metadata field (e.g. a date)")
     cursor: str | None = Field(None, min_length=1, max_length=400, description=(
         "next_cursor of the previous page: the next k hits of the same query, from the same index version"))
     terms: list[TermIn] | None = Field(None, min_length=1, max_length=8, description=(

@@ -75,6 +75,7 @@ class QueryInput:
     filter: Filter | None = None  # metadata conditions every hit meets (inside the search, not after it)
     terms: list[Term] | None = None  # searched by the normalised weighted sum of their embeddings
     min_score_ratio: float | None = None  # hits below this share of the best hit's similarity are dropped
+    order_by: tuple[str, bool] | None = None  # (metadata field, descending): the k hits re-ordered by it
 
 
 @dataclass
@@ -309,4 +310,15 @@ def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: tuple[np.
     for i, (image_id, sim, meta) in enumerate(zip(ids, cosine, metas, strict=True)):
         rerank = None if log_p is None or np.isnan(log_p[i]) else float(log_p[i])
         hits.append(Hit(int(image_id), float(score[i]), float(sim), rerank, meta))
-    return hits
+    return _ordered(index, hits, q.order_by) if q.order_by and hits else hits
+
+
+def _ordered(index: Index, hits: list[Hit], order_by: tuple[str, bool]) -> list[Hit]:
+    """The hits sorted by a metadata field (rows without it last, in rank order); BadQuery for no such field."""
+    name, descending = order_by
+    try:
+        values = index.field([h.id for h in hits], name)
+    except BadFilter as exc:
+        raise BadQuery(str(exc)) from None
+    given = sorted((i for i, v in enumerate(values) if v is not None), key=lambda i: values[i], reverse=descending)
+    return [hits[i] for i in given] + [h for h, v in zip(hits, values, strict=True) if v is None]

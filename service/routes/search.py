@@ -84,7 +84,8 @@ async def answer(engine: Engine, name: str | None, query: QueryInput, page: Page
     hits = [HitOut(id=h.id, score=h.score, similarity=h.similarity, rerank_score=h.rerank_score,
                    url=image_url(name, h.id, out.index_version), path=shown(h.meta.get("path")),
                    caption=h.meta.get("caption")) for h in out.hits[offset:]]
-    more = len(hits) == query.k and offset + 2 * query.k <= engine.settings.max_k
+    # an ordered answer is one recalled set in another order: a page of it would order another set
+    more = len(hits) == query.k and offset + 2 * query.k <= engine.settings.max_k and query.order_by is None
     cursor = Page.after(query, out.index_version, offset + query.k) if more else None
     return ModelJSON(SearchResponse(hits=hits, timings_ms=Timings(**out.timings_ms), index_version=out.index_version,
                                     index=name, rerank=query.rerank, cached=out.cached, next_cursor=cursor))
@@ -110,6 +111,8 @@ class Page:
             page = cls(str(data["v"]), int(data["o"]), str(data["q"]))
         except (ValueError, TypeError, KeyError, binascii.Error):
             raise BadQuery("cursor is not one this service gave (pass next_cursor as it came)") from None
+        if query.order_by is not None:
+            raise BadQuery("order_by orders the k hits recalled: ask for a larger k instead of pages")
         if page.query != _digest(query):
             raise BadQuery("this cursor pages another query: send the same query with it")
         if not 1 <= page.offset <= max_k - query.k:
@@ -144,7 +147,8 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
                        rerank_k=min(body.rerank_k or settings.default_rerank_k, settings.max_rerank_k),
                        min_similarity=body.min_similarity, filter=body.filter.to_filter() if body.filter else None,
                        terms=[Term(t.text, decode_base64(t.image) if t.image is not None else None, t.weight)
-                              for t in body.terms] if body.terms else None, min_score_ratio=body.min_score_ratio)
+                              for t in body.terms] if body.terms else None, min_score_ratio=body.min_score_ratio,
+                       order_by=(body.order_by.field, body.order_by.descending) if body.order_by else None)
     page = Page.read(body.cursor, query, settings.max_k) if body.cursor else None
     return await answer(engine, body.index, query, page)
 

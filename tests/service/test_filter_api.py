@@ -72,3 +72,10 @@ def test_the_cli_filters_with_where_path_glob_and_caption_contains(index_dir: Pa
     assert bad.exit_code == 2 and "write FIELD=VALUE" in bad.output
     unknown = runner.invoke(cli, ["search", "x", "--index", str(index_dir), "--where", "colour=red"])
     assert unknown.exit_code == 2 and "unknown metadata field 'colour'" in unknown.output
+
+
+def test_hits_order_by_a_source_column_inside_a_filter(client: TestClient) -> None:
+    hits = _hits(client, {"k": 10, "filter": {"where": {"album": "home"}},
+                          "order_by": {"field": "rating", "descending": True}})
+    ratings = [h["id"] % 5 for h in hits]  # rating = the row's number mod 5; ids follow the listing
+    assert len(hits) == 10 and ratings == sorted(ratings, reverse=True) and all(h["id"] % 4 for h in hits)

@@ -79,3 +79,13 @@ def test_a_relevance_cutoff_keeps_hits_near_the_best(served: tuple[TestClient, P
     kept = _post(client, {**QUERY, "k": 15, "min_score_ratio": 0.97})["hits"]
     assert kept == [h for h in every if h["similarity"] >= 0.97 * best] and 0 < len(kept) < 15
     assert client.post("/v1/search", json={**QUERY, "min_score_ratio": 0}).status_code == 422
+
+
+def test_order_by_reorders_the_recalled_hits_by_a_metadata_field(served: tuple[TestClient, Path]) -> None:
+    client, _ = served
+    recalled = _post(client, {**QUERY, "k": 12})["hits"]
+    ordered = _post(client, {**QUERY, "k": 12, "order_by": {"field": "path", "descending": True}})
+    assert [h["path"] for h in ordered["hits"]] == sorted((h["path"] for h in recalled), reverse=True)
+    assert ordered["next_cursor"] is None  # one recalled set, in another order: no pages of it
+    unknown = client.post("/v1/search", json={**QUERY, "order_by": {"field": "taken"}})
+    assert unknown.status_code == 422 and "unknown metadata field 'taken'" in unknown.json()["detail"]
