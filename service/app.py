@@ -100,6 +100,7 @@ def _list_tiers(app: FastAPI, schemas: dict[str, Any]) -> None:
     """The `rerank` values a request may name: none and the tiers loaded (configured, before startup)."""
     engine = getattr(app.state, "engine", None)
     names = list(engine.rerankers) if engine else [e.partition("=")[0] for e in app.state.settings.rerankers]
+    names += ["auto"] if app.state.settings.auto_tier in names else []
     for option in schemas.get("SearchRequest", {}).get("properties", {}).get("rerank", {}).get("anyOf", []):
         if option.get("type") == "string":
             option.pop("pattern", None)

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from reranker.gate import AUTO_MARGIN
+
 PINNED = re.compile(r"(.+)@(v\d{6,})")  # DIR@VERSION in an index spec
 
 
@@ -29,6 +31,8 @@ class Settings(BaseSettings):
     default_rerank: str = Field("none", pattern=r"^[a-z][a-z0-9_-]{0,31}$")  # none, or a tier of `rerankers`
     max_k: int = Field(1000, ge=1)
     max_rerank_k: int = Field(256, ge=1)
+    auto_tier: str = Field("mid", pattern=r"^[a-z][a-z0-9_-]{0,31}$")  # the tier rerank "auto" uses when it does
+    auto_margin: float = Field(AUTO_MARGIN, ge=0.0, le=2.0)  # reranker.score.gate: its fitted default
     default_rerank_k: int = Field(16, ge=1)
     redis_url: str | None = None
     api_key: str | None = None

@@ -150,6 +150,7 @@ class SearchResponse(BaseModel):
     index: str
     rerank: str
     cached: bool = False
+    reranked: bool = Field(False, description="whether a reranker scored the head (rerank auto decides per query)")
     next_cursor: str | None = Field(None, description="pass as `cursor` with the same query for the next page")
 
 

@@ -327,6 +327,32 @@ def eval_freeform_cmd(
         sys.stdout.write(f"{tier} calibration error of p(match): {error:.3f}\n")
 
 
+def eval_gate_cmd(
+    n: Annotated[int, typer.Option(min=2, help="gallery size (even)")] = 1000,
+    seed: HeldOutSeedOpt = EVAL_SEED,
+    margin: Annotated[float | None, typer.Option(help="the gate's margin (default: the served one)")] = None,
+    fit: Annotated[bool, typer.Option("--fit", help="first fit the margin on the validation seed")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
+    encoder_weights: EncoderWeightsOpt = None,
+    reranker_dir: RerankerDirOpt = None,
+) -> None:
+    """rerank "auto": R@1 and mean rerank cost of reranking only the queries whose best two cosines are
+    within the margin, beside late and mid at k = 16 on the twin gallery."""
+    from reranker.gate import AUTO_MARGIN
+    from training.tradeoff import fit_gate, gate_figures, gate_run
+
+    _held_out(seed)
+    encoder, rerankers = _models("mid", encoder_weights, reranker_dir)
+    chosen = margin if margin is not None else AUTO_MARGIN
+    fitted = fit_gate(gate_run(encoder, rerankers["mid"], n, VAL_SEED)) if fit else None
+    row = {"seed": seed, "n": n, **gate_figures(gate_run(encoder, rerankers["mid"], n, seed), fitted or chosen),
+           "fitted_on_seed": VAL_SEED if fit else None}
+    if as_json:
+        sys.stdout.write(json.dumps(row) + "\n")
+        return
+    sys.stdout.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()) + "\n")
+
+
 def register(root: typer.Typer, train: typer.Typer, evaluate: typer.Typer) -> None:
     """Attach the training floor's commands to the root CLI and its groups."""
     root.command()(scenes)
@@ -336,3 +362,4 @@ def register(root: typer.Typer, train: typer.Typer, evaluate: typer.Typer) -> No
     train.command("calibrate")(calibrate_cmd)
     evaluate.command("tradeoff")(eval_tradeoff_cmd)
     evaluate.command("freeform")(eval_freeform_cmd)
+    evaluate.command("gate")(eval_gate_cmd)

@@ -141,3 +141,47 @@ def fit_fusion_weight(encoder: DualEncoder, reranker: Reranker, n: int, seed: in
         if r1 > best[1]:
             best = (weight, r1)
     return best
+
+
+GATE_GRID = tuple(round(0.0025 * i, 4) for i in range(1, 41))  # margins tried by fit_gate: 0.0025 .. 0.1
+
+
+@dataclass
+class GateRun:
+    """Per query of a twin gallery: the dual encoder's top-two margin, whether late and the reranker rank the
+    query's image first, and the reranker's ms at k."""
+
+    margin: np.ndarray
+    late: np.ndarray
+    deep: np.ndarray
+    ms: np.ndarray
+
+
+def gate_run(encoder: DualEncoder, reranker: Reranker, n: int, seed: int, k: int = 16) -> GateRun:
+    gallery = embed(encoder, n, seed)
+    rows = []
+    for q, sample in enumerate(gallery.samples):
+        pooled, tokens, mask = encoder.encode_texts_and_tokens([sample.caption])
+        cosine, ids = (a[0] for a in gallery.index.search(pooled, k))
+        start = time.perf_counter()
+        order, _, _ = rerank_order(reranker, Query(sample.caption, tokens[0], mask[0]), gallery.candidates(ids), cosine)
+        rows.append((cosine[0] - cosine[1], ids[0] == q, ids[order][0] == q, (time.perf_counter() - start) * 1000))
+    margin, late, deep, ms = (np.array(column) for column in zip(*rows, strict=True))
+    return GateRun(margin, late.astype(bool), deep.astype(bool), ms)
+
+
+def gate_figures(run: GateRun, margin: float) -> dict[str, float]:
+    """R@1 of rerank "auto" at this margin beside late and the reranker, the share of its gain kept and of
+    its mean rerank cost paid."""
+    use = run.margin < margin
+    late, deep, auto = run.late.mean(), run.deep.mean(), np.where(use, run.deep, run.late).mean()
+    gain = deep - late
+    return {"margin": margin, "late_r1": float(late), "mid_r1": float(deep), "auto_r1": float(auto),
+            "reranked": float(use.mean()), "gain_share": float((auto - late) / gain) if gain > 0 else 1.0,
+            "mid_rerank_ms": float(run.ms.mean()), "auto_rerank_ms": float((run.ms * use).mean()),
+            "cost_share": float((run.ms * use).mean() / run.ms.mean())}
+
+
+def fit_gate(run: GateRun, keep: float = 0.9) -> float:
+    """The smallest margin of GATE_GRID whose "auto" keeps `keep` of the reranker's R@1 gain."""
+    return next((m for m in GATE_GRID if gate_figures(run, m)["gain_share"] >= keep), GATE_GRID[-1])

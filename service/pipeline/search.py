@@ -18,6 +18,7 @@ from indexer.encoder import DualEncoder
 from indexer.features import ENCODER_TOKENS
 from indexer.filters import BadFilter, Filter, Selection
 from indexer.store import Index
+from reranker.gate import gate
 from reranker.score import Query, Reranker
 from service.config import Settings
 from service.metrics import Metrics
@@ -41,6 +42,7 @@ from service.pipeline.stages import (
 
 STAGES = ("encode", "search", "rerank", "fetch")  # in order: each one's time runs from one clock mark to the next
 RERANK_STEP = 32  # candidates scored per step: between steps a worker takes the smallest query waiting
+AUTO = "auto"  # rerank only the queries the margin gate picks, with the auto tier
 RERANK_NEEDS_TEXT = "reranking needs a text query; use rerank='none' for image or embedding queries"
 
 
@@ -93,6 +95,7 @@ class SearchOutput:
     timings_ms: dict[str, float] = field(default_factory=dict)
     index_version: str = ""
     cached: bool = False
+    reranked: bool = False  # whether a reranker scored the head (rerank "auto" decides per query)
 
 
 def normalised(embedding: list[float], dim: int) -> np.ndarray:
@@ -124,6 +127,7 @@ class Pipeline:
         s = settings or Settings()
         workers = s.rerank_workers()
         self.encoder, self.rerankers, self.cache, self.metrics = encoder, rerankers, cache, metrics
+        self.auto_tier, self.auto_margin = s.auto_tier, s.auto_margin
         self.admission = Admission(s.rerank_queue, workers)
 
         def stage(fn: Any, name: str, **kw: Any) -> Batcher[Any, Any]:
@@ -162,7 +166,7 @@ class Pipeline:
             return _from_cache(json.loads(raw), start)
         if key is not None:
             self.metrics.cache_lookup("result", False)
-        ticket = self.admission.admit(q.rerank, q.rerank_k) if q.rerank != "none" else None
+        ticket = self.admission.admit(self._tier(q), q.rerank_k) if q.rerank != "none" else None
         try:
             out = await self._run(index, q, columns, ticket)
         finally:  # answered, failed, or abandoned by its client
@@ -173,14 +177,20 @@ class Pipeline:
         self.metrics.observe_search(out.timings_ms, q.rerank)
         return out
 
+    def _tier(self, q: QueryInput) -> str:
+        """The tier that reranks the query: its own, or for "auto" the auto tier (when the gate lets it)."""
+        return self.auto_tier if q.rerank == AUTO else q.rerank
+
     def _check(self, q: QueryInput, index: Index) -> None:
         if q.rerank == "none":
             return
-        if q.rerank not in self.rerankers:
-            raise BadQuery(f"rerank tier {q.rerank!r} is not loaded; available: none, {', '.join(self.rerankers)}")
+        if self._tier(q) not in self.rerankers:
+            why = f" (auto reranks with the {self.auto_tier} tier)" if q.rerank == AUTO else ""
+            raise BadQuery(f"rerank tier {self._tier(q)!r} is not loaded{why}; available: none, "
+                           f"{', '.join(self.rerankers)}")
         if q.text is None:
             raise BadQuery(RERANK_NEEDS_TEXT)
-        problem = missing_features(self.rerankers[q.rerank], index)
+        problem = missing_features(self.rerankers[self._tier(q)], index)
         if problem:
             raise BadQuery(problem)
 
@@ -201,15 +211,15 @@ class Pipeline:
         searched = time.perf_counter()
         reranked = None  # (log p(match), fused score), NaN past rerank_k
         scores, ids = found.scores, found.ids
-        if ticket is not None:
-            reranker = self.rerankers[q.rerank]
+        if ticket is not None and (q.rerank != AUTO or gate(scores, self.auto_margin)):
+            reranker = self.rerankers[self._tier(q)]
             query = (Query(str(q.text), found.encoding.tokens, found.encoding.mask) if reranker.text_from_encoder
                      else reranker.prepare(str(q.text)))  # its own tokenizer: no model runs
             scores, ids, reranked = await self._rerank(index, q, query, scores, ids, ticket)
         reranked_at = time.perf_counter()
         hits = _hits(index, scores, ids, reranked, q, columns)
         marks = (start, searched - found.search_s, searched, reranked_at, time.perf_counter())
-        return SearchOutput(hits, _timings(marks), index.version)
+        return SearchOutput(hits, _timings(marks), index.version, reranked=reranked is not None)
 
     async def _find(self, index: Index, q: QueryInput) -> Found:
         """The query encoded (a text for a reranker: with its tokens) and its candidates found."""
@@ -257,7 +267,7 @@ class Pipeline:
     async def _rerank(self, index: Index, q: QueryInput, query: Query, scores: np.ndarray, ids: np.ndarray,
                       ticket: Ticket) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
         """Score the top rerank_k, RERANK_STEP at a time (each step queued again, smallest query first), then order."""
-        reranker = self.rerankers[q.rerank]
+        reranker = self.rerankers[self._tier(q)]
         depth = min(q.rerank_k, len(ids))
         parts = []
         for at in range(0, depth, RERANK_STEP):
@@ -287,7 +297,8 @@ def missing_features(reranker: Reranker, index: Index) -> str | None:
 def _from_cache(data: dict[str, Any], start: float) -> SearchOutput:
     lookup = round((time.perf_counter() - start) * 1000, 3)
     hits = [Hit(**h) for h in data["hits"]]
-    return SearchOutput(hits, {**dict.fromkeys(STAGES, 0.0), "total": lookup}, data["index_version"], cached=True)
+    return SearchOutput(hits, {**dict.fromkeys(STAGES, 0.0), "total": lookup}, data["index_version"], cached=True,
+                        reranked=bool(data.get("reranked")))
 
 
 def _timings(marks: tuple[float, ...]) -> dict[str, float]:

@@ -32,7 +32,8 @@ def readyz(engine: EngineDep) -> dict[str, Any]:
     healthy = cache != "degraded" and not engine.failed_tiers
     return {"status": "ready" if healthy else "degraded", "cache": cache, "model": engine.encoder.model_id,
             "indexes": list(engine.indexes), "rerankers": ["none", *engine.rerankers],
-            "failed_rerankers": engine.failed_tiers, "tiers": _tiers(engine)}
+            "failed_rerankers": engine.failed_tiers, "tiers": _tiers(engine),
+            "auto": engine.settings.auto_tier if engine.settings.auto_tier in engine.rerankers else None}
 
 
 def _tiers(engine: Engine) -> dict[str, dict[str, Any]]:

@@ -88,7 +88,8 @@ async def answer(engine: Engine, name: str | None, query: QueryInput, page: Page
     more = len(hits) == query.k and offset + 2 * query.k <= engine.settings.max_k and query.order_by is None
     cursor = Page.after(query, out.index_version, offset + query.k) if more else None
     return ModelJSON(SearchResponse(hits=hits, timings_ms=Timings(**out.timings_ms), index_version=out.index_version,
-                                    index=name, rerank=query.rerank, cached=out.cached, next_cursor=cursor))
+                                    index=name, rerank=query.rerank, cached=out.cached, reranked=out.reranked,
+                                    next_cursor=cursor))
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@
 const $ = (sel) => document.querySelector(sel);
 const TIER_NAMES = {
   mid: "mid fusion (ITM cross-attention)", early: "early fusion (single stream)", none: "none (no reranking)",
-  blip: "BLIP ITM (its own vision features)",
+  blip: "BLIP ITM (its own vision features)", auto: "auto (reranks only unclear queries)",
 };
 // one size per screen density rather than per tile, so the tiles of every search share cached thumbnails
 const THUMB_SIDE = Math.min(1024, 256 * Math.ceil(window.devicePixelRatio || 1));
@@ -14,7 +14,7 @@ const IMAGE_ONLY = "Reranking matches a text against images; image queries use t
 const columns = { fast: column("fast"), deep: column("deep") };
 // query: what the columns show ({text} or {image: Blob, name}, with k and index); ticket: bumped by
 // every new query, so an image still being fetched for an older one is dropped
-const state = { query: null, fastIds: Promise.resolve(null), preview: null, ticket: 0 };
+const state = { query: null, fastIds: Promise.resolve(null), preview: null, ticket: 0, autoTier: null };
 
 function column(name) {
   return { el: document.getElementById(name), tab: document.getElementById(`tab-${name}`), seq: 0, controller: null };
@@ -193,8 +193,13 @@ function runDeep(query) {
   }
   const extra = { rerank: tier, rerank_k: numberIn($("#rerank-k").value, 1, 256, 16) };
   const fastIds = state.fastIds;  // the fast answer to this same query, for the move markers
-  latest(col, (signal) => Promise.all([searchRequest(query, extra, signal), fastIds]),
-    ([result, ids]) => render(col, result, ids));
+  latest(col, (signal) => Promise.all([searchRequest(query, extra, signal), fastIds]), ([result, ids]) => {
+    if (tier === "auto") {
+      $("#deep-what").textContent = result.reranked ? `auto: reranked by ${state.autoTier}`
+        : "auto: not reranked (the dual encoder's best two are clearly apart)";
+    }
+    render(col, result, ids);
+  });
 }
 
 function search(query) {
@@ -323,7 +328,8 @@ function onDragOver(event) {
 async function loadTiers() {
   const ready = await send("/readyz");
   const loaded = (ready.rerankers || []).filter((tier) => tier !== "none");
-  $("#tier").replaceChildren(...[...loaded, "none"].map((tier) => {
+  state.autoTier = ready.auto;
+  $("#tier").replaceChildren(...[...loaded, ...(ready.auto ? ["auto"] : []), "none"].map((tier) => {
     const option = element("option", "", TIER_NAMES[tier] || tier);
     option.value = tier;
     return option;

@@ -167,7 +167,7 @@ def test_the_blip_tier_reranks_a_served_index_end_to_end(blip_dir: Path, blip_in
         tiers = ready["tiers"]
         assert tiers["blip"]["indexes"] == ["scenes"] and tiers["mid"]["indexes"] == ["scenes", "plain"]
         enum = client.get("/openapi.json").json()["components"]["schemas"]["SearchRequest"]["properties"]["rerank"]
-        assert ["none", "mid", "blip"] in [option.get("enum") for option in enum["anyOf"]]
+        assert ["none", "mid", "blip", "auto"] in [option.get("enum") for option in enum["anyOf"]]
         text = "a small red circle left of a large blue square"
         answer = client.post("/v1/search", json={"text": text, "k": 4, "rerank": "blip", "rerank_k": 6})
         assert answer.status_code == 200, answer.text

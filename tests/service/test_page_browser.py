@@ -150,7 +150,7 @@ window.fetch = async (url, init = {}) => {
 def test_query_shows_fast_and_reranked_columns_with_timings(server: str, browser: webdriver.Chrome) -> None:
     wait = _open(browser, server)
     tiers = [o.get_attribute("value") for o in Select(browser.find_element(By.ID, "tier")).options]
-    assert tiers == ["mid", "early", "none"]  # the tiers the service loaded, and none
+    assert tiers == ["mid", "early", "auto", "none"]  # the tiers the service loaded, auto (mid is), and none
     box = browser.find_element(By.ID, "query")
     box.send_keys(QUERY)
     browser.find_element(By.CSS_SELECTOR, "#search-form button[type=submit]").click()
@@ -267,6 +267,16 @@ def test_the_filter_box_restricts_both_columns_and_says_what_it_cannot_read(serv
     wait.until(lambda d: _idle(d) and len(d.find_elements(By.CSS_SELECTOR, ".column .note.error")) == 2)
     assert all('filter "circle": write FIELD=VALUE' in e.text
                for e in browser.find_elements(By.CSS_SELECTOR, ".column .note.error"))
+
+
+def test_the_auto_tier_says_whether_it_reranked(server: str, browser: webdriver.Chrome) -> None:
+    wait = _open(browser, f"{server}/?q={QUERY}&rerank=auto")
+    wait.until(lambda d: len(_column(d, "deep")[0]) == 12 and _idle(d))
+    answer = httpx.post(f"{server}/v1/search", json={"text": QUERY, "k": 12, "rerank": "auto", "rerank_k": 16}).json()
+    assert _column(browser, "deep")[0] == [str(h["id"]) for h in answer["hits"]]
+    label = browser.find_element(By.ID, "deep-what").text
+    assert label == ("auto: reranked by mid" if answer["reranked"] else
+                     "auto: not reranked (the dual encoder's best two are clearly apart)")
 
 
 def test_none_tier_says_there_is_no_reranking(server: str, browser: webdriver.Chrome) -> None:

@@ -1,0 +1,63 @@
+"""rerank "auto": the margin gate's decision on hand-made margins, and the pipeline following it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from indexer.build import BuildOptions, build_or_add
+from indexer.encoder import DualEncoder
+from reranker.gate import gate
+from service.app import create_app
+from service.config import Settings
+from training.scenes import write_scenes
+
+QUERY = {"text": "a small red circle left of a large blue square", "k": 6, "rerank_k": 12}
+
+
+@pytest.mark.parametrize(("cosine", "margin", "reranks"), [
+    ([0.80, 0.79, 0.5], 0.02, True),  # the best two within the margin: a twin may be first
+    ([0.80, 0.70, 0.5], 0.02, False),  # clearly apart
+    ([0.80, 0.78], 0.02, False),  # exactly the margin apart is apart
+    ([0.80], 0.02, False),  # nothing to confuse it with
+    ([], 0.02, False),
+])
+def test_the_gate_reranks_only_candidates_that_are_not_clearly_apart(cosine: list[float], margin: float,
+                                                                    reranks: bool) -> None:
+    assert gate(np.array(cosine, np.float32), margin) is reranks
+
+
+@pytest.fixture(scope="module")
+def index_dir(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("auto")
+    build_or_add(write_scenes(root / "src", 15, seed=73, twins=True), root / "idx", encoder, BuildOptions(workers=0),
+                 "build")
+    return root / "idx"
+
+
+def _answer(index_dir: Path, margin: float, rerank: str) -> dict:
+    settings = Settings(indexes=[f"s={index_dir}"], rerankers=["mid"], redis_url=None, auto_margin=margin)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").json()["auto"] == "mid"
+        answer = client.post("/v1/search", json={**QUERY, "rerank": rerank})
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+
+def test_auto_reranks_with_mid_when_the_gate_opens_and_answers_fast_when_it_does_not(index_dir: Path) -> None:
+    opened, closed = _answer(index_dir, 2.0, "auto"), _answer(index_dir, 0.0, "auto")
+    assert opened["reranked"] and opened["rerank"] == "auto" and not closed["reranked"]
+    assert opened["hits"] == _answer(index_dir, 0.0, "mid")["hits"]  # the mid tier's answer, whatever the margin
+    assert closed["hits"] == _answer(index_dir, 0.0, "none")["hits"]  # the dual encoder's
+    assert all(h["rerank_score"] is None for h in closed["hits"]) and closed["timings_ms"]["rerank"] < 1.0
+
+
+def test_auto_without_its_tier_is_a_422_that_says_which(index_dir: Path) -> None:
+    settings = Settings(indexes=[f"s={index_dir}"], rerankers=["early"], redis_url=None)
+    with TestClient(create_app(settings)) as client:
+        assert client.get("/readyz").json()["auto"] is None
+        answer = client.post("/v1/search", json={**QUERY, "rerank": "auto"})
+        assert answer.status_code == 422 and "auto reranks with the mid tier" in answer.json()["detail"]
