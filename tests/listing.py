@@ -13,8 +13,9 @@ from training.scenes import write_scenes
 
 
 def index_with_columns(encoder: DualEncoder, root: Path, pairs: int, seed: int,
-                       columns: Callable[[int, dict[str, Any]], None]) -> Path:
-    """Build root/idx from `pairs` scenes and their twins, each listing row changed by columns(i, row)."""
+                       columns: Callable[[int, dict[str, Any]], None] = lambda i, row: None) -> Path:
+    """Build root/idx from `pairs` scenes and their twins (in root/src), each listing row changed by
+    columns(i, row)."""
     listing = write_scenes(root / "src", pairs, seed=seed, twins=True)
     rows = [json.loads(line) for line in listing.read_text().splitlines()]
     for i, row in enumerate(rows):

@@ -8,12 +8,11 @@ import numpy as np
 import pytest
 from fastapi.testclient import TestClient
 
-from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
 from reranker.gate import gate
 from service.app import create_app
 from service.config import Settings
-from training.scenes import write_scenes
+from tests.listing import index_with_columns
 
 QUERY = {"text": "a small red circle left of a large blue square", "k": 6, "rerank_k": 12}
 
@@ -32,10 +31,7 @@ def test_the_gate_reranks_only_candidates_that_are_not_clearly_apart(cosine: lis
 
 @pytest.fixture(scope="module")
 def index_dir(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("auto")
-    build_or_add(write_scenes(root / "src", 15, seed=73, twins=True), root / "idx", encoder, BuildOptions(workers=0),
-                 "build")
-    return root / "idx"
+    return index_with_columns(encoder, tmp_path_factory.mktemp("auto"), 15, 73)
 
 
 def _answer(index_dir: Path, margin: float, rerank: str) -> dict:

@@ -13,20 +13,16 @@ from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
 from imsearch.cli import app as cli
-from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
 from indexer.reader import decode_image
 from service.app import create_app
 from service.config import Settings
-from training.scenes import write_scenes
+from tests.listing import index_with_columns
 
 
 @pytest.fixture(scope="module")
 def index_dir(encoder: DualEncoder, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("composed")
-    build_or_add(write_scenes(root / "src", 20, seed=67, twins=True), root / "idx", encoder, BuildOptions(workers=0),
-                 "build")
-    return root / "idx"
+    return index_with_columns(encoder, tmp_path_factory.mktemp("composed"), 20, 67)
 
 
 @pytest.fixture(scope="module")
