@@ -120,7 +120,7 @@ def search(
     text: Annotated[str | None, typer.Argument(help="what to look for, in words")] = None,
     image: Annotated[Path | None, typer.Option(help="search by this image file instead of text")] = None,
     k: Annotated[int, typer.Option("-k", "--k", min=1, max=1000, help="how many results")] = 10,
-    rerank: Annotated[str, typer.Option(help="rerank tier: none, mid, early or blip (with --checkpoint)")] = "none",
+    rerank: Annotated[str, typer.Option(help="rerank tier: none, mid, early, blip (--checkpoint) or auto")] = "none",
     rerank_k: Annotated[int, typer.Option(min=1, max=256, help="candidates the reranker rescores")] = 16,
     checkpoint: Annotated[Path | None, typer.Option(help="the --rerank tier's checkpoint (default: the committed "
                                                     "one), e.g. from `imsearch train reranker --data`; for blip "
@@ -129,6 +129,10 @@ def search(
         "only images whose metadata meet FIELD=VALUE or FIELD>=, >, <=, < VALUE (repeatable; FIELD: path, caption, "
         "width, height, bytes or a source column; a VALUE that reads as a number is one)"))] = None,
     path_glob: Annotated[str | None, typer.Option(help="only images whose path matches this glob")] = None,
+    min_score_ratio: Annotated[float | None, typer.Option(min=0.001, max=1.0, help=(
+        "keep only hits whose similarity is at least this share of the best hit's"))] = None,
+    order_by: Annotated[str | None, typer.Option(help="re-order the k hits by this metadata field")] = None,
+    descending: Annotated[bool, typer.Option(help="with --order-by: largest first")] = False,
     term: Annotated[list[str] | None, typer.Option(help=(
         "a part of a composed query, [WEIGHT:]TEXT or [WEIGHT:]@IMAGE_FILE (repeatable; a negative weight: less "
         "like it), e.g. --term '-0.5:a blue square' --term 0.5:@photo.jpg"))] = None,
@@ -156,16 +160,19 @@ def search(
     else:
         query = QueryInput(text=text, image=_read_query_image(image) if image else None, k=k, rerank=rerank,
                            rerank_k=rerank_k, filter=flt)
+    query.min_score_ratio = min_score_ratio
+    query.order_by = (order_by, descending) if order_by else None
+    tier = "mid" if rerank == "auto" else rerank  # auto reranks with mid when its gate opens
     settings = Settings(indexes=[str(index_dir)], model=model, pretrained=pretrained, device=device,
-                        rerankers=[] if rerank == "none" else [f"{rerank}={checkpoint}" if checkpoint else rerank],
+                        rerankers=[] if rerank == "none" else [f"{tier}={checkpoint}" if checkpoint else tier],
                         redis_url=None, threads=0)
     try:
         engine = load_engine(settings)
     except StartupError as exc:
         fail(str(exc))
     try:
-        if rerank in engine.failed_tiers:
-            fail(f"rerank tier {rerank!r} is unavailable: {engine.failed_tiers[rerank]}")
+        if tier in engine.failed_tiers:
+            fail(f"rerank tier {tier!r} is unavailable: {engine.failed_tiers[tier]}")
         out = asyncio.run(engine.pipeline.search(engine.index(None), query))
     except BadQuery as exc:
         fail(str(exc))

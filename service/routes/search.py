@@ -14,7 +14,7 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, File, Form, UploadFile
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, ValidationError
 
 from indexer.reader import LIST_EXTENSIONS
 from indexer.store import Index
@@ -22,7 +22,7 @@ from service.deps import ApiKeyDep, EngineDep
 from service.errors import CursorExpired
 from service.pipeline.search import QueryInput, SearchOutput, Term, decode_base64
 from service.pipeline.stages import BadQuery
-from service.schemas import HitOut, SearchRequest, SearchResponse, Timings
+from service.schemas import FilterIn, HitOut, SearchRequest, SearchResponse, Timings
 from service.state import Engine
 
 router = APIRouter(prefix="/v1", tags=["search"])
@@ -160,13 +160,20 @@ async def search_upload(
     file: Annotated[UploadFile, File(description="an image file")],
     k: Annotated[int, Form(ge=1, le=1000)] = 10,
     index: Annotated[str | None, Form(min_length=1, max_length=200)] = None,
+    filter: Annotated[str | None, Form(max_length=4000, description="a filter as in /v1/search, as JSON")] = None,
 ) -> ModelJSON:
     """Search by an uploaded image (multipart)."""
     data = await file.read(engine.settings.max_body_bytes + 1)
     if not data:
         raise BadQuery("the uploaded file is empty")
+    try:
+        conditions = FilterIn.model_validate_json(filter).to_filter() if filter else None
+    except ValidationError as exc:
+        first = exc.errors()[0]
+        where = ".".join(["filter", *(str(p) for p in first["loc"])])
+        raise BadQuery(f"{where}: {first['msg']}") from None
     # image queries rank by the dual encoder: the rerankers match text against images
-    return await answer(engine, index, QueryInput(image=data, k=min(k, engine.settings.max_k)))
+    return await answer(engine, index, QueryInput(image=data, k=min(k, engine.settings.max_k), filter=conditions))
 
 
 @router.delete("/cache", dependencies=[ApiKeyDep])

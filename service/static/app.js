@@ -52,6 +52,12 @@ function searchRequest(query, extra, signal) {
     form.append("file", query.image, query.name);
     form.append("k", query.k);
     if (query.index) form.append("index", query.index);
+    try {
+      const filter = parseFilter(query.filter);
+      if (filter) form.append("filter", JSON.stringify(filter));
+    } catch (error) {
+      return Promise.reject(error);
+    }
     return send("/v1/search/image", { method: "POST", body: form, signal });
   }
   const body = { text: query.text, k: query.k, ...extra };
@@ -263,8 +269,8 @@ function showImageQuery(query) {
 
 function searchImage(blob, name) {
   $("#query").value = "";  // the box shows what the columns answer: now the image
-  const { k, index } = formQuery();
-  search({ image: blob, name, k, index });
+  const { k, index, filter } = formQuery();
+  search({ image: blob, name, k, index, filter });
 }
 
 async function searchByHit(hit) {

@@ -68,6 +68,12 @@ def test_the_cli_filters_with_where_path_glob_and_caption_contains(index_dir: Pa
     assert done.exit_code == 0, done.output
     hits = json.loads(done.stdout)["hits"]
     assert hits and all(h["id"] % 4 == 0 and 1 <= h["id"] % 5 < 4 for h in hits)
+    ordered = runner.invoke(cli, ["search", "a red circle", "--index", str(index_dir), "-k", "8", "--json",
+                                  "--order-by", "rating", "--descending", "--min-score-ratio", "0.5",
+                                  "--rerank", "auto"])
+    assert ordered.exit_code == 0, ordered.output
+    ratings = [h["id"] % 5 for h in json.loads(ordered.stdout)["hits"]]
+    assert len(ratings) == 8 and ratings == sorted(ratings, reverse=True)
     bad = runner.invoke(cli, ["search", "x", "--index", str(index_dir), "--where", "rating"])
     assert bad.exit_code == 2 and "write FIELD=VALUE" in bad.output
     unknown = runner.invoke(cli, ["search", "x", "--index", str(index_dir), "--where", "colour=red"])
@@ -79,3 +85,15 @@ def test_hits_order_by_a_source_column_inside_a_filter(client: TestClient) -> No
                           "order_by": {"field": "rating", "descending": True}})
     ratings = [h["id"] % 5 for h in hits]  # rating = the row's number mod 5; ids follow the listing
     assert len(hits) == 10 and ratings == sorted(ratings, reverse=True) and all(h["id"] % 4 for h in hits)
+
+
+def test_an_uploaded_image_query_takes_the_same_filter(client: TestClient, index_dir: Path) -> None:
+    picture = sorted((index_dir.parent / "src").glob("*.png"))[1].read_bytes()
+    flt = json.dumps({"where": {"album": "work"}})
+    answer = client.post("/v1/search/image", files={"file": ("q.png", picture)}, data={"k": "5", "filter": flt})
+    assert answer.status_code == 200, answer.text
+    hits = answer.json()["hits"]
+    assert len(hits) == 5 and all(h["id"] % 4 == 0 for h in hits)
+    for bad, needle in (("{not json", "filter"), (json.dumps({"where": {"colour": 1}}), "unknown metadata field")):
+        refused = client.post("/v1/search/image", files={"file": ("q.png", picture)}, data={"filter": bad})
+        assert refused.status_code == 422 and needle in refused.json()["detail"], refused.text
