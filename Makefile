@@ -48,7 +48,7 @@ eval: install
 	$(BIN)/imsearch eval encoder
 	$(BIN)/imsearch eval tradeoff --errors
 
-# every benchmark at bounded sizes (about 18 min on 2 cores), then BENCHMARKS.md and bench/tradeoff.png
+# every benchmark at bounded sizes (about 30 min on 2 cores), then BENCHMARKS.md and bench/tradeoff.png
 bench: dev redis
 	$(PY) -m pip install --quiet --editable '.[bench]'
 	$(PY) bench/report.py --run
