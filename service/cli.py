@@ -143,29 +143,42 @@ def search(
     """Search an index from the terminal: rank, score and path of the best matches."""
     from indexer.filters import Filter
     from service.config import Settings
-    from service.errors import StartupError
-    from service.pipeline.search import QueryInput, Term
-    from service.pipeline.stages import BadQuery
-    from service.state import load_engine
 
-    if text is not None and not text.strip():
-        fail("the text is empty")
-    flt = Filter(path_glob, caption_contains, parse_where(where or []))
-    if term:  # a composed query: the text and the image (if given) are terms of weight 1 beside the others
-        terms = [*([Term(text)] if text else []), *([Term(None, _read_query_image(image))] if image else []),
-                 *(parse_term(t) for t in term)]
-        query = QueryInput(k=k, rerank=rerank, rerank_k=rerank_k, filter=flt, terms=terms)
-    elif (text is None) == (image is None):
-        fail("give a text to search for, or --image FILE (one of them), or --term")
-    else:
-        query = QueryInput(text=text, image=_read_query_image(image) if image else None, k=k, rerank=rerank,
-                           rerank_k=rerank_k, filter=flt)
+    query = _query(text, image, term, k, rerank, rerank_k)
+    query.filter = Filter(path_glob, caption_contains, parse_where(where or []))
     query.min_score_ratio = min_score_ratio
     query.order_by = (order_by, descending) if order_by else None
     tier = "mid" if rerank == "auto" else rerank  # auto reranks with mid when its gate opens
     settings = Settings(indexes=[str(index_dir)], model=model, pretrained=pretrained, device=device,
                         rerankers=[] if rerank == "none" else [f"{tier}={checkpoint}" if checkpoint else tier],
                         redis_url=None, threads=0)
+    _print_hits(_answer(settings, tier, query), as_json)
+
+
+def _query(text: str | None, image: Path | None, term: list[str] | None, k: int, rerank: str,
+           rerank_k: int) -> Any:
+    """The QueryInput of a text, an image, or a composed query (the text and the image, if given, are
+    terms of weight 1 beside the --term ones)."""
+    from service.pipeline.query import QueryInput, Term
+
+    if text is not None and not text.strip():
+        fail("the text is empty")
+    if term:
+        terms = [*([Term(text)] if text else []), *([Term(None, _read_query_image(image))] if image else []),
+                 *(parse_term(t) for t in term)]
+        return QueryInput(k=k, rerank=rerank, rerank_k=rerank_k, terms=terms)
+    if (text is None) == (image is None):
+        fail("give a text to search for, or --image FILE (one of them), or --term")
+    return QueryInput(text=text, image=_read_query_image(image) if image else None, k=k, rerank=rerank,
+                      rerank_k=rerank_k)
+
+
+def _answer(settings: Any, tier: str, query: Any) -> Any:
+    """The query answered by an engine loaded for it (and closed after); a clear error for what cannot run."""
+    from service.errors import StartupError
+    from service.pipeline.stages import BadQuery
+    from service.state import load_engine
+
     try:
         engine = load_engine(settings)
     except StartupError as exc:
@@ -173,12 +186,11 @@ def search(
     try:
         if tier in engine.failed_tiers:
             fail(f"rerank tier {tier!r} is unavailable: {engine.failed_tiers[tier]}")
-        out = asyncio.run(engine.pipeline.search(engine.index(None), query))
+        return asyncio.run(engine.pipeline.search(engine.index(None), query))
     except BadQuery as exc:
         fail(str(exc))
     finally:
         engine.close()
-    _print_hits(out, as_json)
 
 
 WHERE = re.compile(r"^([^<>=]+?)\s*(>=|<=|=|>|<)\s*(.*)$")
@@ -209,7 +221,7 @@ def parse_where(conditions: list[str]) -> dict[str, Any]:
 
 def parse_term(text: str) -> Any:
     """--term [WEIGHT:]TEXT or [WEIGHT:]@IMAGE_FILE as a composed query's Term."""
-    from service.pipeline.search import Term
+    from service.pipeline.query import Term
 
     head, sep, rest = text.partition(":")
     try:

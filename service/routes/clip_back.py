@@ -14,7 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from indexer.reader import BadImage
 from indexer.store import Index, UnknownImage
 from service.deps import EngineDep
-from service.pipeline.search import QueryInput, SearchOutput, decode_base64
+from service.pipeline.query import QueryInput, SearchOutput, decode_base64
 from service.pipeline.stages import BadQuery
 from service.routes.images import read_indexed, thumbnail_jpeg
 from service.routes.search import image_url, path_view

@@ -10,7 +10,7 @@ from prometheus_client import CONTENT_TYPE_LATEST
 
 from indexer.encoder import EMBEDDED
 from service.deps import EngineDep
-from service.pipeline.search import missing_features
+from service.pipeline.query import missing_features
 from service.state import Engine
 from training.descriptions import VOCABULARY, example_queries
 

@@ -20,7 +20,7 @@ from indexer.reader import LIST_EXTENSIONS
 from indexer.store import Index
 from service.deps import ApiKeyDep, EngineDep
 from service.errors import CursorExpired
-from service.pipeline.search import QueryInput, SearchOutput, Term, decode_base64
+from service.pipeline.query import QueryInput, SearchOutput, Term, decode_base64
 from service.pipeline.stages import BadQuery
 from service.schemas import FilterIn, HitOut, SearchRequest, SearchResponse, Timings
 from service.state import Engine

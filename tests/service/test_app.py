@@ -24,7 +24,7 @@ from service.app import create_app
 from service.config import Settings
 from service.deps import get_engine
 from service.errors import StartupError
-from service.pipeline.search import QueryInput, SearchOutput
+from service.pipeline.query import QueryInput, SearchOutput
 from service.state import Engine, load_engine
 from training.scenes import write_scenes
 

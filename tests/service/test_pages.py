@@ -12,7 +12,7 @@ from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
 from service.app import create_app
 from service.config import Settings
-from service.pipeline.search import QueryInput
+from service.pipeline.query import QueryInput
 from service.routes.search import Page
 from training.scenes import write_scenes
 

@@ -20,7 +20,8 @@ from service.config import Settings
 from service.metrics import Metrics
 from service.pipeline.batcher import Overloaded
 from service.pipeline.cache import QueryCache
-from service.pipeline.search import Pipeline, QueryInput, SearchOutput
+from service.pipeline.query import QueryInput, SearchOutput
+from service.pipeline.search import Pipeline
 from service.pipeline.stages import BadQuery
 from training.scenes import write_scenes
 

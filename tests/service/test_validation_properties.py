@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from pydantic import ValidationError
 
 from service.names import normalise_text, result_key, text_key
-from service.pipeline.search import decode_base64
+from service.pipeline.query import decode_base64
 from service.pipeline.stages import BadQuery
 from service.schemas import TIER_NAME, SearchRequest
 
