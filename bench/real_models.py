@@ -1,5 +1,5 @@
 """Benchmark: the real-size models. ViT-B-32 indexing against its bare encode loop, text encode, a mid
-reranker over ViT-B-32 tokens, BLIP base ITM at k = 16, and the stored bytes per image of every tier.
+reranker over ViT-B-32 tokens, BLIP base ITM at k = 16 (bytes per image of each tier's features: bench/tokens.py).
 
     python bench/real_models.py [--n 256] [--device cpu] [--out bench/results/real_models.json]
 
@@ -28,12 +28,10 @@ sys.path.insert(0, str(ROOT))
 from bench.index_throughput import bare_loop, in_process  # noqa: E402
 from indexer.build import default_workers  # noqa: E402
 from indexer.encoder import DualEncoder, EncoderSpec, load_encoder, save_fp16  # noqa: E402
-from indexer.tokens import FORMATS, token_format  # noqa: E402
 from training.scenes import write_scenes  # noqa: E402
 
 K = 16
 QUERY = "a small red circle left of a large blue square"
-SHAPES = {"tiny (mid, early)": (65, 192), "ViT-B-32 (mid, early)": (50, 768), "BLIP base 384 px (blip)": (577, 768)}
 
 
 def p50_ms(fn: Callable[[], Any], runs: int) -> float:
@@ -105,16 +103,6 @@ def _blip_image_processor() -> Any:
     return BlipImageProcessor(size={"height": 384, "width": 384})
 
 
-def stored_bytes() -> dict[str, Any]:
-    """Bytes per image of each tier's stored features in each format, and their share of fp16."""
-    out: dict[str, Any] = {}
-    for name, shape in SHAPES.items():
-        sizes = {f: token_format(f, shape).bytes_per_image for f in FORMATS}
-        out[name] = {"shape": list(shape), **{f: {"bytes": b, "of_fp16": round(b / sizes["fp16"], 3),
-                                                  "gb_per_million": round(b * 1e6 / 1e9, 1)} for f, b in sizes.items()}}
-    return out
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--n", type=int, default=256, help="scene images ViT-B-32 indexes")
@@ -128,7 +116,7 @@ def main() -> None:
         vit, indexing = vit_b32(root, args.device, args.n, args.rounds)
         result = {"device": args.device, "torch_threads": torch.get_num_threads(), "vit_b32": indexing,
                   "mid_over_vit_b32": mid_over_vit(vit, args.runs),
-                  "blip_base": blip_base(root, args.device, args.runs), "stored_bytes": stored_bytes()}
+                  "blip_base": blip_base(root, args.device, args.runs)}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
     print(json.dumps(result))

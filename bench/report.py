@@ -359,8 +359,6 @@ def section_real_models() -> str:
             ["BLIP base vision tower at index time", f"{blip['vision_images_per_s']} images/s", ""]]
     drift = ("\nA ratio above 1 is the machine's speed drifting between rounds: the pipeline does the bare loop's "
              "work and more.\n" if vit["ratio"] > 1 else "")
-    stored = [[name, fmt, f"{x[fmt]['bytes']:,}", x[fmt]["gb_per_million"], x[fmt]["of_fp16"]]
-              for name, x in r["stored_bytes"].items() for fmt in ("fp16", "int8", "int4")]
     return f"""## Real-size models (`bench/real_models.py`, {r['device']})
 
 `{STEP["real_models"].command()}` — random weights at the real sizes (speed does not depend on them),
@@ -371,9 +369,8 @@ candidates (p50).
 
 {table(["measure", "figure", "target"], rows)}
 {drift}
-Stored image features per tier (`--tokens`; blip's by `--tiers blip=DIR`):
-
-{table(["features of", "format", "bytes per image", "GB per million images", "of fp16"], stored)}
+The bytes per image of each tier's stored features (ViT-B-32's tokens for mid and early, BLIP's
+`--tiers blip` features) in each `--tokens` format are in the token store section above.
 """
 
 

@@ -128,18 +128,17 @@ def _feature_sources(tiers: str | None, device: str) -> tuple[Any, ...]:
     of their own (blip); mid and early score the dual encoder's tokens, which every index stores."""
     import os
 
-    from reranker.score import KINDS, TIERS
+    from reranker.score import KINDS, TIERS, load_blip, tier_entry
 
     entries = tiers.split(",") if tiers is not None else _served_tiers(os.environ.get("IMSEARCH_RERANKERS"))
     sources = []
-    for entry in (e.strip() for e in entries if e.strip()):
-        kind, _, folder = entry.partition("=")
+    for kind, folder in (tier_entry(e) for e in entries if e.strip()):
         if kind not in KINDS:
             fail(f"unknown rerank tier {kind!r} in --tiers: use {', '.join(TIERS)} or blip=MODEL_DIR")
         if kind == "blip":
-            if not folder:
+            if folder is None:
                 fail("--tiers blip needs its model folder: --tiers blip=/models/blip-itm-base-coco")
-            sources.append(guarded(partial(_blip, Path(folder), device)))
+            sources.append(guarded(partial(load_blip, folder, device)))
     return tuple(sources)
 
 
@@ -151,12 +150,6 @@ def _served_tiers(raw: str | None) -> list[str]:
     if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
         fail(f"IMSEARCH_RERANKERS must be a JSON list of tiers (e.g. [\"mid\", \"blip=/models/blip\"]), not {raw}")
     return tiers
-
-
-def _blip(folder: Path, device: str) -> Any:
-    from reranker.blip import BlipReranker
-
-    return BlipReranker(folder, device)
 
 
 def _options(batch_size: int, workers: int | None, index_type: IndexType, shard_size: int, max_pixels: int,

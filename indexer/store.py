@@ -29,7 +29,7 @@ from indexer.filters import STORED, BadFilter, Filter, Selection, extra_columns,
 from indexer.integrity import IndexCorrupt, IndexNotFound, check_version, corrupt, read_npy
 from indexer.layout import DELETED, INDEX_FILE, SHARDS
 from indexer.rows import Column, Rows, Shard, open_shard, read_meta
-from indexer.tokens import decode
+from indexer.tokens import TokenFormat, decode
 from indexer.versions import advice, current_version, version_dir
 
 KEPT_SELECTIONS = 8  # filters whose selections an open version keeps
@@ -101,7 +101,12 @@ class Index:
                     raise corrupt(rows.path, f"holds {name} features as {fmt.name} {list(fmt.shape)}, where the "
                                              f"manifest records {self.feature_sets[name]}")
         self._emb = [s.embeddings for s in self.shards]
-        self._tok = [s.tokens for s in self.shards]
+        # each feature set's format and its file per shard (a shard without rows holds none, and no id is in it)
+        self._stored: dict[str, tuple[TokenFormat | None, list[Rows]]] = {
+            ENCODER_TOKENS: (self.token_format, [s.tokens for s in self.shards])}
+        for name in self.feature_sets:
+            files = [s.features[name][0] if len(s.ids) else s.tokens for s in self.shards]
+            self._stored[name] = (full[0].features[name][1] if full else None, files)
 
     def use_device(self, device: str) -> str:
         """Serve searches from a GPU copy when `device` (cpu | cuda | auto) and FAISS allow; says where."""
@@ -198,25 +203,15 @@ class Index:
     def tokens(self, ids: Sequence[int] | np.ndarray) -> np.ndarray:
         """(n, t, w) patch tokens cached at indexing time, for the reranker: float16 as stored, or float32
         decoded from a quantized store (indexer.tokens)."""
-        pos = self._locate(ids)
-        fmt = self.token_format
-        if fmt is None:  # no image indexed
-            return np.zeros((len(pos), 0, 0), np.float16)
-        return decode(self._gather(pos, np.empty(len(pos), fmt.dtype), self._tok), fmt)
+        return self.features(ENCODER_TOKENS, ids)
 
     def features(self, name: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """(n, t, w) image features of a rerank tier that brings its own vision tower (`tokens` for the
+        """(n, t, w) image features of a rerank tier that brings its own vision tower (ENCODER_TOKENS: the
         dual encoder's patch tokens); KeyError for a feature set this version does not hold."""
-        if name == ENCODER_TOKENS:
-            return self.tokens(ids)
-        if name not in self.feature_sets:
-            raise KeyError(name)
+        fmt, files = self._stored[name]
         pos = self._locate(ids)
-        full = [s for s in self.shards if len(s.ids)]
-        if not full:
+        if fmt is None:  # no image indexed
             return np.zeros((len(pos), 0, 0), np.float16)
-        fmt = full[0].features[name][1]
-        files = [s.features[name][0] if len(s.ids) else s.tokens for s in self.shards]  # no id is in an empty one
         return decode(self._gather(pos, np.empty(len(pos), fmt.dtype), files), fmt)
 
     def _gather(self, pos: np.ndarray, out: np.ndarray, files: list[Rows]) -> np.ndarray:
@@ -291,11 +286,10 @@ class Index:
         key = flt.key()
         with self._lock:
             hit = self._selections.pop(key, None)
-        if hit is None:
-            assert self._meta is not None or not self.shards
-            meta = self._meta if self._meta is not None else pa.table({c: pa.array([], pa.string()) for c in
-                                                                       ("id", *STORED)})
-            hit = select(meta, self._extra_columns, flt, self.ids())
+        if hit is None and self._meta is None:  # no shard: nothing to select
+            hit = Selection(np.zeros(0, np.int64), np.zeros(1, np.uint8), 0.0)
+        elif hit is None:
+            hit = select(self._meta, self._extra_columns, flt, self.ids())
         with self._lock:
             self._selections[key] = hit
             while len(self._selections) > KEPT_SELECTIONS:

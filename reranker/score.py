@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -91,10 +91,19 @@ def rerank_order(reranker: Reranker, query: Query, image_tokens: np.ndarray,
     return np.argsort(-fused, kind="stable"), log_p, fused
 
 
+def tier_entry(entry: str) -> tuple[str, Path | None]:
+    """An IMSEARCH_RERANKERS (or --tiers) entry, TIER or TIER=CHECKPOINT, as (tier, checkpoint or None)."""
+    tier, _, path = entry.strip().partition("=")
+    return tier, Path(path) if path else None
+
+
 def load_kind(kind: str, encoder: DualEncoder, path: Path | None = None, device: str = "cpu") -> Reranker:
     """A tier of any kind: mid or early (load_tier), or HF BLIP ITM from its model folder."""
-    if kind != "blip":
-        return load_tier(kind, encoder, path)
+    return load_tier(kind, encoder, path) if kind != "blip" else load_blip(path, device)
+
+
+def load_blip(path: Path | None, device: str = "cpu") -> Any:
+    """The blip tier (a BlipReranker: the reranker and, at index time, its vision tower) from its folder."""
     from reranker.blip import BlipReranker
 
     if path is None:

@@ -17,6 +17,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from reranker.score import tier_entry
 from service.config import Settings
 from service.errors import install_handlers
 from service.routes import clip_back, health, images, jobs, page, search
@@ -99,7 +100,7 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
 def _list_tiers(app: FastAPI, schemas: dict[str, Any]) -> None:
     """The `rerank` values a request may name: none and the tiers loaded (configured, before startup)."""
     engine = getattr(app.state, "engine", None)
-    names = list(engine.rerankers) if engine else [e.partition("=")[0] for e in app.state.settings.rerankers]
+    names = list(engine.rerankers) if engine else [tier_entry(e)[0] for e in app.state.settings.rerankers]
     names += ["auto"] if app.state.settings.auto_tier in names else []
     for option in schemas.get("SearchRequest", {}).get("properties", {}).get("rerank", {}).get("anyOf", []):
         if option.get("type") == "string":

@@ -17,7 +17,7 @@ from indexer.encoder import DualEncoder, EncoderSpec, EncoderUnavailable, load_e
 from indexer.features import ENCODER_TOKENS
 from indexer.integrity import IndexNotFound
 from indexer.store import Index
-from reranker.score import Reranker, load_kind
+from reranker.score import Reranker, load_kind, tier_entry
 from service.config import Settings
 from service.errors import StartupError, UnknownIndex
 from service.jobs.queues import JobQueue, LocalJobs, RQJobs
@@ -154,9 +154,9 @@ def load_tiers(tiers: list[str], encoder: DualEncoder,
     rerankers: dict[str, Reranker] = {}
     failed: dict[str, str] = {}
     for entry in tiers:
-        tier, _, checkpoint = entry.partition("=")
+        tier, checkpoint = tier_entry(entry)
         try:
-            rerankers[tier] = load_kind(tier, encoder, Path(checkpoint) if checkpoint else None, device)
+            rerankers[tier] = load_kind(tier, encoder, checkpoint, device)
         except (EncoderUnavailable, OSError, ValueError) as exc:
             log.warning("rerank tier %s unavailable: %s", tier, exc)
             failed[tier] = str(exc)

@@ -20,7 +20,7 @@ from indexer.features import ImageFeatures
 from indexer.integrity import IndexNotFound, read_manifest
 from indexer.reader import list_source
 from indexer.versions import version_dir
-from reranker.score import load_kind
+from reranker.score import load_kind, tier_entry
 from service.jobs.api import JobRejected, JobSpec
 from service.names import VERSIONS_CHANNEL
 from service.workers import signal_on_parent_death
@@ -57,12 +57,12 @@ def _features(spec: JobSpec) -> tuple[ImageFeatures, ...]:
             held = set(read_manifest(version_dir(Path(spec.index_dir))).get("features") or ())
     sources = []
     for entry in spec.tiers:
-        kind, _, folder = entry.partition("=")
+        kind, folder = tier_entry(entry)
         if held is not None and kind not in held:
             continue
         key = (entry, _device(spec))
         if key not in _FEATURES:  # a tier of its own features is its vision tower too (reranker.blip)
-            _FEATURES[key] = cast(ImageFeatures, load_kind(kind, _encoder(spec), Path(folder), key[1]))
+            _FEATURES[key] = cast(ImageFeatures, load_kind(kind, _encoder(spec), folder, key[1]))
         sources.append(_FEATURES[key])
     return tuple(sources)
 

@@ -9,6 +9,7 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
+from reranker.score import tier_entry
 from service.deps import ApiKeyDep, EngineDep
 from service.jobs.api import JobRejected, JobRequest, JobSpec, new_job_id
 from service.jobs.policy import check_source
@@ -31,7 +32,7 @@ async def start_index_job(body: JobRequest, engine: EngineDep) -> JSONResponse:
     spec = JobSpec(body.job_id or new_job_id(), str(source), body.mode, name, str(folder),
                    body.options.model_dump(), settings.model, settings.pretrained,
                    settings.device if engine.jobs.in_process else "", list(settings.job_roots),
-                   [e for e in settings.rerankers if e.partition("=")[0] in engine.feature_tiers])
+                   [e for e in settings.rerankers if tier_entry(e)[0] in engine.feature_tiers])
     info, created = await run_in_threadpool(engine.jobs.submit, spec)
     return JSONResponse(status_code=202 if created else 200, content=asdict(info))
 
