@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from indexer.encoder import resolve_device
-from reranker.score import Query
+from reranker.score import Located, Query
 
 
 class BlipReranker:
@@ -24,6 +24,7 @@ class BlipReranker:
 
     name = features = "blip"
     text_from_encoder = False
+    explains = False  # ITM has no grounding head (its cross-attention maps are not trained to point)
 
     def __init__(self, model_dir: Path | str, device: str = "cpu", fusion_weight: float = 0.0):
         try:
@@ -86,6 +87,10 @@ class BlipReranker:
         ).last_hidden_state
         logits = self.model.itm_head(hidden[:, 0, :])
         return torch.log_softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
+
+
+    def explain(self, query: Query, image_tokens: np.ndarray) -> list[list[Located]]:
+        raise ValueError("the blip tier cannot explain its matches: use a tier with a grounding head (mid, early)")
 
 
 def _weights_sha(folder: Path) -> str:

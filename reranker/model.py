@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import cast
 
@@ -35,6 +35,8 @@ class RerankerConfig:
     temperature: float = 1.0  # p(match) = sigmoid(logit margin / temperature + bias): Platt scaling,
     bias: float = 0.0  # fitted on validation descriptions (the head's raw margin is over-confident near 0)
     encoder_id: str = ""  # the dual encoder whose tokens this reranker reads
+    nouns: list[str] = field(default_factory=list)  # the words the grounding head was trained to locate
+    modifiers: list[str] = field(default_factory=list)  # words that narrow a noun ("large", "red"): its phrase
 
     def to_json(self) -> str:
         return json.dumps(asdict(self))
@@ -214,6 +216,20 @@ class Matcher(nn.Module):
                 hidden = seq[:, : txt.shape[1]] if i == self.cfg.ground_layer else hidden
             out = seq[:, 0]
         return self.head(self.ln_out(out)), hidden, out
+
+    def ground_states(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """(n, 1 + L', w) [ENC] + text states after block `ground_layer`, what `locate` reads: encode's
+        `hidden`, without the blocks after it (a third of the cost of scoring, for the committed tiers)."""
+        img = self.embed_image(image)
+        txt, pad = self.embed_text(text, mask)
+        if self.cfg.kind == "mid":
+            for block in list(self.blocks)[: self.cfg.ground_layer + 1]:
+                txt = block(txt, pad, img)
+            return txt
+        seq, full_pad = self._stream(txt, pad, img)
+        for layer in list(self.stream.layers)[: self.cfg.ground_layer + 1]:
+            seq = layer(seq, src_key_padding_mask=full_pad)
+        return seq[:, : txt.shape[1]]
 
     def embed_image(self, image: torch.Tensor) -> torch.Tensor:
         img = self.image_in(image) + self.image_pos[:, : image.shape[1]]

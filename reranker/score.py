@@ -27,6 +27,16 @@ class Query:
     mask: np.ndarray
 
 
+@dataclass
+class Located:
+    """Where a reranker found an object the query names: its phrase ("large red circle") and its centre
+    (x, y) as fractions of the image's width and height from the top left."""
+
+    phrase: str
+    x: float
+    y: float
+
+
 class Reranker(Protocol):
     """Rescores k candidates of one query; higher is a better match."""
 
@@ -36,10 +46,13 @@ class Reranker(Protocol):
     feature_model: str  # the model that computed them: features from other weights are refused, never scored
     feature_shape: tuple[int, int]  # (tokens, width) of one image's features
     text_from_encoder: bool  # its Query is the dual encoder's text tokens (the search computed them already)
+    explains: bool  # whether `explain` can say where the named objects are (a grounding head)
 
     def prepare(self, text: str) -> Query: ...
 
     def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray: ...
+
+    def explain(self, query: Query, image_tokens: np.ndarray) -> list[list[Located]]: ...
 
 
 class TokenReranker:
@@ -55,6 +68,10 @@ class TokenReranker:
         self.fusion_weight = matcher.cfg.fusion_weight
         self.features, self.feature_model, self.text_from_encoder = ENCODER_TOKENS, encoder.model_id, True
         self.feature_shape = encoder.token_shape
+        cfg = matcher.cfg
+        self.explains = cfg.ground and bool(cfg.nouns)
+        self._words = whole_words(encoder, cfg.nouns + cfg.modifiers) if self.explains else {}
+        self._nouns = {i for i, w in self._words.items() if w in cfg.nouns}
 
     def prepare(self, text: str) -> Query:
         _, tokens, mask = self.encoder.encode_texts_and_tokens([text])
@@ -76,6 +93,39 @@ class TokenReranker:
         mask = torch.from_numpy(query.mask)[None]
         logits = self.matcher.score_one_text(image, text, mask)
         return Matcher.log_match(logits, self.matcher.cfg.temperature, self.matcher.cfg.bias).numpy()
+
+
+    @torch.inference_mode()
+    def explain(self, query: Query, image_tokens: np.ndarray) -> list[list[Located]]:
+        """Per candidate, where each noun of the query is: the grounding head read off that noun's state
+        after the block it was trained at (the blocks after it do not run). Nouns outside the head's
+        vocabulary are not located; a plural ("shapes") is none of its words."""
+        ids = self.encoder.tokenize([query.text])[0].tolist()
+        where = [p for p, t in enumerate(ids) if t in self._nouns and query.mask[p]]
+        if not where or not len(image_tokens):
+            return [[] for _ in range(len(image_tokens))]
+        k = len(image_tokens)
+        image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
+        text = torch.from_numpy(query.tokens).float()[None].expand(k, -1, -1)
+        mask = torch.from_numpy(query.mask)[None].expand(k, -1)
+        states = self.matcher.ground_states(image, text, mask)[:, [1 + p for p in where]]  # 1: [ENC]
+        xy = ((self.matcher.locate(states).clamp(-1, 1) + 1) / 2).numpy()  # (k, nouns, 2) in [0, 1]
+        phrases = [self._phrase(ids, p) for p in where]
+        return [[Located(ph, round(float(x), 4), round(float(y), 4)) for ph, (x, y) in zip(phrases, row, strict=True)]
+                for row in xy]
+
+    def _phrase(self, ids: list[int], at: int) -> str:
+        """The noun at `at` with the modifiers written right before it: "large red circle"."""
+        start = at
+        while start > 0 and ids[start - 1] in self._words and ids[start - 1] not in self._nouns:
+            start -= 1
+        return " ".join(self._words[t] for t in ids[start : at + 1])
+
+
+def whole_words(encoder: DualEncoder, words: list[str]) -> dict[int, str]:
+    """Token id → word, for the words the tokenizer keeps whole: a query names one where its id occurs."""
+    eot = int(encoder.tokenize([""])[0, 1])
+    return {int(row[1]): w for w, row in zip(words, encoder.tokenize(words), strict=True) if int(row[2]) == eot}
 
 
 def fuse(log_match: np.ndarray, cosine: np.ndarray, weight: float) -> np.ndarray:

@@ -276,6 +276,16 @@ def _models(tiers: str, encoder_weights: Path | None, reranker_dir: Path | None
     return encoder, {t: guarded(partial(load_tier, t, encoder, path)) for t, path in paths.items()}
 
 
+def _emit(rows: list[dict[str, Any]] | dict[str, Any], as_json: bool) -> None:
+    """An eval's rows (or one row) as one JSON value, or as key=value lines."""
+    if as_json:
+        sys.stdout.write(json.dumps(rows) + "\n")
+        return
+    for row in rows if isinstance(rows, list) else [rows]:
+        line = " ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
+        sys.stdout.write(line + "\n")
+
+
 def eval_tradeoff_cmd(
     n: Annotated[int, typer.Option(min=2, help="gallery size (even)")] = 1000,
     seed: HeldOutSeedOpt = EVAL_SEED,
@@ -292,13 +302,7 @@ def eval_tradeoff_cmd(
     _held_out(seed)
     encoder, rerankers = _models(tiers, encoder_weights, reranker_dir)
     k_values = tuple(int(k) for k in ks.split(",") if k)
-    rows = guarded(lambda: evaluate_tradeoff(encoder, rerankers, n, seed, k_values, errors))
-    if as_json:
-        sys.stdout.write(json.dumps(rows) + "\n")
-        return
-    for row in rows:
-        sys.stdout.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items())
-                         + "\n")
+    _emit(guarded(lambda: evaluate_tradeoff(encoder, rerankers, n, seed, k_values, errors)), as_json)
 
 
 def eval_freeform_cmd(
@@ -347,10 +351,24 @@ def eval_gate_cmd(
     fitted = fit_gate(gate_run(encoder, rerankers["mid"], n, VAL_SEED)) if fit else None
     row = {"seed": seed, "n": n, **gate_figures(gate_run(encoder, rerankers["mid"], n, seed), fitted or chosen),
            "fitted_on_seed": VAL_SEED if fit else None}
-    if as_json:
-        sys.stdout.write(json.dumps(row) + "\n")
-        return
-    sys.stdout.write(" ".join(f"{k}={v:.3f}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()) + "\n")
+    _emit(row, as_json)
+
+
+def eval_explain_cmd(
+    n: Annotated[int, typer.Option(min=2, help="gallery size (even)")] = 1000,
+    seed: HeldOutSeedOpt = EVAL_SEED,
+    tiers: TiersOpt = "mid,early",
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON list")] = False,
+    encoder_weights: EncoderWeightsOpt = None,
+    reranker_dir: RerankerDirOpt = None,
+) -> None:
+    """Explain: the share of the objects each twin-gallery caption names that the tier locates inside them,
+    on the caption's own image."""
+    from training.tradeoff import explain_figures
+
+    _held_out(seed)
+    encoder, rerankers = _models(tiers, encoder_weights, reranker_dir)
+    _emit([guarded(partial(explain_figures, encoder, r, n, seed)) for r in rerankers.values()], as_json)
 
 
 def register(root: typer.Typer, train: typer.Typer, evaluate: typer.Typer) -> None:
@@ -363,3 +381,4 @@ def register(root: typer.Typer, train: typer.Typer, evaluate: typer.Typer) -> No
     evaluate.command("tradeoff")(eval_tradeoff_cmd)
     evaluate.command("freeform")(eval_freeform_cmd)
     evaluate.command("gate")(eval_gate_cmd)
+    evaluate.command("explain")(eval_explain_cmd)

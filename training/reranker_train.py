@@ -28,8 +28,10 @@ from training.descriptions import (
 )
 from training.encoder_train import lr_at, resume_log, save_log
 from training.scenes import (
+    COLOURS,
     PLACE_FIELDS,
     SHAPES,
+    SIZES,
     TRAIN_SEED,
     Scene,
     SceneObject,
@@ -157,6 +159,10 @@ def _mine(sim: np.ndarray, rng: np.random.Generator, temperature: float) -> np.n
     return np.array([rng.choice(len(p), p=p) for p in probs])
 
 
+GROUND_NOUNS = [*SHAPES, "shape"]  # a ref's noun: its shape word, or "shape" where the text leaves it out
+GROUND_MODIFIERS = [*SIZES, *COLOURS]
+
+
 def object_xy(obj: SceneObject) -> tuple[float, float]:
     """An object's centre in [-1, 1] image coordinates (the reranker's patch coordinates)."""
     x, y = object_position(obj)
@@ -173,7 +179,7 @@ def grounding_targets(encoder: DualEncoder, scenes: list[Scene], texts: list[str
     one choice of objects get targets (not counts, not "a circle" in a scene of two circles).
     Relation: per text, the first-named object's (x, y) minus the second-named one's (one ref: its own).
     """
-    noun_ids = {int(t) for t in encoder.tokenize([*SHAPES, "shape"])[:, 1]}
+    noun_ids = {int(t) for t in encoder.tokenize(GROUND_NOUNS)[:, 1]}
     ids = encoder.tokenize(texts).cpu().numpy()
     rows, positions, xy, rel_rows, rel = [], [], [], [], []
     for row, (scene, text, claim, tokens) in enumerate(zip(scenes, texts, claims, ids, strict=True)):
@@ -287,12 +293,15 @@ def new_matcher(encoder: DualEncoder, cfg: RerankTrainConfig) -> Matcher:
             raise ValueError(f"{cfg.init} is a {model.cfg.kind} reranker for {model.cfg.encoder_id!r}; "
                              f"cannot continue it as {cfg.kind} for {encoder.model_id!r}")
         model.cfg.encoder_id = encoder.model_id  # a warm start onto a fine-tuned encoder of the same architecture
+        if model.cfg.ground:
+            model.cfg.nouns, model.cfg.modifiers = list(GROUND_NOUNS), list(GROUND_MODIFIERS)
         return with_image_mix(model, cfg.image_mix) if cfg.image_mix else model
     text_width = int(encoder.model.transformer.width)
     return Matcher(RerankerConfig(kind=cfg.kind, width=cfg.width, layers=cfg.layers, text_width=text_width,
                                   image_width=encoder.token_shape[1], image_tokens=encoder.token_shape[0],
                                   encoder_id=encoder.model_id, coords=True, ground=cfg.ground_weight > 0,
-                                  image_mix=cfg.image_mix))
+                                  image_mix=cfg.image_mix, nouns=list(GROUND_NOUNS) if cfg.ground_weight > 0 else [],
+                                  modifiers=list(GROUND_MODIFIERS) if cfg.ground_weight > 0 else []))
 
 
 def with_image_mix(model: Matcher, hidden: int) -> Matcher:

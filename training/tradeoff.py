@@ -1,4 +1,4 @@
-"""Training floor, reranker evaluate: the speed/depth table (late, mid, early fusion at each k) on a twin gallery."""
+"""Training floor, reranker evaluate: late, mid and early fusion on a twin gallery (speed/depth, auto, explain)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import numpy as np
 from indexer.encoder import DualEncoder
 from indexer.tokens import TokenFormat, decode, encode
 from reranker.score import Query, Reranker, fuse, rerank_order
+from training.descriptions import caption_claim, grounding, mention_order
 from training.encoder_eval import BATCH, difference_kind
-from training.scenes import EVAL_SEED, Sample, render, twin_gallery
+from training.scenes import EVAL_SEED, SIZES, Sample, object_position, render, twin_gallery
 
 KS = (8, 16, 32, 64)
 ERROR_GROUPS = {
@@ -185,3 +186,30 @@ def gate_figures(run: GateRun, margin: float) -> dict[str, float]:
 def fit_gate(run: GateRun, keep: float = 0.9) -> float:
     """The smallest margin of GATE_GRID whose "auto" keeps `keep` of the reranker's R@1 gain."""
     return next((m for m in GATE_GRID if gate_figures(run, m)["gain_share"] >= keep), GATE_GRID[-1])
+
+
+def explain_figures(encoder: DualEncoder, reranker: Reranker, n: int, seed: int) -> dict[str, float]:
+    """Where the tier's explain puts each object a twin-gallery caption names, scored on the caption's own
+    image (a true match): the share of objects located inside their box, overall and by size, and the
+    median distance from the centre in half-sides (0: the centre, 1: the box's edge)."""
+    gallery = embed(encoder, n, seed)
+    inside: dict[str, list[bool]] = {"small": [], "large": []}
+    distance, skipped = [], 0
+    for row, sample in enumerate(gallery.samples):
+        claim = caption_claim(sample.scene)
+        objects, order = grounding(claim, sample.scene), mention_order(sample.caption, claim)
+        _, tokens, mask = encoder.encode_texts_and_tokens([sample.caption])
+        located = reranker.explain(Query(sample.caption, tokens[0], mask[0]), gallery.candidates(np.array([row])))[0]
+        if objects is None or order is None or len(located) != len(order):
+            skipped += 1  # no single reading of the caption, or a noun the head does not know
+            continue
+        for place, i in zip(located, order, strict=True):
+            (cx, cy), half = object_position(objects[i]), SIZES[objects[i].size]
+            off = max(abs(place.x - cx), abs(place.y - cy)) / half
+            inside[objects[i].size].append(off <= 1.0)
+            distance.append(off)
+    every = inside["small"] + inside["large"]
+    return {"tier": reranker.name, "seed": seed, "captions": n - skipped, "objects": len(every),
+            "inside": float(np.mean(every)) if every else 0.0,
+            **{f"inside_{size}": float(np.mean(v)) if v else 0.0 for size, v in inside.items()},
+            "median_offset": float(np.median(distance)) if distance else 0.0}
