@@ -70,8 +70,10 @@ class TokenReranker:
         self.feature_shape = encoder.token_shape
         cfg = matcher.cfg
         self.explains = cfg.ground and bool(cfg.nouns)
-        self._words = whole_words(encoder, cfg.nouns + cfg.modifiers) if self.explains else {}
-        self._nouns = {i for i, w in self._words.items() if w in cfg.nouns}
+        spelled = word_tokens(encoder, cfg.nouns + cfg.modifiers) if self.explains else {}
+        # the head reads one noun token: a noun the tokenizer splits cannot be located
+        self._nouns = {ids[0]: w for w, ids in spelled.items() if w in cfg.nouns and len(ids) == 1}
+        self._modifiers = [(ids, w) for w, ids in spelled.items() if w in cfg.modifiers and ids]
 
     def prepare(self, text: str) -> Query:
         _, tokens, mask = self.encoder.encode_texts_and_tokens([text])
@@ -116,16 +118,19 @@ class TokenReranker:
 
     def _phrase(self, ids: list[int], at: int) -> str:
         """The noun at `at` with the modifiers written right before it: "large red circle"."""
-        start = at
-        while start > 0 and ids[start - 1] in self._words and ids[start - 1] not in self._nouns:
-            start -= 1
-        return " ".join(self._words[t] for t in ids[start : at + 1])
+        words, start = [self._nouns[ids[at]]], at
+        while modifier := next(((seq, w) for seq, w in self._modifiers if tuple(ids[start - len(seq) : start]) == seq),
+                               None):
+            words.insert(0, modifier[1])
+            start -= len(modifier[0])
+        return " ".join(words)
 
 
-def whole_words(encoder: DualEncoder, words: list[str]) -> dict[int, str]:
-    """Token id → word, for the words the tokenizer keeps whole: a query names one where its id occurs."""
+def word_tokens(encoder: DualEncoder, words: list[str]) -> dict[str, tuple[int, ...]]:
+    """Each word's token ids as a query spells it (start and end of text left out)."""
     eot = int(encoder.tokenize([""])[0, 1])
-    return {int(row[1]): w for w, row in zip(words, encoder.tokenize(words), strict=True) if int(row[2]) == eot}
+    rows = [row.tolist() for row in encoder.tokenize(words)]
+    return {w: tuple(row[1 : row.index(eot)]) for w, row in zip(words, rows, strict=True)}
 
 
 def fuse(log_match: np.ndarray, cosine: np.ndarray, weight: float) -> np.ndarray:

@@ -137,6 +137,8 @@ def search(
         "a part of a composed query, [WEIGHT:]TEXT or [WEIGHT:]@IMAGE_FILE (repeatable; a negative weight: less "
         "like it), e.g. --term '-0.5:a blue square' --term 0.5:@photo.jpg"))] = None,
     caption_contains: Annotated[str | None, typer.Option(help="only images whose caption holds this text")] = None,
+    explain: Annotated[bool, typer.Option(help=(
+        "with --rerank mid or early: where in each reranked hit the tier found each object the text names"))] = False,
     model: ModelOpt = "tiny", pretrained: PretrainedOpt = None, device: DeviceOpt = "cpu",
     as_json: Annotated[bool, typer.Option("--json", help="print one JSON object")] = False,
 ) -> None:
@@ -148,6 +150,7 @@ def search(
     query.filter = Filter(path_glob, caption_contains, parse_where(where or []))
     query.min_score_ratio = min_score_ratio
     query.order_by = (order_by, descending) if order_by else None
+    query.explain = explain
     tier = "mid" if rerank == "auto" else rerank  # auto reranks with mid when its gate opens
     settings = Settings(indexes=[str(index_dir)], model=model, pretrained=pretrained, device=device,
                         rerankers=[] if rerank == "none" else [f"{tier}={checkpoint}" if checkpoint else tier],
@@ -246,12 +249,13 @@ def _print_hits(out: Any, as_json: bool) -> None:
     """rank, score and path per hit (tab-separated, for pipes) on stdout; the timings on stderr."""
     if as_json:
         hits = [{"rank": r, "id": h.id, "score": h.score, "similarity": h.similarity, "rerank_score": h.rerank_score,
-                 **h.meta} for r, h in enumerate(out.hits, 1)]
+                 **h.meta, "explain": h.explain} for r, h in enumerate(out.hits, 1)]
         sys.stdout.write(json.dumps({"hits": hits, "timings_ms": out.timings_ms,
                                      "index_version": out.index_version}) + "\n")
         return
     for rank, hit in enumerate(out.hits, 1):
-        sys.stdout.write(f"{rank}\t{hit.score:.4f}\t{hit.meta.get('path')}\n")
+        places = "".join(f"\t{p['phrase']} at ({p['x']:.2f}, {p['y']:.2f})" for p in hit.explain or [])
+        sys.stdout.write(f"{rank}\t{hit.score:.4f}\t{hit.meta.get('path')}{places}\n")
     err.print(f"{len(out.hits)} hits in {out.timings_ms['total']:.1f} ms (index version {out.index_version})",
               highlight=False)
 

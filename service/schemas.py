@@ -106,6 +106,8 @@ class SearchRequest(BaseModel):
     order_by: OrderIn | None = Field(None, description="the k hits re-ordered by a metadata field (e.g. a date)")
     cursor: str | None = Field(None, min_length=1, max_length=400, description=(
         "next_cursor of the previous page: the next k hits of the same query, from the same index version"))
+    explain: bool = Field(False, description=(
+        "per reranked hit, where the tier found each object the text names (a tier with a grounding head)"))
     terms: list[TermIn] | None = Field(None, min_length=1, max_length=8, description=(
         "a composed query: the normalised weighted sum of the terms' embeddings, e.g. a text, an image at 0.5 "
         "and a text at -0.5 (less like it)"))
@@ -125,6 +127,12 @@ class SearchRequest(BaseModel):
         return self
 
 
+class LocatedOut(BaseModel):
+    phrase: str = Field(description='the words of the query that name the object, e.g. "large red circle"')
+    x: float = Field(description="the object's centre, as a share of the image's width from its left edge")
+    y: float = Field(description="the object's centre, as a share of the image's height from its top edge")
+
+
 class HitOut(BaseModel):
     id: int
     score: float = Field(description="the ranking score: hits are in descending order of it")
@@ -133,6 +141,7 @@ class HitOut(BaseModel):
     url: str = Field(description="the image, from the index version that answered (add ?thumb=N for a JPEG)")
     path: str | None = Field(None, description="the file, relative to the folder it was indexed from")
     caption: str | None = None
+    explain: list[LocatedOut] | None = Field(None, description="with explain: where each named object is")
 
 
 class Timings(BaseModel):

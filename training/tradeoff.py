@@ -5,6 +5,7 @@ from __future__ import annotations
 import time
 from collections import Counter
 from dataclasses import dataclass
+from typing import Any
 
 import faiss
 import numpy as np
@@ -188,7 +189,7 @@ def fit_gate(run: GateRun, keep: float = 0.9) -> float:
     return next((m for m in GATE_GRID if gate_figures(run, m)["gain_share"] >= keep), GATE_GRID[-1])
 
 
-def explain_figures(encoder: DualEncoder, reranker: Reranker, n: int, seed: int) -> dict[str, float]:
+def explain_figures(encoder: DualEncoder, reranker: Reranker, n: int, seed: int) -> dict[str, Any]:
     """Where the tier's explain puts each object a twin-gallery caption names, scored on the caption's own
     image (a true match): the share of objects located inside their box, overall and by size, and the
     median distance from the centre in half-sides (0: the centre, 1: the box's edge)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -52,6 +53,7 @@ class QueryInput:
     terms: list[Term] | None = None  # searched by the normalised weighted sum of their embeddings
     min_score_ratio: float | None = None  # hits below this share of the best hit's similarity are dropped
     order_by: tuple[str, bool] | None = None  # (metadata field, descending): the k hits re-ordered by it
+    explain: bool = False  # per reranked hit, where the tier located each object the text names
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Hit:
     similarity: float
     rerank_score: float | None
     meta: dict[str, Any]
+    explain: list[dict[str, Any]] | None = None  # asdict of reranker.score.Located, per named object
 
 
 @dataclass
@@ -82,6 +85,14 @@ def normalised(embedding: list[float], dim: int) -> np.ndarray:
     if not np.isfinite(norm) or norm == 0.0:
         raise BadQuery("embedding must be a finite, non-zero vector")
     return (vector / norm).astype(np.float32)
+
+
+def cannot_explain(rerankers: Mapping[str, Reranker], tier: str) -> str | None:
+    """Why the tier cannot say where the named objects are (None: it can)."""
+    if rerankers[tier].explains:
+        return None
+    able = [name for name, r in rerankers.items() if r.explains]
+    return f"the {tier} tier cannot explain its matches; tiers that can: {', '.join(able) or 'none'}"
 
 
 def missing_features(reranker: Reranker, index: Index) -> str | None:

@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import numpy as np
@@ -16,7 +16,7 @@ from indexer.encoder import DualEncoder
 from indexer.filters import BadFilter, Selection
 from indexer.store import Index
 from reranker.gate import gate
-from reranker.score import Query, Reranker
+from reranker.score import Located, Query, Reranker
 from service.config import Settings
 from service.metrics import Metrics
 from service.names import result_key
@@ -30,6 +30,7 @@ from service.pipeline.query import (
     QueryInput,
     SearchOutput,
     Term,
+    cannot_explain,
     missing_features,
     normalised,
 )
@@ -122,6 +123,8 @@ class Pipeline:
 
     def _check(self, q: QueryInput, index: Index) -> None:
         if q.rerank == "none":
+            if q.explain:
+                raise BadQuery("explain says where a rerank tier found the named objects: pick a rerank tier")
             return
         if self._tier(q) not in self.rerankers:
             why = f" (auto reranks with the {self.auto_tier} tier)" if q.rerank == AUTO else ""
@@ -130,7 +133,7 @@ class Pipeline:
         if q.text is None:
             raise BadQuery(RERANK_NEEDS_TEXT)
         problem = missing_features(self.rerankers[self._tier(q)], index)
-        if problem:
+        if problem or (q.explain and (problem := cannot_explain(self.rerankers, self._tier(q)))):
             raise BadQuery(problem)
 
     def _key(self, index: Index, q: QueryInput, columns: Sequence[str] | None) -> str | None:
@@ -148,7 +151,7 @@ class Pipeline:
         start = time.perf_counter()
         found = await self._find(index, q)
         searched = time.perf_counter()
-        reranked = None  # (log p(match), fused score), NaN past rerank_k
+        reranked = None  # (log p(match), fused score), NaN past rerank_k; where the objects are, by id (explain)
         scores, ids = found.scores, found.ids
         if ticket is not None and (q.rerank != AUTO or gate(scores, self.auto_margin)):
             reranker = self.rerankers[self._tier(q)]
@@ -204,18 +207,21 @@ class Pipeline:
         return normalised(total.tolist(), dim)
 
     async def _rerank(self, index: Index, q: QueryInput, query: Query, scores: np.ndarray, ids: np.ndarray,
-                      ticket: Ticket) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
+                      ticket: Ticket) -> tuple[np.ndarray, np.ndarray, Reranked]:
         """Score the top rerank_k, RERANK_STEP at a time (each step queued again, smallest query first), then order."""
         reranker = self.rerankers[self._tier(q)]
         depth = min(q.rerank_k, len(ids))
-        parts = []
+        parts: list[np.ndarray] = []
+        located: dict[int, list[Located]] = {}
         for at in range(0, depth, RERANK_STEP):
             chunk = ids[at : min(depth, at + RERANK_STEP)]
-            log_p, seconds = await self.rerank(RerankChunk(reranker, query, index, chunk), key=depth)
-            self.admission.scored(ticket, len(chunk), seconds)
-            parts.append(log_p)
+            scored = await self.rerank(RerankChunk(reranker, query, index, chunk, q.explain), key=depth)
+            self.admission.scored(ticket, len(chunk), scored.seconds)
+            parts.append(scored.log_p)
+            located.update(zip(chunk.tolist(), scored.located or [], strict=False))
         log_p = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        return order(log_p, scores, ids, reranker.fusion_weight)
+        scores, ids, (log_p, fused) = order(log_p, scores, ids, reranker.fusion_weight)
+        return scores, ids, Reranked(log_p, fused, located)
 
 
 def _from_cache(data: dict[str, Any], start: float) -> SearchOutput:
@@ -232,19 +238,31 @@ def _timings(marks: tuple[float, ...]) -> dict[str, float]:
     return {k: round(v * 1000, 3) for k, v in {**spans, "total": marks[-1] - marks[0]}.items()}
 
 
-def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: tuple[np.ndarray, np.ndarray] | None,
+@dataclass
+class Reranked:
+    """A reranked answer: log p(match) and fused score per candidate in its new order (NaN past rerank_k),
+    and with explain where each reranked candidate's named objects are, by image id."""
+
+    log_p: np.ndarray
+    fused: np.ndarray
+    located: dict[int, list[Located]]
+
+
+def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: Reranked | None,
           q: QueryInput, columns: Sequence[str] | None) -> list[Hit]:
     """The first k hits (after min_similarity); score is the fused score of a rerank, else the cosine."""
     keep = np.ones(len(ids), bool) if q.min_similarity is None else cosine >= q.min_similarity
     if q.min_score_ratio is not None and len(cosine) and cosine.max() > 0:  # relative to the best similarity
         keep &= cosine >= q.min_score_ratio * float(cosine.max())
     ids, cosine = ids[keep][: q.k], cosine[keep][: q.k]
-    log_p, score = (r[keep][: q.k] for r in reranked) if reranked else (None, cosine)
+    log_p, score = (r[keep][: q.k] for r in (reranked.log_p, reranked.fused)) if reranked else (None, cosine)
+    located = reranked.located if reranked and q.explain else None
     metas = index.metadata(ids, columns) if len(ids) else []
     hits = []
     for i, (image_id, sim, meta) in enumerate(zip(ids, cosine, metas, strict=True)):
         rerank = None if log_p is None or np.isnan(log_p[i]) else float(log_p[i])
-        hits.append(Hit(int(image_id), float(score[i]), float(sim), rerank, meta))
+        places = [asdict(p) for p in located[int(image_id)]] if located and int(image_id) in located else None
+        hits.append(Hit(int(image_id), float(score[i]), float(sim), rerank, meta, places))
     return _ordered(index, hits, q.order_by) if q.order_by and hits else hits
 
 

@@ -14,7 +14,7 @@ from indexer.encoder import DualEncoder
 from indexer.filters import Selection
 from indexer.reader import decode_image
 from indexer.store import Index
-from reranker.score import Query, Reranker, fuse
+from reranker.score import Located, Query, Reranker, fuse
 from service.names import text_key
 from service.pipeline.cache import QueryCache, pack_text, unpack_text
 
@@ -172,15 +172,27 @@ class RerankChunk:
     query: Query
     index: Index
     ids: np.ndarray
+    explain: bool = False  # locate the objects the text names too
+
+
+@dataclass
+class Scored:
+    """A chunk's log p(match), where its objects are (with explain), and the seconds its scoring took."""
+
+    log_p: np.ndarray
+    located: list[list[Located]] | None
+    seconds: float
 
 
 def rerank_stage(chunks: list[RerankChunk]) -> list[Any]:
-    """Each chunk's log p(match) and the seconds its scoring took (the queue's wait left out)."""
+    """Each chunk Scored (the queue's wait left out of its seconds)."""
 
-    def score(chunk: RerankChunk) -> tuple[np.ndarray, float]:
+    def score(chunk: RerankChunk) -> Scored:
         start = time.perf_counter()
-        log_p = chunk.reranker.log_match(chunk.query, chunk.index.features(chunk.reranker.features, chunk.ids))
-        return log_p, time.perf_counter() - start
+        features = chunk.index.features(chunk.reranker.features, chunk.ids)
+        log_p = chunk.reranker.log_match(chunk.query, features)
+        located = chunk.reranker.explain(chunk.query, features) if chunk.explain else None
+        return Scored(log_p, located, time.perf_counter() - start)
 
     return per_item(score, chunks)
 

@@ -27,7 +27,8 @@ def healthz() -> dict[str, Any]:
 def readyz(engine: EngineDep) -> dict[str, Any]:
     """Model, indexes and rerankers loaded: `ready`; `degraded` (still 200: searches are answered) when a
     configured Redis is unreachable or a configured rerank tier failed to load (`failed_rerankers` says why).
-    `tiers` says which image features each loaded tier scores, from which model, and which indexes hold them."""
+    `tiers` says which image features each loaded tier scores, from which model, which indexes hold them,
+    and whether it can explain its matches (say where the named objects are)."""
     cache = "disabled" if not engine.cache.enabled else ("ok" if engine.cache.healthy() else "degraded")
     healthy = cache != "degraded" and not engine.failed_tiers
     return {"status": "ready" if healthy else "degraded", "cache": cache, "model": engine.encoder.model_id,
@@ -38,7 +39,8 @@ def readyz(engine: EngineDep) -> dict[str, Any]:
 
 def _tiers(engine: Engine) -> dict[str, dict[str, Any]]:
     return {name: {"features": r.features, "model": r.feature_model, "shape": list(r.feature_shape),
-                   "indexes": [i for i, index in engine.indexes.items() if missing_features(r, index) is None]}
+                   "indexes": [i for i, index in engine.indexes.items() if missing_features(r, index) is None],
+                   "explains": r.explains}
             for name, r in engine.rerankers.items()}
 
 

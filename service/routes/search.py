@@ -83,7 +83,7 @@ async def answer(engine: Engine, name: str | None, query: QueryInput, page: Page
     shown = path_view(engine, index)
     hits = [HitOut(id=h.id, score=h.score, similarity=h.similarity, rerank_score=h.rerank_score,
                    url=image_url(name, h.id, out.index_version), path=shown(h.meta.get("path")),
-                   caption=h.meta.get("caption")) for h in out.hits[offset:]]
+                   caption=h.meta.get("caption"), explain=h.explain) for h in out.hits[offset:]]
     # an ordered answer is one recalled set in another order: a page of it would order another set
     more = len(hits) == query.k and offset + 2 * query.k <= engine.settings.max_k and query.order_by is None
     cursor = Page.after(query, out.index_version, offset + query.k) if more else None
@@ -149,7 +149,8 @@ async def search_json(body: SearchRequest, engine: EngineDep) -> ModelJSON:
                        min_similarity=body.min_similarity, filter=body.filter.to_filter() if body.filter else None,
                        terms=[Term(t.text, decode_base64(t.image) if t.image is not None else None, t.weight)
                               for t in body.terms] if body.terms else None, min_score_ratio=body.min_score_ratio,
-                       order_by=(body.order_by.field, body.order_by.descending) if body.order_by else None)
+                       order_by=(body.order_by.field, body.order_by.descending) if body.order_by else None,
+                       explain=body.explain)
     page = Page.read(body.cursor, query, settings.max_k) if body.cursor else None
     return await answer(engine, body.index, query, page)
 

@@ -14,7 +14,7 @@ const IMAGE_ONLY = "Reranking matches a text against images; image queries use t
 const columns = { fast: column("fast"), deep: column("deep") };
 // query: what the columns show ({text} or {image: Blob, name}, with k and index); ticket: bumped by
 // every new query, so an image still being fetched for an older one is dropped
-const state = { query: null, fastIds: Promise.resolve(null), preview: null, ticket: 0, autoTier: null };
+const state = { query: null, fastIds: Promise.resolve(null), preview: null, ticket: 0, autoTier: null, explains: {} };
 
 function column(name) {
   return { el: document.getElementById(name), tab: document.getElementById(`tab-${name}`), seq: 0, controller: null };
@@ -139,6 +139,30 @@ function moveMarker(rank, previousRank) {
   return marker;
 }
 
+// The thumbnail with a marker on each object the reranker located (x, y: shares of the image's sides). The
+// image is contained in a square tile: a marker's place in the tile follows the image's aspect once it loads.
+function framed(img, located) {
+  const frame = element("span", "frame");
+  const markers = located.map((place) => {
+    const marker = element("span", place.x > 0.5 ? "marker left" : "marker");  // its label toward the middle
+    marker.append(element("span", "marker-label", place.phrase));
+    marker.title = `the reranker found "${place.phrase}" here`;
+    return marker;
+  });
+  const place = () => {
+    const aspect = img.naturalWidth && img.naturalHeight ? img.naturalWidth / img.naturalHeight : 1;
+    markers.forEach((marker, i) => {
+      const { x, y } = located[i];
+      marker.style.left = `${aspect >= 1 ? x * 100 : 50 + (x - 0.5) * 100 * aspect}%`;
+      marker.style.top = `${aspect >= 1 ? 50 + (y - 0.5) * 100 / aspect : y * 100}%`;
+    });
+  };
+  img.addEventListener("load", place);
+  place();
+  frame.append(img, ...markers);
+  return frame;
+}
+
 function hitItem(hit, rank, previousRank) {
   const li = element("li", "hit");
   li.dataset.id = hit.id;
@@ -151,7 +175,8 @@ function hitItem(hit, rank, previousRank) {
   img.loading = "lazy";
   const score = hit.rerank_score == null ? `cos ${hit.similarity.toFixed(3)}`
     : `cos ${hit.similarity.toFixed(3)} · p(match) ${Math.exp(hit.rerank_score).toFixed(2)}`;
-  button.append(img, element("span", "caption", hit.caption || baseName(hit.path) || `#${hit.id}`),
+  button.append(hit.explain?.length ? framed(img, hit.explain) : img,
+    element("span", "caption", hit.caption || baseName(hit.path) || `#${hit.id}`),
     element("span", "score", score));
   if (previousRank !== undefined && previousRank !== rank) button.append(moveMarker(rank, previousRank));
   button.addEventListener("click", () => searchByHit(hit));
@@ -198,6 +223,7 @@ function runDeep(query) {
       : "No reranker is loaded in this service.");
   }
   const extra = { rerank: tier, rerank_k: numberIn($("#rerank-k").value, 1, 256, 16) };
+  if (state.explains[tier === "auto" ? state.autoTier : tier]) extra.explain = true;  // markers: where it found what
   const fastIds = state.fastIds;  // the fast answer to this same query, for the move markers
   latest(col, (signal) => Promise.all([searchRequest(query, extra, signal), fastIds]), ([result, ids]) => {
     if (tier === "auto") {
@@ -335,6 +361,7 @@ async function loadTiers() {
   const ready = await send("/readyz");
   const loaded = (ready.rerankers || []).filter((tier) => tier !== "none");
   state.autoTier = ready.auto;
+  state.explains = Object.fromEntries(Object.entries(ready.tiers || {}).map(([tier, t]) => [tier, t.explains]));
   $("#tier").replaceChildren(...[...loaded, ...(ready.auto ? ["auto"] : []), "none"].map((tier) => {
     const option = element("option", "", TIER_NAMES[tier] || tier);
     option.value = tier;

@@ -46,12 +46,26 @@ def test_search_prints_rank_score_and_path(index_dir: Path) -> None:
     assert by_image.exit_code == 0 and by_image.stdout.split("\t")[2].strip() == rows[0][2]
 
 
+def test_search_explain_prints_where_each_named_object_is(index_dir: Path) -> None:
+    text = "a small red circle left of a large blue square"
+    shown = _run("search", text, "--index", str(index_dir), "-k", "2", "--rerank", "mid", "--explain")
+    assert shown.exit_code == 0, shown.output
+    for line in shown.stdout.splitlines():  # rank, score, path, then one column per located object
+        places = line.split("\t")[3:]
+        assert [p.split(" at ")[0] for p in places] == ["small red circle", "large blue square"], line
+        assert all(0 <= float(v) <= 1 for p in places for v in p.split(" at ")[1].strip("()").split(", "))
+    answer = json.loads(_run("search", text, "--index", str(index_dir), "-k", "2", "--rerank", "mid", "--explain",
+                             "--json").stdout)
+    assert [p["phrase"] for p in answer["hits"][0]["explain"]] == ["small red circle", "large blue square"]
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("search", "--index", "IDX"), "give a text"),
     (("search", "   ", "--index", "IDX"), "empty"),
     (("search", "x", "--index", "IDX", "--rerank", "deepest"), "unknown rerank tier"),
     (("search", "--index", "IDX", "--image", "/dev/zero"), "not a regular file"),
     (("search", "x", "--index", "/nowhere"), "no published index"),
+    (("search", "a red circle", "--index", "IDX", "--explain"), "pick a rerank tier"),
 ])
 def test_search_errors_are_one_clear_line(index_dir: Path, args: tuple[str, ...], message: str) -> None:
     done = _run(*(str(index_dir) if a == "IDX" else a for a in args))

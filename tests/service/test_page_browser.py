@@ -422,3 +422,26 @@ def test_the_page_says_what_the_embedded_model_knows(server: str, browser: webdr
     wait.until(lambda d: _column(d, "fast")[0] == _ids(server, text=text, rerank="none") and _idle(d))
     assert browser.find_element(By.ID, "query").get_attribute("value") == text
     assert _query_string(browser)["q"] == [text]
+
+
+def test_reranked_hits_carry_markers_where_the_tier_located_each_named_object(server: str,
+                                                                              browser: webdriver.Chrome) -> None:
+    wait = _open(browser, f"{server}/?q={QUERY}&rerank=mid")
+    wait.until(lambda d: len(_column(d, "deep")[0]) == 12 and _idle(d))
+    answer = httpx.post(f"{server}/v1/search", json={"text": QUERY, "k": 12, "rerank": "mid", "rerank_k": 16,
+                                                       "explain": True}).json()
+    images = browser.find_elements(By.CSS_SELECTOR, "#deep li.hit img")
+    wait.until(lambda d: all(d.execute_script("return arguments[0].complete && arguments[0].naturalWidth", i)
+                             for i in images))
+    shown = browser.execute_script(  # per hit: its image's box, and each marker's centre and label
+        "return [...document.querySelectorAll('#deep li.hit')].map((li) => {"
+        "  const box = li.querySelector('img').getBoundingClientRect();"
+        "  return [box.left, box.top, box.width, box.height, [...li.querySelectorAll('.marker')].map((m) => {"
+        "    const r = m.getBoundingClientRect();"
+        "    return [r.left + r.width / 2, r.top + r.height / 2, m.textContent]; })]; })")
+    assert [h["explain"] for h in answer["hits"]] and all(h["explain"] for h in answer["hits"])
+    for hit, (left, top, width, height, markers) in zip(answer["hits"], shown, strict=True):
+        assert [m[2] for m in markers] == [p["phrase"] for p in hit["explain"]]  # e.g. "small red circle"
+        for (x, y, _), place in zip(markers, hit["explain"], strict=True):
+            assert abs(x - (left + place["x"] * width)) < 2 and abs(y - (top + place["y"] * height)) < 2
+    assert not browser.find_elements(By.CSS_SELECTOR, "#fast .marker")  # the dual encoder locates nothing
