@@ -65,6 +65,8 @@ STEPS = (
          "token store formats: bytes per image and mid R@1"),
     Step("gate", (CLI, "eval", "gate", "--fit", "--json"), "rerank auto: fitted on the validation seed, seed 2026"),
     Step("gate_seed7", (CLI, "eval", "gate", "--json", "--seed", "7"), "rerank auto, seed 7"),
+    Step("explain", (CLI, "eval", "explain", "--json"), "explain: named objects located inside them, seed 2026"),
+    Step("explain_seed7", (CLI, "eval", "explain", "--json", "--seed", "7"), "explain, seed 7"),
     Step("real_models", (PY, "bench/real_models.py", "--n", "256", "--out", "{out}"),
          "ViT-B-32 indexing, mid over its tokens, BLIP base"),
 )
@@ -345,6 +347,26 @@ cannot tell which of them late fusion already ranks right.
 """
 
 
+def section_explain() -> str:
+    runs = [row for r in (load("explain"), load("explain_seed7")) if r for row in r]
+    if not runs:
+        return ""
+    rows = [[r["tier"], r["seed"], r["captions"], r["objects"], f"{r['inside']:.1%}", f"{r['inside_small']:.1%}",
+             f"{r['inside_large']:.1%}", round(r["median_offset"], 3)] for r in runs]
+    met = all(r["inside"] >= 0.95 for r in runs if r["tier"] == "mid")
+    return f"""## Why it matched (`imsearch eval explain`)
+
+`{STEP["explain"].command()}` then `{STEP["explain_seed7"].command()}` — `explain` on each twin-gallery caption's
+own image (a true match): where the tier's grounding head puts each object the caption names, read off that
+noun's state after the first block. Inside: within the object's box; offset: the distance from its centre in
+half-sides (1 is the box's edge).
+
+{table(["tier", "seed", "captions", "objects", "inside", "small", "large", "median offset"], rows)}
+
+Target (issue 26): mid locates ≥ 95 % of named objects inside them — {verdict(met)}.
+"""
+
+
 def section_real_models() -> str:
     r = load("real_models")
     if not r:
@@ -562,7 +584,7 @@ def render() -> str:
         f"{machine()}. The steps took {total / 60:.1f} min in all. Speed figures are ratios against a "
         "baseline measured in the same run; raw JSON is in `bench/results/` (not committed).",
         "",
-        section_encoder(), section_rerankers(), section_freeform(), section_gate(), section_tokens(),
+        section_encoder(), section_rerankers(), section_freeform(), section_gate(), section_explain(), section_tokens(),
         section_real_models(), section_ann(), section_filters(), section_indexing(),
         section_service(), section_soak(), section_admission(), section_gpu(),
     ]).rstrip() + "\n"

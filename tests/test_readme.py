@@ -38,6 +38,7 @@ SMALL: dict[str, dict[str, str]] = {
     "imsearch eval tradeoff": {"--n": "40", "--ks": "8"},
     "imsearch eval freeform": {"--n": "40", "--per-kind": "3"},
     "imsearch eval gate": {"--n": "40"},
+    "imsearch eval explain": {"--n": "40"},
 }
 # what cannot succeed on this machine, and must fail as the README says (exit 2, this message)
 EXPECTED_FAILURES = {

@@ -18,7 +18,8 @@ from reranker.score import Reranker
 from service.pipeline.stages import BadQuery
 
 AUTO = "auto"  # rerank only the queries the margin gate picks, with the auto tier
-RERANK_NEEDS_TEXT = "reranking needs a text query; use rerank='none' for image or embedding queries"
+RERANK_NEEDS_TEXT = ("reranking needs a text query, or terms with exactly one text of positive weight (the text it "
+                     "scores the candidates against); use rerank='none' for image or embedding queries")
 
 
 def decode_base64(data: str) -> bytes:
@@ -73,6 +74,15 @@ class SearchOutput:
     index_version: str = ""
     cached: bool = False
     reranked: bool = False  # whether a reranker scored the head (rerank "auto" decides per query)
+
+
+def rerank_text(q: QueryInput) -> str | None:
+    """The text a reranker scores the candidates against: the query's text, or a composed query's one text
+    of positive weight (an image + text query reranked by its text); None when there is no such one."""
+    if q.text is not None or not q.terms:
+        return q.text
+    positive = [t.text for t in q.terms if t.text is not None and t.weight > 0]
+    return positive[0] if len(positive) == 1 else None
 
 
 def normalised(embedding: list[float], dim: int) -> np.ndarray:

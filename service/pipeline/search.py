@@ -29,10 +29,10 @@ from service.pipeline.query import (
     Hit,
     QueryInput,
     SearchOutput,
-    Term,
     cannot_explain,
     missing_features,
     normalised,
+    rerank_text,
 )
 from service.pipeline.stages import (
     AnnQuery,
@@ -82,7 +82,8 @@ class Pipeline:
         self.rerank_texts = stage(EncodeThenSearch(TextStage(encoder, cache, True, lookup), ann, pooled),
                                   "text-rerank", hold=self.rerank.busy_before)
         self.images = stage(EncodeThenSearch(ImageStage(encoder, s.max_pixels), ann, lambda v: v), "image")
-        self.text_vectors = stage(TextStage(encoder, cache, False, lookup), "text-term")  # a composed query's parts
+        # a composed query's parts; a text term may be what its reranker scores against: with tokens
+        self.text_vectors = stage(TextStage(encoder, cache, True, lookup), "text-term")
         self.image_vectors = stage(ImageStage(encoder, s.max_pixels), "image-term")
         self.ann: Batcher[AnnQuery, tuple[np.ndarray, np.ndarray]] = Batcher(  # embedding queries
             ann, "search", max_batch=s.max_batch, max_wait_ms=s.max_wait_ms)
@@ -130,7 +131,7 @@ class Pipeline:
             why = f" (auto reranks with the {self.auto_tier} tier)" if q.rerank == AUTO else ""
             raise BadQuery(f"rerank tier {self._tier(q)!r} is not loaded{why}; available: none, "
                            f"{', '.join(self.rerankers)}")
-        if q.text is None:
+        if rerank_text(q) is None:
             raise BadQuery(RERANK_NEEDS_TEXT)
         problem = missing_features(self.rerankers[self._tier(q)], index)
         if problem or (q.explain and (problem := cannot_explain(self.rerankers, self._tier(q)))):
@@ -155,8 +156,9 @@ class Pipeline:
         scores, ids = found.scores, found.ids
         if ticket is not None and (q.rerank != AUTO or gate(scores, self.auto_margin)):
             reranker = self.rerankers[self._tier(q)]
-            query = (Query(str(q.text), found.encoding.tokens, found.encoding.mask) if reranker.text_from_encoder
-                     else reranker.prepare(str(q.text)))  # its own tokenizer: no model runs
+            text = str(rerank_text(q))
+            query = (Query(text, found.encoding.tokens, found.encoding.mask) if reranker.text_from_encoder
+                     else reranker.prepare(text))  # its own tokenizer: no model runs
             scores, ids, reranked = await self._rerank(index, q, query, scores, ids, ticket)
         reranked_at = time.perf_counter()
         hits = _hits(index, scores, ids, reranked, q, columns)
@@ -190,21 +192,27 @@ class Pipeline:
             return await self.rerank_texts((q.text, index, depth, only), key=q.rerank_k)  # the rerank's own key
         if q.image is not None:
             return await self.images((q.image, index, depth, only))
-        vector = await self._compose(q.terms, index.dim) if q.terms else normalised(q.embedding or [], index.dim)
+        if q.terms:
+            vector, encoding = await self._compose(q, index.dim)
+        else:
+            vector = encoding = normalised(q.embedding or [], index.dim)
         start = time.perf_counter()
         scores, ids = await self.ann(AnnQuery(index, vector, depth, only))
-        return Found(vector, scores, ids, time.perf_counter() - start)
+        return Found(encoding, scores, ids, time.perf_counter() - start)
 
-    async def _compose(self, terms: list[Term], dim: int) -> np.ndarray:
+    async def _compose(self, q: QueryInput, dim: int) -> tuple[np.ndarray, Any]:
         """The unit vector of a composed query: its parts encoded (each through its stage's batcher), weighted
-        and summed; BadQuery when they cancel out."""
+        and summed; BadQuery when they cancel out. And its encoding for a reranker: its one positive text's
+        (with tokens), else the vector."""
+        terms = q.terms or []
         parts = await asyncio.gather(*(self.text_vectors(t.text) if t.text is not None else self.image_vectors(t.image)
                                        for t in terms))
         vectors = [p.pooled if isinstance(p, TextEncoding) else p for p in parts]
         total = sum((t.weight * v.astype(np.float64) for t, v in zip(terms, vectors, strict=True)), np.zeros(dim))
         if np.linalg.norm(total) < 1e-6:
             raise BadQuery("the terms cancel out: their weighted embeddings sum to zero")
-        return normalised(total.tolist(), dim)
+        vector, text = normalised(total.tolist(), dim), rerank_text(q)
+        return vector, next((p for t, p in zip(terms, parts, strict=True) if t.text == text and t.weight > 0), vector)
 
     async def _rerank(self, index: Index, q: QueryInput, query: Query, scores: np.ndarray, ids: np.ndarray,
                       ticket: Ticket) -> tuple[np.ndarray, np.ndarray, Reranked]:

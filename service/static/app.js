@@ -10,6 +10,8 @@ const TIER_NAMES = {
 const THUMB_SIDE = Math.min(1024, 256 * Math.ceil(window.devicePixelRatio || 1));
 const QUERY_IMAGE_SIDE = 512;  // the encoders see 64-224 px: never fetch the original to search by it
 const IMAGE_ONLY = "Reranking matches a text against images; image queries use the dual encoder only.";
+const COMPOSED_ONLY = "Reranking matches one text against images: with several added texts (+), this query uses the "
+  + "dual encoder only.";
 
 const columns = { fast: column("fast"), deep: column("deep") };
 // query: what the columns show ({text} or {image: Blob, name}, with k and index); ticket: bumped by
@@ -46,28 +48,47 @@ function parseFilter(text) {
   return Object.keys(filter).length ? filter : null;
 }
 
-function searchRequest(query, extra, signal) {
-  if (query.image) {  // multipart: the file's bytes as they are, no base64
+// "a red circle - a blue square + a green cross": terms of weight 1, those after " - " of weight -1 (rclip's +/-)
+function textTerms(text) {
+  const parts = (text || "").split(/\s+([+-])\s+/);
+  const terms = [{ text: parts[0], weight: 1 }];
+  for (let i = 1; i < parts.length; i += 2) terms.push({ text: parts[i + 1], weight: parts[i] === "-" ? -1 : 1 });
+  return terms.filter((term) => term.text.trim());
+}
+
+// A query of several parts: an image and a text, or a text with + / - terms.
+function composed(query) {
+  return Boolean(query.text) && (Boolean(query.image) || textTerms(query.text).length > 1);
+}
+
+function base64Of(blob) {
+  return new Promise((resolve, reject) => {
+    const reader = new FileReader();
+    reader.onload = () => resolve(String(reader.result).split(",", 2)[1]);
+    reader.onerror = () => reject(new Error(`cannot read ${blob.name || "the image"}`));
+    reader.readAsDataURL(blob);
+  });
+}
+
+async function composedBody(query) {
+  const terms = textTerms(query.text);
+  if (query.image) terms.push({ image: await base64Of(query.image), weight: 1 });
+  return { terms, k: query.k };
+}
+
+async function searchRequest(query, extra, signal) {
+  const filter = parseFilter(query.filter);  // a filter it cannot read fails the request, with its message
+  if (query.image && !query.text) {  // multipart: the file's bytes as they are, no base64
     const form = new FormData();
     form.append("file", query.image, query.name);
     form.append("k", query.k);
     if (query.index) form.append("index", query.index);
-    try {
-      const filter = parseFilter(query.filter);
-      if (filter) form.append("filter", JSON.stringify(filter));
-    } catch (error) {
-      return Promise.reject(error);
-    }
+    if (filter) form.append("filter", JSON.stringify(filter));
     return send("/v1/search/image", { method: "POST", body: form, signal });
   }
-  const body = { text: query.text, k: query.k, ...extra };
+  const body = { ...(composed(query) ? await composedBody(query) : { text: query.text, k: query.k }), ...extra };
   if (query.index) body.index = query.index;
-  try {
-    const filter = parseFilter(query.filter);
-    if (filter) body.filter = filter;
-  } catch (error) {
-    return Promise.reject(error);
-  }
+  if (filter) body.filter = filter;
   return send("/v1/search", {
     method: "POST", headers: { "Content-Type": "application/json" }, body: JSON.stringify(body), signal,
   });
@@ -216,7 +237,11 @@ function runDeep(query) {
   const col = columns.deep;
   col.el.dataset.tier = tier;
   $("#deep-what").textContent = TIER_NAMES[tier] || tier;
-  if (query.image) return note(col, IMAGE_ONLY);
+  // a composed query is reranked against its one added text (the API's rule), if it has one
+  if (composed(query) && textTerms(query.text).filter((term) => term.weight > 0).length !== 1) {
+    return note(col, COMPOSED_ONLY);
+  }
+  if (query.image && !query.text) return note(col, IMAGE_ONLY);
   if (tier === "none") {
     const loaded = $("#tier").options.length > 1;
     return note(col, loaded ? "No reranking (tier none): the fast column is the whole answer."
@@ -254,8 +279,13 @@ function formQuery() {
     filter: $("#filter").value.trim() };
 }
 
+// With an image searched for, the box's text joins it: image + text (clear drops the image).
+function withImage(query) {
+  return state.query?.image ? { ...query, image: state.query.image, name: state.query.name } : query;
+}
+
 function sameQuery(a, b) {
-  return Boolean(b) && !b.image && a.text === b.text && a.k === b.k && a.index === b.index && a.filter === b.filter;
+  return Boolean(b) && a.text === b.text && a.k === b.k && a.index === b.index && a.filter === b.filter;
 }
 
 function writeUrl() {
@@ -289,6 +319,7 @@ function showImageQuery(query) {
   if (state.preview) URL.revokeObjectURL(state.preview);
   state.preview = query.image ? URL.createObjectURL(query.image) : null;
   $("#image-query").hidden = !query.image;
+  $("#image-query-with").textContent = query.image && query.text ? ` + "${query.text}"` : "";
   $("#image-query-thumb").src = state.preview || "";
   $("#image-query-name").textContent = query.image ? query.name : "";
 }
@@ -396,7 +427,7 @@ async function loadIndexes() {
 
 function onTierChange() {
   const query = formQuery();
-  if (query.text && !sameQuery(query, state.query)) return search(query);  // the box's text, as it is now
+  if (query.text && !sameQuery(query, state.query)) return search(withImage(query));  // the box's text, as it is now
   if (!state.query) return;
   writeUrl();
   runDeep(state.query);
@@ -404,14 +435,14 @@ function onTierChange() {
 
 function onIndexChange() {
   const query = formQuery();
-  if (query.text) search(query);
+  if (query.text) search(withImage(query));
   else if (state.query?.image) search({ ...state.query, k: query.k, index: query.index });
 }
 
 $("#search-form").addEventListener("submit", (event) => {
   event.preventDefault();
   const query = formQuery();
-  if (query.text) search(query);
+  if (query.text) search(withImage(query));
 });
 $("#tier").addEventListener("change", onTierChange);
 $("#index").addEventListener("change", onIndexChange);

@@ -56,9 +56,26 @@ def test_a_composed_query_is_the_weighted_sum_of_its_parts(client: TestClient, e
         [i for i, _ in _search(client, {"text": "a red circle"})]
 
 
+def test_a_composed_query_is_reranked_against_its_one_positive_text(client: TestClient, index_dir: Path) -> None:
+    picture = sorted((index_dir.parent / "src").glob("*.png"))[3]
+    terms = [{"image": base64.b64encode(picture.read_bytes()).decode(), "weight": 1},
+             {"text": "a red circle", "weight": 1}, {"text": "a blue square", "weight": -0.5}]
+    body = {"terms": terms, "k": 8, "rerank_k": 8}
+    fast = client.post("/v1/search", json=body).json()
+    deep = client.post("/v1/search", json={**body, "rerank": "mid"}).json()
+    assert deep["reranked"] and {h["id"] for h in deep["hits"]} == {h["id"] for h in fast["hits"]}  # its candidates
+    # scored against "a red circle": each image's log p(match) is the text query's own for that image
+    text = client.post("/v1/search", json={"text": "a red circle", "k": 40, "rerank": "mid", "rerank_k": 40}).json()
+    by_text = {h["id"]: h["rerank_score"] for h in text["hits"]}
+    shared = [h for h in deep["hits"] if h["id"] in by_text]
+    assert shared and all(abs(h["rerank_score"] - by_text[h["id"]]) < 1e-4 for h in shared)
+    assert [h["id"] for h in deep["hits"]] != [h["id"] for h in fast["hits"]]  # the reranker re-ordered them
+
+
 @pytest.mark.parametrize(("body", "needle"), [
     ({"terms": [{"text": "a red circle"}, {"text": "a red circle", "weight": -1}]}, "cancel out"),
-    ({"terms": [{"text": "a red circle"}], "rerank": "mid"}, "reranking needs a text query"),
+    ({"terms": [{"text": "a red circle"}, {"text": "a blue square"}], "rerank": "mid"}, "exactly one text of positive"),
+    ({"terms": [{"image": "AAAA"}, {"text": "a blue square", "weight": -1}], "rerank": "mid"}, "reranking needs"),
     ({"terms": [{"text": "a", "image": "AAAA"}]}, "exactly one of text or image"),
     ({"terms": [{"text": "a", "weight": 0}]}, "must not be 0"),
     ({"terms": [{"image": "not base64!"}]}, "base64"),

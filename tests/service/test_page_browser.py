@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import shutil
@@ -445,3 +446,33 @@ def test_reranked_hits_carry_markers_where_the_tier_located_each_named_object(se
         for (x, y, _), place in zip(markers, hit["explain"], strict=True):
             assert abs(x - (left + place["x"] * width)) < 2 and abs(y - (top + place["y"] * height)) < 2
     assert not browser.find_elements(By.CSS_SELECTOR, "#fast .marker")  # the dual encoder locates nothing
+
+
+def test_composed_queries_text_minus_text_and_image_plus_text(server: str, scenes: Path,
+                                                             browser: webdriver.Chrome) -> None:
+    wait = _open(browser, server)
+    browser.find_element(By.ID, "query").send_keys("a red circle - a blue square" + Keys.ENTER)
+    expected = _ids(server, terms=[{"text": "a red circle", "weight": 1}, {"text": "a blue square", "weight": -1}])
+    wait.until(lambda d: _column(d, "fast")[0] == expected and _idle(d))
+    reranked = _ids(server, terms=[{"text": "a red circle", "weight": 1}, {"text": "a blue square", "weight": -1}],
+                    rerank="mid", rerank_k=16)  # against its one added text
+    wait.until(lambda d: _column(d, "deep")[0] == reranked and _idle(d))
+    box = browser.find_element(By.ID, "query")
+    box.clear()
+    box.send_keys("a red circle + a blue square" + Keys.ENTER)
+    wait.until(lambda d: "this query uses the dual encoder only" in d.find_element(By.ID, "deep").text)
+
+    upload = scenes / "src" / "scene_0000005.png"
+    browser.find_element(By.ID, "image-file").send_keys(str(upload))
+    wait.until(lambda d: _column(d, "fast")[0] == _image_ids(server, upload) and _idle(d))
+    browser.find_element(By.ID, "query").send_keys("a large green triangle" + Keys.ENTER)
+    image = base64.b64encode(upload.read_bytes()).decode()
+    terms = [{"text": "a large green triangle", "weight": 1}, {"image": image, "weight": 1}]
+    expected, reranked = _ids(server, terms=terms), _ids(server, terms=terms, rerank="mid", rerank_k=16)
+    wait.until(lambda d: _column(d, "fast")[0] == expected and _column(d, "deep")[0] == reranked and _idle(d))
+    chip = browser.find_element(By.ID, "image-query").text
+    assert "scene_0000005.png" in chip and '+ "a large green triangle"' in chip
+    browser.find_element(By.ID, "clear-image").click()  # the image dropped: the text alone again
+    browser.find_element(By.ID, "query").send_keys(Keys.ENTER)
+    alone = _ids(server, text="a large green triangle", rerank="none")
+    wait.until(lambda d: _column(d, "fast")[0] == alone and _idle(d))
