@@ -32,7 +32,7 @@ class Settings(BaseSettings):
     max_k: int = Field(1000, ge=1)
     max_rerank_k: int = Field(256, ge=1)
     auto_tier: str = Field("mid", pattern=r"^[a-z][a-z0-9_-]{0,31}$")  # the tier rerank "auto" uses when it does
-    auto_margin: float = Field(AUTO_MARGIN, ge=0.0, le=2.0)  # reranker.score.gate: its fitted default
+    auto_margin: float = Field(AUTO_MARGIN, ge=0.0, le=2.0)  # reranker.gate.auto_depth: its fitted default
     default_rerank_k: int = Field(16, ge=1)
     redis_url: str | None = None
     api_key: str | None = None

@@ -315,12 +315,14 @@ def eval_freeform_cmd(
     encoder_weights: EncoderWeightsOpt = None,
     reranker_dir: RerankerDirOpt = None,
 ) -> None:
-    """Queries as people type them: p@1, p@5 and ms per tier and kind; the rerankers' calibration error."""
+    """Queries as people type them: p@1, p@5 and ms per tier and kind (rerank "auto" too, when mid is among the
+    tiers); the rerankers' calibration error."""
+    from reranker.gate import AUTO_MARGIN
     from training.freeform import evaluate_freeform
 
     _held_out(seed)
     encoder, rerankers = _models(tiers, encoder_weights, reranker_dir)
-    report = guarded(lambda: evaluate_freeform(encoder, rerankers, n, seed, per_kind, k))
+    report = guarded(lambda: evaluate_freeform(encoder, rerankers, n, seed, per_kind, k, AUTO_MARGIN))
     if as_json:
         sys.stdout.write(json.dumps(report) + "\n")
         return
@@ -329,6 +331,8 @@ def eval_freeform_cmd(
                          f"{row['ms_p50']:.1f} ms  ({row['queries']} queries)\n")
     for tier, error in report["calibration_error"].items():
         sys.stdout.write(f"{tier} calibration error of p(match): {error:.3f}\n")
+    if report["auto"]:
+        _emit(report["auto"], False)
 
 
 def eval_gate_cmd(
@@ -340,8 +344,8 @@ def eval_gate_cmd(
     encoder_weights: EncoderWeightsOpt = None,
     reranker_dir: RerankerDirOpt = None,
 ) -> None:
-    """rerank "auto": R@1 and mean rerank cost of reranking only the queries whose best two cosines are
-    within the margin, beside late and mid at k = 16 on the twin gallery."""
+    """rerank "auto": R@1 and mean rerank cost of reranking only the candidates within the margin of the best
+    cosine (when two or more are), beside late and mid at k = 16 on the twin gallery."""
     from reranker.gate import AUTO_MARGIN
     from training.tradeoff import fit_gate, gate_figures, gate_run
 

@@ -3,6 +3,8 @@ of random scenes and their twins, where a hit counts when the description is tru
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from indexer.encoder import DualEncoder
@@ -48,12 +50,13 @@ def truth(queries: list[Written], samples: list[Sample]) -> np.ndarray:
 
 
 def _tier_rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], true: np.ndarray, tier: str,
-               reranker: Reranker | None, k: int) -> tuple[list[dict[str, object]], list[tuple[float, bool]]]:
-    """Per kind: p@1, p@5 and ms p50 of one tier; plus (log p(match), true) of every reranked candidate."""
+               reranker: Reranker | None, k: int, auto_margin: float | None = None
+               ) -> tuple[list[dict[str, object]], list[tuple[float, bool]]]:
+    """Per kind: p@1, p@5 and ms p50 and mean of one tier; plus (log p(match), true) of every reranked candidate."""
     hits: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in KINDS}
     scored: list[tuple[float, bool]] = []
     for q, query in enumerate(queries):
-        result = run_query(encoder, gallery, query.text, reranker, k, max(k, 5))
+        result = run_query(encoder, gallery, query.text, reranker, k, max(k, 5), auto_margin)
         top = result.ranking[:5]
         hits[query.kind].append((float(true[q, top[0]]), float(true[q, top].mean()), result.ms))
         if result.log_p is not None:
@@ -61,7 +64,7 @@ def _tier_rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], t
             scored += [(float(lp), bool(true[q, row])) for lp, row in zip(result.log_p, head, strict=True)]
     rows = [{"tier": tier, "kind": kind, "p1": float(np.mean([h[0] for h in got])),
              "p5": float(np.mean([h[1] for h in got])), "ms_p50": float(np.percentile([h[2] for h in got], 50)),
-             "queries": len(got)} for kind, got in hits.items() if got]
+             "ms_mean": float(np.mean([h[2] for h in got])), "queries": len(got)} for kind, got in hits.items() if got]
     return rows, scored
 
 
@@ -78,8 +81,9 @@ def calibration_error(scored: list[tuple[float, bool]], bins: int = CALIBRATION_
 
 
 def evaluate_freeform(encoder: DualEncoder, rerankers: dict[str, Reranker], n: int = 1000, seed: int = EVAL_SEED,
-                      per_kind: int = 150, k: int = 16) -> dict[str, object]:
-    """Rows per tier (late, then each reranker at k) and kind; the rerankers' calibration error."""
+                      per_kind: int = 150, k: int = 16, auto_margin: float | None = None) -> dict[str, object]:
+    """Rows per tier (late, then each reranker at k, then with auto_margin and mid: rerank "auto") and kind;
+    the rerankers' calibration error; auto's share of mid's p@1 gain over late and of its rerank cost."""
     samples = freeform_gallery(n, seed)
     gallery = embed_samples(encoder, samples)
     queries = freeform_queries(samples, per_kind, seed)
@@ -91,8 +95,28 @@ def evaluate_freeform(encoder: DualEncoder, rerankers: dict[str, Reranker], n: i
         tier_rows, scored = _tier_rows(encoder, gallery, queries, true, tier, reranker, k)
         rows += tier_rows
         calibration[tier] = calibration_error(scored)
+    auto = None  # figures of rerank "auto"
+    if auto_margin is not None and "mid" in rerankers:
+        rows += _tier_rows(encoder, gallery, queries, true, "auto", rerankers["mid"], k, auto_margin)[0]
+        auto = auto_shares(rows, auto_margin)
     return {"n": n, "seed": seed, "k": k, "queries": len(queries), "rows": rows, "calibration_error": calibration,
+            "auto": auto,
             "examples": {kind: next(q.text for q in queries if q.kind == kind) for kind in KINDS}}
+
+
+def auto_shares(rows: list[dict[str, Any]], margin: float) -> dict[str, float]:
+    """Over all queries: p@1 of late, mid and auto; auto's share of mid's gain over late, and of mid's rerank cost
+    (each tier's mean ms over late's, measured in the same run)."""
+    def overall(tier: str, key: str) -> float:
+        mine = [r for r in rows if r["tier"] == tier]
+        return sum(r[key] * r["queries"] for r in mine) / sum(r["queries"] for r in mine)
+
+    (late, mid, auto), (late_ms, mid_ms, auto_ms) = ([overall(t, key) for t in ("late", "mid", "auto")]
+                                                     for key in ("p1", "ms_mean"))
+    return {"margin": margin, "late_p1": late, "mid_p1": mid, "auto_p1": auto,
+            "gain_share": (auto - late) / (mid - late) if mid > late else 1.0,
+            "mid_rerank_ms": mid_ms - late_ms, "auto_rerank_ms": auto_ms - late_ms,
+            "cost_share": (auto_ms - late_ms) / (mid_ms - late_ms)}
 
 
 def raw_margins(scored: list[tuple[float, bool]], cfg: RerankerConfig) -> tuple[np.ndarray, np.ndarray]:

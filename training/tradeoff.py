@@ -12,6 +12,7 @@ import numpy as np
 
 from indexer.encoder import DualEncoder
 from indexer.tokens import TokenFormat, decode, encode
+from reranker.gate import auto_depth
 from reranker.score import Query, Reranker, fuse, rerank_order
 from training.descriptions import caption_claim, grounding, mention_order
 from training.encoder_eval import BATCH, difference_kind
@@ -69,12 +70,14 @@ class QueryResult:
 
 
 def run_query(encoder: DualEncoder, gallery: Gallery, text: str, reranker: Reranker | None, k: int,
-              depth: int) -> QueryResult:
-    """Encode → search → (rerank top-k), timed end to end, as the service runs one query."""
+              depth: int, auto_margin: float | None = None) -> QueryResult:
+    """Encode → search → (rerank top-k; with auto_margin, as rerank "auto" does), timed end to end, as the
+    service runs one query."""
     start = time.perf_counter()
     pooled, tokens, mask = encoder.encode_texts_and_tokens([text])
     cosine, rows = gallery.index.search(pooled, max(depth, k))
     cosine, rows = cosine[0], rows[0]
+    k = auto_depth(cosine[:k], auto_margin) if auto_margin is not None else k
     log_p = None
     if reranker is not None and k > 0:
         order, log_p, _ = rerank_order(reranker, Query(text, tokens[0], mask[0]), gallery.candidates(rows[:k]),
@@ -150,43 +153,70 @@ GATE_GRID = tuple(round(0.0025 * i, 4) for i in range(1, 41))  # margins tried b
 
 @dataclass
 class GateRun:
-    """Per query of a twin gallery: the dual encoder's top-two margin, whether late and the reranker rank the
-    query's image first, and the reranker's ms at k."""
+    """A twin gallery's queries with their k candidates: cosines, ids, the reranker's log p(match) of each (it
+    does not depend on which others are scored with it) and its ms for all k, and what reranking again takes."""
 
-    margin: np.ndarray
-    late: np.ndarray
-    deep: np.ndarray
-    ms: np.ndarray
+    reranker: Reranker
+    gallery: Gallery
+    queries: list[Query]
+    cosine: np.ndarray  # (n, k)
+    ids: np.ndarray  # (n, k)
+    log_p: np.ndarray  # (n, k)
+    ms: np.ndarray  # (n,)
+
+    def right(self, q: int, depth: int) -> bool:
+        """Whether the query's image is first once its first `depth` candidates are reranked (0: late fusion)."""
+        if depth == 0:
+            return bool(self.ids[q, 0] == q)
+        fused = fuse(self.log_p[q, :depth], self.cosine[q, :depth], self.reranker.fusion_weight)
+        return bool(self.ids[q, int(np.argmax(fused))] == q)
+
+    def auto(self, margin: float) -> tuple[np.ndarray, float]:
+        """rerank "auto" at this margin: each query's depth, and R@1."""
+        depths = np.array([auto_depth(c, margin) for c in self.cosine])
+        return depths, float(np.mean([self.right(q, int(d)) for q, d in enumerate(depths)]))
+
+    def timed(self, q: int, depth: int) -> float:
+        """ms to rerank the query's first `depth` candidates, as the service does."""
+        start = time.perf_counter()
+        rerank_order(self.reranker, self.queries[q], self.gallery.candidates(self.ids[q, :depth]),
+                     self.cosine[q, :depth])
+        return (time.perf_counter() - start) * 1000
 
 
 def gate_run(encoder: DualEncoder, reranker: Reranker, n: int, seed: int, k: int = 16) -> GateRun:
     gallery = embed(encoder, n, seed)
-    rows = []
-    for q, sample in enumerate(gallery.samples):
+    queries, rows = [], []
+    for sample in gallery.samples:
         pooled, tokens, mask = encoder.encode_texts_and_tokens([sample.caption])
         cosine, ids = (a[0] for a in gallery.index.search(pooled, k))
+        queries.append(Query(sample.caption, tokens[0], mask[0]))
         start = time.perf_counter()
-        order, _, _ = rerank_order(reranker, Query(sample.caption, tokens[0], mask[0]), gallery.candidates(ids), cosine)
-        rows.append((cosine[0] - cosine[1], ids[0] == q, ids[order][0] == q, (time.perf_counter() - start) * 1000))
-    margin, late, deep, ms = (np.array(column) for column in zip(*rows, strict=True))
-    return GateRun(margin, late.astype(bool), deep.astype(bool), ms)
+        log_p = reranker.log_match(queries[-1], gallery.candidates(ids))
+        rows.append((cosine, ids, log_p, (time.perf_counter() - start) * 1000))
+    cosine, ids, log_p, ms = (np.array(column) for column in zip(*rows, strict=True))
+    return GateRun(reranker, gallery, queries, cosine, ids, log_p, ms)
 
 
 def gate_figures(run: GateRun, margin: float) -> dict[str, float]:
-    """R@1 of rerank "auto" at this margin beside late and the reranker, the share of its gain kept and of
-    its mean rerank cost paid."""
-    use = run.margin < margin
-    late, deep, auto = run.late.mean(), run.deep.mean(), np.where(use, run.deep, run.late).mean()
+    """R@1 of rerank "auto" at this margin beside late and the reranker at k, the share of its gain kept, and
+    of its mean rerank cost paid (auto's reranks timed here, beside the reranker's at k in gate_run)."""
+    k = run.ids.shape[1]
+    depths, auto = run.auto(margin)
+    late, deep = (float(np.mean([run.right(q, d) for q in range(len(run.ids))])) for d in (0, k))
+    auto_ms = np.array([run.timed(q, int(d)) if d else 0.0 for q, d in enumerate(depths)])
     gain = deep - late
-    return {"margin": margin, "late_r1": float(late), "mid_r1": float(deep), "auto_r1": float(auto),
-            "reranked": float(use.mean()), "gain_share": float((auto - late) / gain) if gain > 0 else 1.0,
-            "mid_rerank_ms": float(run.ms.mean()), "auto_rerank_ms": float((run.ms * use).mean()),
-            "cost_share": float((run.ms * use).mean() / run.ms.mean())}
+    return {"margin": margin, "late_r1": late, "mid_r1": deep, "auto_r1": auto, "reranked": float((depths > 0).mean()),
+            "auto_depth": float(depths[depths > 0].mean()) if (depths > 0).any() else 0.0,
+            "gain_share": (auto - late) / gain if gain > 0 else 1.0, "mid_rerank_ms": float(run.ms.mean()),
+            "auto_rerank_ms": float(auto_ms.mean()), "cost_share": float(auto_ms.mean() / run.ms.mean())}
 
 
 def fit_gate(run: GateRun, keep: float = 0.9) -> float:
     """The smallest margin of GATE_GRID whose "auto" keeps `keep` of the reranker's R@1 gain."""
-    return next((m for m in GATE_GRID if gate_figures(run, m)["gain_share"] >= keep), GATE_GRID[-1])
+    k = run.ids.shape[1]
+    late, deep = (np.mean([run.right(q, d) for q in range(len(run.ids))]) for d in (0, k))
+    return next((m for m in GATE_GRID if run.auto(m)[1] - late >= keep * (deep - late)), GATE_GRID[-1])
 
 
 def explain_figures(encoder: DualEncoder, reranker: Reranker, n: int, seed: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ import numpy as np
 from indexer.encoder import DualEncoder
 from indexer.filters import BadFilter, Selection
 from indexer.store import Index
-from reranker.gate import gate
+from reranker.gate import auto_depth
 from reranker.score import Located, Query, Reranker
 from service.config import Settings
 from service.metrics import Metrics
@@ -152,14 +152,16 @@ class Pipeline:
         start = time.perf_counter()
         found = await self._find(index, q)
         searched = time.perf_counter()
-        reranked = None  # (log p(match), fused score), NaN past rerank_k; where the objects are, by id (explain)
+        reranked: Reranked | None = None
         scores, ids = found.scores, found.ids
-        if ticket is not None and (q.rerank != AUTO or gate(scores, self.auto_margin)):
+        # "auto" reranks only the head whose cosines are not clearly apart from the best, when there is one
+        depth = min(q.rerank_k, len(ids)) if q.rerank != AUTO else auto_depth(scores[: q.rerank_k], self.auto_margin)
+        if ticket is not None and depth:
             reranker = self.rerankers[self._tier(q)]
             text = str(rerank_text(q))
             query = (Query(text, found.encoding.tokens, found.encoding.mask) if reranker.text_from_encoder
                      else reranker.prepare(text))  # its own tokenizer: no model runs
-            scores, ids, reranked = await self._rerank(index, q, query, scores, ids, ticket)
+            scores, ids, reranked = await self._rerank(index, q, query, (scores, ids, depth), ticket)
         reranked_at = time.perf_counter()
         hits = _hits(index, scores, ids, reranked, q, columns)
         marks = (start, searched - found.search_s, searched, reranked_at, time.perf_counter())
@@ -214,11 +216,12 @@ class Pipeline:
         vector, text = normalised(total.tolist(), dim), rerank_text(q)
         return vector, next((p for t, p in zip(terms, parts, strict=True) if t.text == text and t.weight > 0), vector)
 
-    async def _rerank(self, index: Index, q: QueryInput, query: Query, scores: np.ndarray, ids: np.ndarray,
+    async def _rerank(self, index: Index, q: QueryInput, query: Query, head: tuple[np.ndarray, np.ndarray, int],
                       ticket: Ticket) -> tuple[np.ndarray, np.ndarray, Reranked]:
-        """Score the top rerank_k, RERANK_STEP at a time (each step queued again, smallest query first), then order."""
+        """Score the candidates' first `depth` (scores, ids, depth), RERANK_STEP at a time (each step queued again,
+        smallest query first), then order."""
         reranker = self.rerankers[self._tier(q)]
-        depth = min(q.rerank_k, len(ids))
+        scores, ids, depth = head
         parts: list[np.ndarray] = []
         located: dict[int, list[Located]] = {}
         for at in range(0, depth, RERANK_STEP):

@@ -252,8 +252,9 @@ function runDeep(query) {
   const fastIds = state.fastIds;  // the fast answer to this same query, for the move markers
   latest(col, (signal) => Promise.all([searchRequest(query, extra, signal), fastIds]), ([result, ids]) => {
     if (tier === "auto") {
-      $("#deep-what").textContent = result.reranked ? `auto: reranked by ${state.autoTier}`
-        : "auto: not reranked (the dual encoder's best two are clearly apart)";
+      const scored = result.hits.filter((hit) => hit.rerank_score != null).length;  // the head it reranked
+      $("#deep-what").textContent = result.reranked ? `auto: ${state.autoTier} reranked the ${scored} closest to the best`
+        : "auto: not reranked (the dual encoder's best is clearly apart)";
     }
     render(col, result, ids);
   });

@@ -276,8 +276,9 @@ def test_the_auto_tier_says_whether_it_reranked(server: str, browser: webdriver.
     answer = httpx.post(f"{server}/v1/search", json={"text": QUERY, "k": 12, "rerank": "auto", "rerank_k": 16}).json()
     assert _column(browser, "deep")[0] == [str(h["id"]) for h in answer["hits"]]
     label = browser.find_element(By.ID, "deep-what").text
-    assert label == ("auto: reranked by mid" if answer["reranked"] else
-                     "auto: not reranked (the dual encoder's best two are clearly apart)")
+    scored = sum(h["rerank_score"] is not None for h in answer["hits"])
+    assert label == (f"auto: mid reranked the {scored} closest to the best" if answer["reranked"] else
+                     "auto: not reranked (the dual encoder's best is clearly apart)")
 
 
 def test_none_tier_says_there_is_no_reranking(server: str, browser: webdriver.Chrome) -> None:
