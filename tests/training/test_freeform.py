@@ -16,6 +16,7 @@ from imsearch.cli import app
 from reranker.model import Matcher, RerankerConfig, load_reranker
 from training.descriptions import KINDS, holds
 from training.freeform import (
+    auto_shares,
     best_calibration,
     calibration_error,
     freeform_gallery,
@@ -53,11 +54,23 @@ def test_eval_freeform_prints_rows_per_tier_and_kind() -> None:
     result = CliRunner().invoke(app, ["eval", "freeform", "--n", "40", "--per-kind", "3", "--tiers", "mid", "--json"])
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout.strip().splitlines()[-1])
-    assert {(r["tier"], r["kind"]) for r in report["rows"]} == {(t, k) for t in ("late", "mid") for k in KINDS}
+    assert {(r["tier"], r["kind"]) for r in report["rows"]} == {(t, k) for t in ("late", "mid", "auto") for k in KINDS}
+    assert report["auto"]["margin"] > 0 and {"gain_share", "cost_share"} <= set(report["auto"])
     assert all(0.0 <= r["p1"] <= 1.0 and 0.0 <= r["p5"] <= 1.0 and r["queries"] == 3 for r in report["rows"])
     assert 0.0 <= report["calibration_error"]["mid"] <= 1.0 and set(report["examples"]) == set(KINDS)
     refused = CliRunner().invoke(app, ["eval", "freeform", "--seed", "1"])
     assert refused.exit_code == 2 and "validation" in refused.output
+
+
+def test_auto_shares_weigh_each_kind_by_its_queries() -> None:
+    rows = [{"tier": t, "kind": kind, "p1": p1, "ms_mean": ms, "queries": n}
+            for t, kind, p1, ms, n in [("late", "a", 0.5, 2.0, 10), ("late", "b", 0.0, 2.0, 30),
+                                       ("mid", "a", 1.0, 12.0, 10), ("mid", "b", 0.8, 12.0, 30),
+                                       ("auto", "a", 1.0, 4.0, 10), ("auto", "b", 0.4, 6.0, 30)]]
+    shares = auto_shares(rows, 0.03)
+    assert shares["late_p1"] == pytest.approx(0.125) and shares["mid_p1"] == pytest.approx(0.85)
+    assert shares["auto_p1"] == pytest.approx(0.55) and shares["gain_share"] == pytest.approx(0.425 / 0.725)
+    assert shares["cost_share"] == pytest.approx((5.5 - 2.0) / 10.0)  # rerank cost: each tier's ms over late's
 
 
 def test_calibration_fit_recovers_an_over_confident_shifted_head() -> None:
