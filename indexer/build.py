@@ -29,6 +29,7 @@ from indexer.layout import DELETED, FAILURES, INDEX_FILE, MANIFEST, SHARDS, STAG
 from indexer.reader import (
     DEFAULT_MAX_PIXELS,
     IMAGE_EXTENSIONS,
+    TAKEN,
     Decoded,
     ImageDataset,
     SourceItem,
@@ -243,7 +244,8 @@ def _encode(encoder: DualEncoder, good: list[Decoded]) -> tuple[np.ndarray, np.n
 
 
 def _row(item: SourceItem, d: Decoded) -> Row:
-    return Row(item.path, d.sha256, d.width, d.height, item.caption, item.extra, d.size)
+    extra = {TAKEN: d.taken, **item.extra} if d.taken else item.extra  # the source list's own column wins
+    return Row(item.path, d.sha256, d.width, d.height, item.caption, extra, d.size)
 
 
 # --- publish: the per-version part ----------------------------------------------------------------

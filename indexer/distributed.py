@@ -56,7 +56,7 @@ def _decode(batch: dict[str, np.ndarray], preprocess: Callable[[Image.Image], to
     return {"position": batch["position"], "pixels": pixels, "ok": np.array([d.tensor is not None for d in out]),
             "sha256": np.array([d.sha256 for d in out], dtype=object),
             "width": np.array([d.width for d in out]), "height": np.array([d.height for d in out]),
-            "bytes": np.array([d.size for d in out]),
+            "bytes": np.array([d.size for d in out]), "taken": np.array([d.taken or "" for d in out], dtype=object),
             "error": np.array([d.error or "" for d in out], dtype=object)}
 
 
@@ -79,9 +79,11 @@ class _Encode:
 
 def _batches_from(frame: dict[str, Any]) -> EncodedBatch:
     ok = np.asarray(frame["ok"], bool)
-    decoded = [Decoded(int(p), torch.empty(0) if good else None, str(s), int(w), int(h), str(e) or None, int(n))
-               for p, good, s, w, h, e, n in zip(frame["position"], ok, frame["sha256"], frame["width"],
-                                                  frame["height"], frame["error"], frame["bytes"], strict=True)]
+    decoded = [Decoded(int(p), torch.empty(0) if good else None, str(s), int(w), int(h), str(e) or None, int(n),
+                       taken=str(t) or None)
+               for p, good, s, w, h, e, n, t in zip(frame["position"], ok, frame["sha256"], frame["width"],
+                                                     frame["height"], frame["error"], frame["bytes"], frame["taken"],
+                                                     strict=True)]
     return EncodedBatch(decoded, np.asarray(frame["position"])[ok], np.asarray(frame["embedding"])[ok],
                         np.asarray(frame["tokens"])[ok])
 

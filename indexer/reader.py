@@ -11,6 +11,7 @@ import stat
 import warnings
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -150,6 +151,22 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         raise BadImage(f"truncated or corrupt image: {exc}") from None
 
 
+EXIF_IFD, DATE_TIME_ORIGINAL, DATE_TIME = 0x8769, 36867, 306  # EXIF tags: when the photo was taken / last changed
+TAKEN = "taken"  # the metadata column an image's EXIF date goes to (a source list's own column of that name wins)
+
+
+def exif_taken(data: bytes) -> str | None:
+    """When a photo was taken, from its EXIF (DateTimeOriginal, else DateTime) as ISO 8601 text, which filters
+    and orders as a date ("2024-05-01T12:30:00"); None without one, or with one that is not a date."""
+    try:
+        exif = Image.open(io.BytesIO(data)).getexif()  # the header only: no pixels are decoded
+        raw = exif.get_ifd(EXIF_IFD).get(DATE_TIME_ORIGINAL) or exif.get(DATE_TIME)
+        taken = datetime.strptime(str(raw).strip("\x00 "), "%Y:%m:%d %H:%M:%S") if raw else None
+    except (OSError, ValueError, SyntaxError, EOFError, UnidentifiedImageError, Image.DecompressionBombError):
+        return None
+    return taken.isoformat() if taken else None
+
+
 @dataclass
 class Decoded:
     """One item after the worker: a tensor (or None and the error) plus what the metadata needs."""
@@ -162,6 +179,7 @@ class Decoded:
     error: str | None = None
     size: int = 0  # bytes of the file as read (served images are checked against it)
     extra: dict[str, torch.Tensor] = field(default_factory=dict)  # preprocessed for each tier's own vision tower
+    taken: str | None = None  # exif_taken of the file
 
 
 class UnreadableFile(OSError):
@@ -227,7 +245,8 @@ def read_item(path: str, preprocess: Preprocess, max_pixels: int, max_bytes: int
     except BadImage as exc:
         return Decoded(position, None, digest, error=str(exc))
     extra = {name: fn(image) for name, fn in (extras or {}).items()}
-    return Decoded(position, preprocess(image), digest, image.width, image.height, size=len(data), extra=extra)
+    return Decoded(position, preprocess(image), digest, image.width, image.height, size=len(data), extra=extra,
+                   taken=exif_taken(data))
 
 
 class ImageDataset(Dataset[Decoded]):

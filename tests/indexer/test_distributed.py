@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from indexer.build import BuildOptions, build_or_add
 from indexer.distributed import RayOptions
@@ -35,13 +36,18 @@ def test_ray_build_equals_the_single_process_build(encoder: DualEncoder, tmp_pat
     src = tmp_path / "src"
     write_scenes(src, 30, seed=111, twins=True)
     (src / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really")  # skipped and reported by both
+    exif = Image.Exif()
+    exif[306] = "2022:11:05 17:45:10"
+    Image.new("RGB", (48, 48), "red").save(src / "photo.jpg", "JPEG", exif=exif.tobytes())  # its date travels too
     build_or_add(src, tmp_path / "local", encoder, BuildOptions(workers=0, batch_size=16, shard_size=24), "build")
     opts = BuildOptions(workers=0, batch_size=16, shard_size=24, ray=RayOptions())
     build_or_add(src, tmp_path / "ray", encoder, opts, "build")
     local, distributed = Index.open(tmp_path / "local"), Index.open(tmp_path / "ray")
     ids = local.ids()
-    assert len(ids) == 60 and np.array_equal(ids, distributed.ids())
+    assert len(ids) == 61 and np.array_equal(ids, distributed.ids())
     assert [r["path"] for r in local.metadata(ids)] == [r["path"] for r in distributed.metadata(ids)]
+    assert local.field(ids, "taken") == distributed.field(ids, "taken") and "2022-11-05T17:45:10" in local.field(
+        ids, "taken")
     np.testing.assert_allclose(distributed.vectors(ids), local.vectors(ids), atol=1e-5)
     np.testing.assert_allclose(distributed.tokens(ids).astype(np.float32), local.tokens(ids).astype(np.float32),
                                atol=2e-2)

@@ -5,13 +5,15 @@ from __future__ import annotations
 import fnmatch
 import json
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from indexer.ann import ann_search, build_index, exact_search, plan_index, search_within
-from indexer.build import remove
+from indexer.build import BuildOptions, build_or_add, remove
 from indexer.encoder import DualEncoder
 from indexer.filters import BadFilter, Filter, Selection, glob_regex
 from indexer.store import Index
@@ -170,3 +172,37 @@ def test_a_selection_far_from_the_query_still_gives_k_hits_from_inside_it(cluste
     assert np.isin(got, ids[rows]).all()  # ten hits each, all inside the selection
     if exactly:  # the probed lists hold none of a far, narrow selection: those queries were searched exactly
         assert calls == [5] and np.array_equal(got, exact_search(vectors[rows], ids[rows], near, 10)[1])
+
+
+def _photo(path: Path, colour: str, exif: dict[int, str], original: str | None = None) -> None:
+    tags = Image.Exif()
+    for tag, value in exif.items():
+        tags[tag] = value
+    if original:
+        tags.get_ifd(0x8769)[36867] = original  # DateTimeOriginal, in the EXIF sub-IFD
+    Image.new("RGB", (48, 48), colour).save(path, "JPEG", exif=tags.tobytes())
+
+
+def test_exif_dates_are_a_filterable_column_and_a_source_lists_own_column_wins(encoder: DualEncoder,
+                                                                                tmp_path: Path) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    _photo(folder / "a.jpg", "red", {306: "2023:01:02 10:00:00"}, original="2019:06:30 08:15:00")  # original wins
+    _photo(folder / "b.jpg", "green", {306: "2022:11:05 17:45:10"})
+    _photo(folder / "c.jpg", "blue", {306: "not a date"})  # unreadable: no date, the image still indexed
+    _photo(folder / "d.jpg", "white", {})
+    build_or_add(folder, tmp_path / "idx", encoder, BuildOptions(workers=0), "build")
+    index = Index.open(tmp_path / "idx")
+    ids = index.ids()
+    names = {r["id"]: r["path"].rsplit("/", 1)[-1] for r in index.metadata(ids)}
+    assert dict(zip([names[i] for i in ids], index.field(ids, "taken"), strict=True)) == {
+        "a.jpg": "2019-06-30T08:15:00", "b.jpg": "2022-11-05T17:45:10", "c.jpg": None, "d.jpg": None}
+    since = index.select(Filter(where={"taken": {"gte": "2020-01-01"}}))
+    assert [names[int(i)] for i in since.ids] == ["b.jpg"]
+
+    listing = tmp_path / "list.jsonl"  # the same files, with the owner's own dates
+    listing.write_text("".join(json.dumps({"path": str(folder / n), "taken": "2001-01-01"}) + "\n"
+                               for n in ("a.jpg", "c.jpg")))
+    build_or_add(listing, tmp_path / "listed", encoder, BuildOptions(workers=0), "build")
+    listed = Index.open(tmp_path / "listed")
+    assert listed.field(listed.ids(), "taken") == ["2001-01-01", "2001-01-01"]
