@@ -96,7 +96,6 @@ class TokenReranker:
         logits = self.matcher.score_one_text(image, text, mask)
         return Matcher.log_match(logits, self.matcher.cfg.temperature, self.matcher.cfg.bias).numpy()
 
-
     @torch.inference_mode()
     def explain(self, query: Query, image_tokens: np.ndarray) -> list[list[Located]]:
         """Per candidate, where each noun of the query is: the grounding head read off that noun's state
@@ -119,11 +118,13 @@ class TokenReranker:
     def _phrase(self, ids: list[int], at: int) -> str:
         """The noun at `at` with the modifiers written right before it: "large red circle"."""
         words, start = [self._nouns[ids[at]]], at
-        while modifier := next(((seq, w) for seq, w in self._modifiers if tuple(ids[start - len(seq) : start]) == seq),
-                               None):
-            words.insert(0, modifier[1])
-            start -= len(modifier[0])
-        return " ".join(words)
+        while True:
+            before = next(((seq, w) for seq, w in self._modifiers
+                           if tuple(ids[max(0, start - len(seq)) : start]) == seq), None)
+            if before is None:
+                return " ".join(words)
+            words.insert(0, before[1])
+            start -= len(before[0])
 
 
 def word_tokens(encoder: DualEncoder, words: list[str]) -> dict[str, tuple[int, ...]]:
