@@ -171,6 +171,10 @@ class GateRun:
         fused = fuse(self.log_p[q, :depth], self.cosine[q, :depth], self.reranker.fusion_weight)
         return bool(self.ids[q, int(np.argmax(fused))] == q)
 
+    def r1(self, depth: int) -> float:
+        """R@1 when every query's first `depth` candidates are reranked (0: late fusion)."""
+        return float(np.mean([self.right(q, depth) for q in range(len(self.ids))]))
+
     def auto(self, margin: float) -> tuple[np.ndarray, float]:
         """rerank "auto" at this margin: each query's depth, and R@1."""
         depths = np.array([auto_depth(c, margin) for c in self.cosine])
@@ -201,9 +205,8 @@ def gate_run(encoder: DualEncoder, reranker: Reranker, n: int, seed: int, k: int
 def gate_figures(run: GateRun, margin: float) -> dict[str, float]:
     """R@1 of rerank "auto" at this margin beside late and the reranker at k, the share of its gain kept, and
     of its mean rerank cost paid (auto's reranks timed here, beside the reranker's at k in gate_run)."""
-    k = run.ids.shape[1]
     depths, auto = run.auto(margin)
-    late, deep = (float(np.mean([run.right(q, d) for q in range(len(run.ids))])) for d in (0, k))
+    late, deep = run.r1(0), run.r1(run.ids.shape[1])
     auto_ms = np.array([run.timed(q, int(d)) if d else 0.0 for q, d in enumerate(depths)])
     gain = deep - late
     return {"margin": margin, "late_r1": late, "mid_r1": deep, "auto_r1": auto, "reranked": float((depths > 0).mean()),
@@ -214,8 +217,7 @@ def gate_figures(run: GateRun, margin: float) -> dict[str, float]:
 
 def fit_gate(run: GateRun, keep: float = 0.9) -> float:
     """The smallest margin of GATE_GRID whose "auto" keeps `keep` of the reranker's R@1 gain."""
-    k = run.ids.shape[1]
-    late, deep = (np.mean([run.right(q, d) for q in range(len(run.ids))]) for d in (0, k))
+    late, deep = run.r1(0), run.r1(run.ids.shape[1])
     return next((m for m in GATE_GRID if run.auto(m)[1] - late >= keep * (deep - late)), GATE_GRID[-1])
 
 

@@ -76,13 +76,19 @@ class SearchOutput:
     reranked: bool = False  # whether a reranker scored the head (rerank "auto" decides per query)
 
 
+def rerank_term(terms: list[Term]) -> int | None:
+    """The term a composed query is reranked against: its one text of positive weight (an image + text
+    query is reranked by its text); None when it has none or several."""
+    positive = [i for i, t in enumerate(terms) if t.text is not None and t.weight > 0]
+    return positive[0] if len(positive) == 1 else None
+
+
 def rerank_text(q: QueryInput) -> str | None:
-    """The text a reranker scores the candidates against: the query's text, or a composed query's one text
-    of positive weight (an image + text query reranked by its text); None when there is no such one."""
+    """The text a reranker scores the candidates against: the query's text, or its rerank_term's."""
     if q.text is not None or not q.terms:
         return q.text
-    positive = [t.text for t in q.terms if t.text is not None and t.weight > 0]
-    return positive[0] if len(positive) == 1 else None
+    at = rerank_term(q.terms)
+    return None if at is None else q.terms[at].text
 
 
 def normalised(embedding: list[float], dim: int) -> np.ndarray:

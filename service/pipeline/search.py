@@ -32,6 +32,7 @@ from service.pipeline.query import (
     cannot_explain,
     missing_features,
     normalised,
+    rerank_term,
     rerank_text,
 )
 from service.pipeline.stages import (
@@ -133,8 +134,9 @@ class Pipeline:
                            f"{', '.join(self.rerankers)}")
         if rerank_text(q) is None:
             raise BadQuery(RERANK_NEEDS_TEXT)
-        problem = missing_features(self.rerankers[self._tier(q)], index)
-        if problem or (q.explain and (problem := cannot_explain(self.rerankers, self._tier(q)))):
+        problem = (missing_features(self.rerankers[self._tier(q)], index)
+                   or (cannot_explain(self.rerankers, self._tier(q)) if q.explain else None))
+        if problem:
             raise BadQuery(problem)
 
     def _key(self, index: Index, q: QueryInput, columns: Sequence[str] | None) -> str | None:
@@ -213,8 +215,8 @@ class Pipeline:
         total = sum((t.weight * v.astype(np.float64) for t, v in zip(terms, vectors, strict=True)), np.zeros(dim))
         if np.linalg.norm(total) < 1e-6:
             raise BadQuery("the terms cancel out: their weighted embeddings sum to zero")
-        vector, text = normalised(total.tolist(), dim), rerank_text(q)
-        return vector, next((p for t, p in zip(terms, parts, strict=True) if t.text == text and t.weight > 0), vector)
+        vector, at = normalised(total.tolist(), dim), rerank_term(terms)
+        return vector, vector if at is None else parts[at]
 
     async def _rerank(self, index: Index, q: QueryInput, query: Query, head: tuple[np.ndarray, np.ndarray, int],
                       ticket: Ticket) -> tuple[np.ndarray, np.ndarray, Reranked]:
