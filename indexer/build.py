@@ -10,7 +10,7 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterable, Iterator
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -23,7 +23,7 @@ from indexer.ann import AnnPlan, build_index, plan_index, trainable
 from indexer.distributed import EncodedBatch, RayOptions
 from indexer.durable import mutation_lock, save_faiss, save_npy
 from indexer.encoder import DualEncoder
-from indexer.features import ImageFeatures
+from indexer.features import Source, TokenFeatures
 from indexer.integrity import check_shard, read_manifest, read_npy
 from indexer.layout import DELETED, FAILURES, INDEX_FILE, MANIFEST, SHARDS, STAGING, VERSIONS
 from indexer.reader import (
@@ -71,7 +71,7 @@ class BuildOptions:
     ray: RayOptions | None = None  # encode on a Ray cluster instead of this process
     replace: bool = False  # a build may replace the folder's published index (else it is refused)
     tokens: str | None = None  # token store format (indexer.tokens.FORMATS); None: fp16, or an add's index's
-    features: tuple[ImageFeatures, ...] = ()  # rerank tiers' own vision towers, whose output is stored too
+    features: tuple[Source, ...] = ()  # rerank tiers' own features (vision towers, image sides), stored too
     roots: tuple[str, ...] = ()  # when set (indexing jobs), only files that resolve under these are read
 
 
@@ -155,7 +155,7 @@ def choose_tokens(opts: BuildOptions, encoder: DualEncoder, parent: Index | None
 
 def feature_formats(opts: BuildOptions, tokens: TokenFormat, parent: Index | None) -> dict[str, TokenFormat]:
     """How each tier's own features are stored; an add must bring what its index holds (features.mismatch)."""
-    if opts.features and opts.ray is not None:
+    if features.pixel_sources(opts.features) and opts.ray is not None:
         raise BuildError("encoding on Ray computes the dual encoder's vectors only; index with --tiers without --ray")
     problem = features.mismatch(parent.feature_sets, opts.features, str(parent.root)) if parent else None
     if problem:
@@ -164,6 +164,18 @@ def feature_formats(opts: BuildOptions, tokens: TokenFormat, parent: Index | Non
         return features.formats(opts.features, tokens)
     except ValueError as exc:
         raise BuildError(str(exc)) from None
+
+
+def kept_sources(sources: tuple[Source, ...], encoder: DualEncoder, parent: Index | None) -> tuple[Source, ...]:
+    """The feature sources a run computes. An image side (from the dual encoder's tokens) is a speed-up the tier
+    can do without: it is left out where it reads another encoder's tokens, and by an add whose index lacks it."""
+
+    def kept(source: Source) -> bool:
+        if not isinstance(source, TokenFeatures):
+            return True
+        return encoder.is_model(source.encoder_id) and (parent is None or source.features in parent.feature_sets)
+
+    return tuple(s for s in sources if kept(s))
 
 
 def check_model(parent: Index, encoder: DualEncoder) -> None:
@@ -202,7 +214,7 @@ def _batches(items: list[SourceItem], encoder: DualEncoder,
              opts: BuildOptions) -> Iterator[tuple[list[Decoded], EncodedBatch | None]]:
     """Decoded batches in source order: DataLoader workers here, or already encoded on Ray."""
     if opts.ray is None:
-        extras = {f.features: f.preprocess_image for f in opts.features}
+        extras = {f.features: f.preprocess_image for f in features.pixel_sources(opts.features)}
         dataset = ImageDataset(items, encoder.preprocess, opts.max_pixels, opts.roots, extras)
         loader = make_loader(dataset, opts.batch_size, opts.workers)
         for batch in loader:
@@ -227,7 +239,8 @@ def ingest(items: list[SourceItem], writer: ShardWriter, encoder: DualEncoder, k
         dups += batch_dups
         emb, tok = _encode(encoder, good) if encoded is None else encoded.take(good)
         rows = [_row(items[d.position], d) for d in good]
-        extra = features.encode(opts.features, {f.features: [d.extra[f.features] for d in good] for f in opts.features})
+        pixels = {f.features: [d.extra[f.features] for d in good] for f in features.pixel_sources(opts.features)}
+        extra = features.encode(opts.features, pixels, tok)
         writer.add(rows, emb, tok, [items[d.position].path for d in batch], failures, extra)
         done, indexed = done + len(batch), indexed + len(good)
         if progress:
@@ -361,6 +374,7 @@ def _ingest_locked(src: Path, out: Path, encoder: DualEncoder, opts: BuildOption
     parent = Index.open(out) if mode == "add" else None
     if parent is not None:
         check_model(parent, encoder)
+    opts = replace(opts, features=kept_sources(opts.features, encoder, parent))
     tokens = choose_tokens(opts, encoder, parent)
     stored = feature_formats(opts, tokens, parent)
     sets = {f.features: features.describe(f, stored[f.features]) for f in opts.features}

@@ -124,11 +124,11 @@ def _print_report(report: Any, as_json: bool) -> None:
 
 
 def _feature_sources(tiers: str | None, device: str) -> tuple[Any, ...]:
-    """The vision towers of the tiers given (default: the served IMSEARCH_RERANKERS) that need image features
-    of their own (blip); mid and early score the dual encoder's tokens, which every index stores."""
+    """What the tiers given (default: the served IMSEARCH_RERANKERS) need stored beside the dual encoder's tokens:
+    blip its vision tower's features, mid its image side (a speed-up); early scores the tokens alone."""
     import os
 
-    from reranker.score import KINDS, TIERS, load_blip, tier_entry
+    from reranker.score import KINDS, TIERS, load_blip, load_side, tier_entry
 
     entries = tiers.split(",") if tiers is not None else _served_tiers(os.environ.get("IMSEARCH_RERANKERS"))
     sources = []
@@ -139,12 +139,16 @@ def _feature_sources(tiers: str | None, device: str) -> tuple[Any, ...]:
             if folder is None:
                 fail("--tiers blip needs its model folder: --tiers blip=/models/blip-itm-base-coco")
             sources.append(guarded(partial(load_blip, folder, device)))
+        elif (side := guarded(partial(load_side, kind, folder))) is not None:
+            sources.append(side)
     return tuple(sources)
 
 
 def _served_tiers(raw: str | None) -> list[str]:
+    from reranker import DEFAULT_TIERS
+
     try:
-        tiers = json.loads(raw) if raw else []
+        tiers = json.loads(raw) if raw else list(DEFAULT_TIERS)
     except ValueError:
         tiers = None
     if not isinstance(tiers, list) or not all(isinstance(t, str) for t in tiers):
@@ -180,7 +184,7 @@ TokensOpt = Annotated[TokenStore | None, typer.Option(case_sensitive=False, help
     "default fp16, or for an add the index's own"))]
 TiersOpt = Annotated[str | None, typer.Option("--tiers", help=(
     "the rerank tiers that will score this index, comma-separated as IMSEARCH_RERANKERS names them (mid, early, "
-    "blip=MODEL_DIR): a tier with its own vision tower (blip) has its image features computed and stored; "
+    "blip=MODEL_DIR): blip's vision features and mid's image side (a faster rerank) are computed and stored; "
     "default: IMSEARCH_RERANKERS"))]
 RayOpt = Annotated[str | None, typer.Option(
     "--ray", help="encode on Ray: 'local' starts one here, else a cluster address ('auto', 'ray://host:10001')")]

@@ -1,10 +1,10 @@
-"""Indexer, encode: a rerank tier's own image features (e.g. BLIP's vision tower), computed at index time
-and stored beside the dual encoder's tokens, one feature set per tier that needs one."""
+"""Indexer, encode: a rerank tier's own image features (BLIP's vision tower from pixels, mid's image side from the
+dual encoder's tokens), computed at index time and stored beside those tokens, one feature set per tier."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import torch
@@ -27,17 +27,37 @@ class ImageFeatures(Protocol):
     def encode_pixels(self, pixels: torch.Tensor) -> np.ndarray: ...
 
 
-def describe(source: ImageFeatures, fmt: TokenFormat) -> dict[str, Any]:
+@runtime_checkable
+class TokenFeatures(Protocol):
+    """Features computed from the dual encoder's tokens (a tier's image side), once per image while indexing."""
+
+    features: str
+    feature_model: str
+    feature_shape: tuple[int, int]
+    encoder_id: str  # the dual encoder whose tokens they read: a build with another keeps none of them
+
+    def encode_tokens(self, tokens: np.ndarray) -> np.ndarray: ...
+
+
+Source = ImageFeatures | TokenFeatures
+
+
+def pixel_sources(sources: Sequence[Source]) -> list[ImageFeatures]:
+    """The sources that read pixels (each preprocesses the images its own way while they are decoded)."""
+    return [s for s in sources if not isinstance(s, TokenFeatures)]
+
+
+def describe(source: Source, fmt: TokenFormat) -> dict[str, Any]:
     """The manifest's record of one feature set."""
     return {"model": source.feature_model, **fmt.describe()}
 
 
-def formats(sources: Sequence[ImageFeatures], tokens: TokenFormat) -> dict[str, TokenFormat]:
+def formats(sources: Sequence[Source], tokens: TokenFormat) -> dict[str, TokenFormat]:
     """Each feature set stored as the index stores its tokens (fp16, int8 or int4), at its own shape."""
     return {s.features: token_format(tokens.name, s.feature_shape) for s in sources}
 
 
-def mismatch(held: dict[str, dict[str, Any]], sources: Sequence[ImageFeatures], where: str) -> str | None:
+def mismatch(held: dict[str, dict[str, Any]], sources: Sequence[Source], where: str) -> str | None:
     """Why an add cannot extend its index with these feature sources (None: it can). An add extends every
     feature set its index holds, from the same weights, and adds none: an index scored by a tier holds that
     tier's features for every image."""
@@ -51,10 +71,15 @@ def mismatch(held: dict[str, dict[str, Any]], sources: Sequence[ImageFeatures], 
             "pass the same --tiers as its build, or rebuild it with --replace")
 
 
-def encode(sources: Sequence[ImageFeatures], pixels: dict[str, list[torch.Tensor]]) -> dict[str, np.ndarray]:
-    """Each tier's features of one batch's good images, from their pixels preprocessed for that tier."""
+def encode(sources: Sequence[Source], pixels: dict[str, list[torch.Tensor]],
+           tokens: np.ndarray) -> dict[str, np.ndarray]:
+    """Each tier's features of one batch's good images: from their pixels preprocessed for that tier, or from
+    their dual-encoder tokens (n, t, w)."""
     out = {}
     for source in sources:
+        if isinstance(source, TokenFeatures):
+            out[source.features] = source.encode_tokens(tokens)
+            continue
         batch = pixels[source.features]
         out[source.features] = (source.encode_pixels(torch.stack(batch)) if batch
                                 else np.zeros((0, *source.feature_shape), np.float32))

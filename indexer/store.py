@@ -206,8 +206,8 @@ class Index:
         return self.features(ENCODER_TOKENS, ids)
 
     def features(self, name: str, ids: Sequence[int] | np.ndarray) -> np.ndarray:
-        """(n, t, w) image features of a rerank tier that brings its own vision tower (ENCODER_TOKENS: the
-        dual encoder's patch tokens); KeyError for a feature set this version does not hold."""
+        """(n, t, w) image features stored for a rerank tier (its own vision tower's, or its image side;
+        ENCODER_TOKENS: the dual encoder's patch tokens); KeyError for a feature set this version does not hold."""
         fmt, files = self._stored[name]
         pos = self._locate(ids)
         if fmt is None:  # no image indexed

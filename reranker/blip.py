@@ -25,6 +25,7 @@ class BlipReranker:
     name = features = "blip"
     text_from_encoder = False
     explains = False  # ITM has no grounding head (its cross-attention maps are not trained to point)
+    side = None  # its stored features are its vision tower's output, which its text encoder reads as they are
 
     def __init__(self, model_dir: Path | str, device: str = "cpu", fusion_weight: float = 0.0):
         try:
@@ -73,8 +74,8 @@ class BlipReranker:
         return Query(text, ids, batch["attention_mask"][0].astype(bool))
 
     @torch.inference_mode()
-    def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray:
-        """(k,) log p(match) for k candidates in one batch."""
+    def log_match(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> np.ndarray:
+        """(k,) log p(match) for k candidates in one batch (`prepared` never holds: it has no side)."""
         k = len(image_tokens)
         if k == 0:
             return np.zeros(0, np.float32)
@@ -89,7 +90,7 @@ class BlipReranker:
         return torch.log_softmax(logits.float(), dim=-1)[:, 1].cpu().numpy()
 
 
-    def explain(self, query: Query, image_tokens: np.ndarray) -> list[list[Located]]:
+    def explain(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> list[list[Located]]:
         raise ValueError("the blip tier cannot explain its matches: use a tier with a grounding head (mid, early)")
 
 

@@ -130,16 +130,17 @@ class CrossBlock(nn.Module):
         against 65 image tokens).
 
         Args:
-            text: (k, L, w); image: (k, t, w) embedded image tokens.
+            text: (k, L, w), or (1, L, w) rows every candidate shares (projected once); image: (k, t, w) embedded
+                image tokens.
         """
         attn = self.cross_attn
-        (k, rows, w), heads = text.shape, attn.num_heads
+        (n, rows, w), heads, k = text.shape, attn.num_heads, image.shape[0]
         d = w // heads
         w_q, w_k, w_v = attn.in_proj_weight.chunk(3)
         b_q, _, b_v = attn.in_proj_bias.chunk(3)
-        q = F.linear(self.ln2(text), w_q, b_q).view(k, rows, heads, d)
-        q_img = torch.einsum("klhd,hdw->khlw", q, w_k.view(heads, d, w)) * d**-0.5  # the queries in image space
-        weights = torch.softmax(q_img.reshape(k, heads * rows, w) @ image.transpose(1, 2), dim=-1)
+        q = (F.linear(self.ln2(text), w_q, b_q) * d**-0.5).view(n, rows, heads, d)
+        q_img = torch.einsum("klhd,hdw->khlw", q, w_k.view(heads, d, w))  # the queries in image space
+        weights = torch.softmax(q_img.reshape(n, heads * rows, w) @ image.transpose(1, 2), dim=-1)
         mixed = (weights @ image).view(k, heads, rows, w)  # each head's weighted average of image tokens
         values = torch.einsum("khlw,hdw->klhd", mixed, w_v.view(heads, d, w)).reshape(k, rows, w) + b_v
         text = text + attn.out_proj(values)
@@ -217,10 +218,12 @@ class Matcher(nn.Module):
             out = seq[:, 0]
         return self.head(self.ln_out(out)), hidden, out
 
-    def ground_states(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def ground_states(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+                      prepared: bool = False) -> torch.Tensor:
         """(n, 1 + L', w) [ENC] + text states after block `ground_layer`, what `locate` reads: encode's
-        `hidden`, without the blocks after it (a third of the cost of scoring, for the committed tiers)."""
-        img = self.embed_image(image)
+        `hidden`, without the blocks after it (a third of the cost of scoring, for the committed tiers).
+        With `prepared`, `image` is already embed_image's output (an index's stored image side)."""
+        img = image if prepared else self.embed_image(image)
         txt, pad = self.embed_text(text, mask)
         if self.cfg.kind == "mid":
             for block in list(self.blocks)[: self.cfg.ground_layer + 1]:
@@ -232,6 +235,8 @@ class Matcher(nn.Module):
         return seq[:, : txt.shape[1]]
 
     def embed_image(self, image: torch.Tensor) -> torch.Tensor:
+        """(n, t, width) the image side: what the text attends to, a function of the image alone (for mid,
+        a third of a rerank's cost at k = 16), so an index may store it (reranker.score.ImageSide)."""
         img = self.image_in(image) + self.image_pos[:, : image.shape[1]]
         if self.cfg.coords:
             img = img + self.image_xy(self.xy[: image.shape[1]])
@@ -246,26 +251,28 @@ class Matcher(nn.Module):
         pad = torch.cat([torch.zeros(text.shape[0], 1, dtype=torch.bool, device=mask.device), ~mask], dim=1)
         return txt, pad
 
-    def score_one_text(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def score_one_text(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+                       prepared: bool = False) -> torch.Tensor:
         """(k, 2) logits of one text against k images: forward's result, computed without repeats.
 
         Early fusion computes its last layer at [ENC] only (_early_at_enc). Mid: the first block's
-        text self-attention sees no image, so it runs once instead of k times; the last block's
-        outputs matter only at [ENC], so only that row is computed there (its keys and values still
-        come from every text token); no cross-attention projects the image tokens
-        (CrossBlock.attend_folded).
+        text self-attention sees no image, so it and that block's cross-attention queries run once
+        instead of k times; the last block's outputs matter only at [ENC], so only that row is computed
+        there (its keys and values still come from every text token); no cross-attention projects the
+        image tokens (CrossBlock.attend_folded).
 
         Args:
-            image: (k, t, image_width); text: (1, L, text_width); mask: (1, L).
+            image: (k, t, image_width), or with `prepared` embed_image's (k, t, width); text: (1, L, text_width);
+                mask: (1, L).
         """
         k = image.shape[0]
         if self.cfg.kind != "mid":
-            return self._early_at_enc(image, text.expand(k, -1, -1), mask.expand(k, -1))
-        img = self.embed_image(image)
+            return self._early_at_enc(image, text.expand(k, -1, -1), mask.expand(k, -1), prepared)
+        img = image if prepared else self.embed_image(image)
         txt, pad = self.embed_text(text, mask)
         blocks = cast(list[CrossBlock], list(self.blocks))
         last = len(blocks) - 1
-        txt = blocks[0].self_part(txt, pad, rows=1 if last == 0 else None).expand(k, -1, -1)
+        txt = blocks[0].self_part(txt, pad, rows=1 if last == 0 else None)  # (1, L, w): attend_folded broadcasts
         pad = pad.expand(k, -1)
         for i, block in enumerate(blocks):
             if i > 0:
@@ -279,12 +286,13 @@ class Matcher(nn.Module):
         no_pad = torch.zeros(img.shape[0], img.shape[1], dtype=torch.bool, device=pad.device)
         return seq, torch.cat([pad, no_pad], dim=1)
 
-    def _early_at_enc(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def _early_at_enc(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
+                      prepared: bool = False) -> torch.Tensor:
         """Early fusion's logits, its last layer computed at [ENC] only: the head reads nothing else,
         so that layer's attention output and feed-forward run for one row instead of every token
         (its keys and values still come from all of them)."""
         txt, pad = self.embed_text(text, mask)
-        seq, full_pad = self._stream(txt, pad, self.embed_image(image))
+        seq, full_pad = self._stream(txt, pad, image if prepared else self.embed_image(image))
         layers = cast(list[nn.TransformerEncoderLayer], list(self.stream.layers))
         for layer in layers[:-1]:
             seq = layer(seq, src_key_padding_mask=full_pad)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -14,6 +15,7 @@ from indexer.encoder import MODELS_DIR, DualEncoder
 from indexer.features import ENCODER_TOKENS
 from reranker.model import Matcher, load_reranker
 
+SIDE_WEIGHTS = ("image_in.", "image_pos", "image_xy.", "image_mix.")  # Matcher.embed_image's parameters
 TIERS = ("mid", "early")  # the tiers that score the dual encoder's tokens (their features: ENCODER_TOKENS)
 KINDS = (*TIERS, "blip")  # every tier a service may load: blip scores BLIP's own vision features
 
@@ -47,12 +49,40 @@ class Reranker(Protocol):
     feature_shape: tuple[int, int]  # (tokens, width) of one image's features
     text_from_encoder: bool  # its Query is the dual encoder's text tokens (the search computed them already)
     explains: bool  # whether `explain` can say where the named objects are (a grounding head)
+    side: ImageSide | None  # its image side, which an index may store to be scored with prepared=True
 
     def prepare(self, text: str) -> Query: ...
 
-    def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray: ...
+    def log_match(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> np.ndarray: ...
 
-    def explain(self, query: Query, image_tokens: np.ndarray) -> list[list[Located]]: ...
+    def explain(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> list[list[Located]]: ...
+
+
+class ImageSide:
+    """A mid tier's image side (Matcher.embed_image: the dual encoder's tokens through its input projection,
+    positions and patch-mixing block) as index-time features: what a rerank computes per candidate and per
+    query although it depends on the image alone. An index that stores it skips that third of the cost.
+
+    Its model id hashes the weights that compute it and the encoder whose tokens they read: a side stored
+    by other weights is never scored (the tier scores the raw tokens instead)."""
+
+    def __init__(self, matcher: Matcher):
+        self.matcher = matcher.eval()
+        self.features = matcher.cfg.kind
+        self.encoder_id = matcher.cfg.encoder_id
+        self.feature_shape = (matcher.cfg.image_tokens, matcher.cfg.width)
+        digest = hashlib.sha256(self.encoder_id.encode())
+        for name, tensor in sorted(matcher.state_dict().items()):
+            if name.startswith(SIDE_WEIGHTS):
+                digest.update(name.encode())
+                digest.update(tensor.detach().half().cpu().numpy().tobytes())  # as stored: fp16
+        self.feature_model = f"{self.features}-side@{digest.hexdigest()[:16]}"
+
+    @torch.inference_mode()
+    def encode_tokens(self, tokens: np.ndarray) -> np.ndarray:
+        """(n, t, width) float32 image side of n images' dual-encoder tokens (n, t, token width)."""
+        image = torch.from_numpy(np.asarray(tokens, dtype=np.float32))
+        return self.matcher.embed_image(image).numpy()
 
 
 class TokenReranker:
@@ -70,22 +100,29 @@ class TokenReranker:
         self.feature_shape = encoder.token_shape
         cfg = matcher.cfg
         self.explains = cfg.ground and bool(cfg.nouns)
+        self.side = self.side_of(matcher)
         spelled = word_tokens(encoder, cfg.nouns + cfg.modifiers) if self.explains else {}
         # the head reads one noun token: a noun the tokenizer splits cannot be located
         self._nouns = {ids[0]: w for w, ids in spelled.items() if w in cfg.nouns and len(ids) == 1}
         self._modifiers = [(ids, w) for w, ids in spelled.items() if w in cfg.modifiers and ids]
+
+    @staticmethod
+    def side_of(matcher: Matcher) -> ImageSide | None:
+        # mid's image side is a third of its cost at k = 16; early's a tenth of a cost its stream dominates
+        return ImageSide(matcher) if matcher.cfg.kind == "mid" else None
 
     def prepare(self, text: str) -> Query:
         _, tokens, mask = self.encoder.encode_texts_and_tokens([text])
         return Query(text, tokens[0], mask[0])
 
     @torch.inference_mode()
-    def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray:
+    def log_match(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> np.ndarray:
         """(k,) log p(match) for k candidates, all in one batch.
 
         Args:
             query: from prepare (or built from the tokens the search already computed).
-            image_tokens: (k, t, w) float16/float32 tokens from the index's token store.
+            image_tokens: (k, t, w) float16/float32 tokens from the index's token store, or with `prepared`
+                their image side as the index stored it (self.side).
         """
         k = len(image_tokens)
         if k == 0:
@@ -93,11 +130,11 @@ class TokenReranker:
         image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
         text = torch.from_numpy(query.tokens).float()[None]
         mask = torch.from_numpy(query.mask)[None]
-        logits = self.matcher.score_one_text(image, text, mask)
+        logits = self.matcher.score_one_text(image, text, mask, prepared)
         return Matcher.log_match(logits, self.matcher.cfg.temperature, self.matcher.cfg.bias).numpy()
 
     @torch.inference_mode()
-    def explain(self, query: Query, image_tokens: np.ndarray) -> list[list[Located]]:
+    def explain(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> list[list[Located]]:
         """Per candidate, where each noun of the query is: the grounding head read off that noun's state
         after the block it was trained at (the blocks after it do not run). Nouns outside the head's
         vocabulary are not located; a plural ("shapes") is none of its words."""
@@ -109,7 +146,7 @@ class TokenReranker:
         image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
         text = torch.from_numpy(query.tokens).float()[None].expand(k, -1, -1)
         mask = torch.from_numpy(query.mask)[None].expand(k, -1)
-        states = self.matcher.ground_states(image, text, mask)[:, [1 + p for p in where]]  # 1: [ENC]
+        states = self.matcher.ground_states(image, text, mask, prepared)[:, [1 + p for p in where]]  # 1: [ENC]
         xy = ((self.matcher.locate(states).clamp(-1, 1) + 1) / 2).numpy()  # (k, nouns, 2) in [0, 1]
         phrases = [self._phrase(ids, p) for p in where]
         return [[Located(ph, round(float(x), 4), round(float(y), 4)) for ph, (x, y) in zip(phrases, row, strict=True)]
@@ -139,10 +176,17 @@ def fuse(log_match: np.ndarray, cosine: np.ndarray, weight: float) -> np.ndarray
     return log_match + weight * cosine
 
 
-def rerank_order(reranker: Reranker, query: Query, image_tokens: np.ndarray,
-                 cosine: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Rescore k candidates: (order best first, log p(match), fused score), all (k,)."""
-    log_p = reranker.log_match(query, image_tokens)
+def feature_source(reranker: Reranker) -> Any:
+    """What an index stores for this tier, if anything: its own vision tower's features (blip), its image side
+    (mid), or None (early scores the dual encoder's tokens, which every index holds)."""
+    return reranker.side if reranker.side is not None else (None if reranker.features == ENCODER_TOKENS else reranker)
+
+
+def rerank_order(reranker: Reranker, query: Query, image_tokens: np.ndarray, cosine: np.ndarray,
+                 prepared: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rescore k candidates (with `prepared`, their stored image side): (order best first, log p(match), fused
+    score), all (k,)."""
+    log_p = reranker.log_match(query, image_tokens, prepared)
     fused = fuse(log_p, cosine, reranker.fusion_weight)
     return np.argsort(-fused, kind="stable"), log_p, fused
 
@@ -169,6 +213,15 @@ def load_blip(path: Path | None, device: str = "cpu") -> Any:
 
 def load_tier(kind: str, encoder: DualEncoder, path: Path | None = None) -> TokenReranker:
     """The committed reranker of a tier (or a given checkpoint of that kind) bound to its encoder."""
+    return TokenReranker(_matcher(kind, path), encoder)
+
+
+def load_side(kind: str, path: Path | None = None) -> ImageSide | None:
+    """The image side of a tier (or of a given checkpoint of that kind) that has one worth storing: mid."""
+    return TokenReranker.side_of(_matcher(kind, path))
+
+
+def _matcher(kind: str, path: Path | None) -> Matcher:
     if kind not in TIERS:
         raise ValueError(f"unknown rerank tier {kind!r}: use one of {', '.join(KINDS)}")
     try:
@@ -177,4 +230,4 @@ def load_tier(kind: str, encoder: DualEncoder, path: Path | None = None) -> Toke
         raise ValueError(f"{path} is not a reranker checkpoint (safetensors): {exc}") from None
     if matcher.cfg.kind != kind:
         raise ValueError(f"{path} is a {matcher.cfg.kind} reranker, not {kind}")
-    return TokenReranker(matcher, encoder)
+    return matcher

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from reranker import DEFAULT_TIERS
 from reranker.gate import AUTO_MARGIN
 
 PINNED = re.compile(r"(.+)@(v\d{6,})")  # DIR@VERSION in an index spec
@@ -27,7 +28,7 @@ class Settings(BaseSettings):
     device: str = "cpu"
     search_device: str = Field("auto", pattern="^(cpu|cuda|auto)$",
                                description="FAISS search on a GPU copy of each index (auto: when faiss-gpu sees one)")
-    rerankers: list[str] = Field(default_factory=lambda: ["mid", "early"])
+    rerankers: list[str] = Field(default_factory=lambda: list(DEFAULT_TIERS))
     default_rerank: str = Field("none", pattern=r"^[a-z][a-z0-9_-]{0,31}$")  # none, or a tier of `rerankers`
     max_k: int = Field(1000, ge=1)
     max_rerank_k: int = Field(256, ge=1)

@@ -14,10 +14,9 @@ import torch
 from threadpoolctl import threadpool_limits
 
 from indexer.encoder import DualEncoder, EncoderSpec, EncoderUnavailable, load_encoder
-from indexer.features import ENCODER_TOKENS
 from indexer.integrity import IndexNotFound
 from indexer.store import Index
-from reranker.score import Reranker, load_kind, tier_entry
+from reranker.score import Reranker, feature_source, load_kind, tier_entry
 from service.config import Settings
 from service.errors import StartupError, UnknownIndex
 from service.jobs.queues import JobQueue, LocalJobs, RQJobs
@@ -54,8 +53,9 @@ class Engine:
 
     @property
     def feature_tiers(self) -> set[str]:
-        """The loaded tiers that score image features of their own (blip), which indexing jobs compute."""
-        return {name for name, reranker in self.rerankers.items() if reranker.features != ENCODER_TOKENS}
+        """The loaded tiers with features an index stores for them (blip's own, mid's image side), which indexing
+        jobs compute."""
+        return {name for name, reranker in self.rerankers.items() if feature_source(reranker) is not None}
 
     @property
     def indexes(self) -> dict[str, Index]:

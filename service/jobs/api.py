@@ -64,7 +64,7 @@ class JobSpec:
     pretrained: str | None
     device: str  # "" lets the worker choose (its IMSEARCH_DEVICE)
     roots: list[str] = field(default_factory=list)  # every file the job reads must resolve under one of these
-    tiers: list[str] = field(default_factory=list)  # served tiers with their own vision tower (blip=DIR)
+    tiers: list[str] = field(default_factory=list)  # served tiers with features an index stores (blip=DIR, mid)
 
     def to_json(self) -> dict[str, Any]:
         return dict(self.__dict__)

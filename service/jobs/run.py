@@ -10,17 +10,17 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import redis
 
 from indexer.build import BuildOptions, build_or_add, remove
 from indexer.encoder import DualEncoder, EncoderSpec, load_encoder
-from indexer.features import ImageFeatures
+from indexer.features import Source
 from indexer.integrity import IndexNotFound, read_manifest
 from indexer.reader import list_source
 from indexer.versions import version_dir
-from reranker.score import load_kind, tier_entry
+from reranker.score import feature_source, load_kind, tier_entry
 from service.jobs.api import JobRejected, JobSpec
 from service.names import VERSIONS_CHANNEL
 from service.workers import signal_on_parent_death
@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 PROGRESS_EVERY_S = 0.5
 
 _ENCODERS: dict[tuple[str, str | None, str], DualEncoder] = {}
-_FEATURES: dict[tuple[str, str], ImageFeatures] = {}
+_FEATURES: dict[tuple[str, str], Source] = {}
 
 
 def _device(spec: JobSpec) -> str:
@@ -46,9 +46,9 @@ def _encoder(spec: JobSpec) -> DualEncoder:
     return _ENCODERS[key]
 
 
-def _features(spec: JobSpec) -> tuple[ImageFeatures, ...]:
-    """The vision towers of the served tiers that score features of their own (spec.tiers: blip=DIR), loaded
-    once per worker: a build stores each one's features, an add those its index already holds."""
+def _features(spec: JobSpec) -> tuple[Source, ...]:
+    """What the served tiers need stored (spec.tiers: blip=DIR's features, mid's image side), loaded once per
+    worker: a build stores each one's features, an add those its index already holds."""
     if spec.mode == "remove" or not spec.tiers:
         return ()
     held = None
@@ -61,8 +61,8 @@ def _features(spec: JobSpec) -> tuple[ImageFeatures, ...]:
         if held is not None and kind not in held:
             continue
         key = (entry, _device(spec))
-        if key not in _FEATURES:  # a tier of its own features is its vision tower too (reranker.blip)
-            _FEATURES[key] = cast(ImageFeatures, load_kind(kind, _encoder(spec), folder, key[1]))
+        if key not in _FEATURES:  # blip is its own vision tower; mid's image side comes with it
+            _FEATURES[key] = feature_source(load_kind(kind, _encoder(spec), folder, key[1]))
         sources.append(_FEATURES[key])
     return tuple(sources)
 

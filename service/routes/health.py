@@ -9,8 +9,10 @@ from fastapi import APIRouter, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from indexer.encoder import EMBEDDED
+from reranker.score import Reranker
 from service.deps import EngineDep
 from service.pipeline.query import missing_features
+from service.pipeline.stages import scored_features
 from service.state import Engine
 from training.descriptions import VOCABULARY, example_queries
 
@@ -28,7 +30,8 @@ def readyz(engine: EngineDep) -> dict[str, Any]:
     """Model, indexes and rerankers loaded: `ready`; `degraded` (still 200: searches are answered) when a
     configured Redis is unreachable or a configured rerank tier failed to load (`failed_rerankers` says why).
     `tiers` says which image features each loaded tier scores, from which model, which indexes hold them,
-    and whether it can explain its matches (say where the named objects are)."""
+    whether it can explain its matches (say where the named objects are), and its image side (`side`: which
+    indexes store it, reranked faster)."""
     cache = "disabled" if not engine.cache.enabled else ("ok" if engine.cache.healthy() else "degraded")
     healthy = cache != "degraded" and not engine.failed_tiers
     return {"status": "ready" if healthy else "degraded", "cache": cache, "model": engine.encoder.model_id,
@@ -40,8 +43,16 @@ def readyz(engine: EngineDep) -> dict[str, Any]:
 def _tiers(engine: Engine) -> dict[str, dict[str, Any]]:
     return {name: {"features": r.features, "model": r.feature_model, "shape": list(r.feature_shape),
                    "indexes": [i for i, index in engine.indexes.items() if missing_features(r, index) is None],
-                   "explains": r.explains}
+                   "explains": r.explains, "side": _side(engine, r)}
             for name, r in engine.rerankers.items()}
+
+
+def _side(engine: Engine, reranker: Reranker) -> dict[str, Any] | None:
+    """The tier's image side (None: it has none), and the indexes that store it: those it reranks faster."""
+    if reranker.side is None:
+        return None
+    held = [i for i, index in engine.indexes.items() if scored_features(reranker, index)[1]]
+    return {"features": reranker.side.features, "model": reranker.side.feature_model, "indexes": held}
 
 
 @router.get("/v1/index")

@@ -127,7 +127,7 @@ def test_an_add_must_bring_the_features_its_index_holds(blip_dir: Path, blip_ind
     assert refused.exit_code == 2 and "blip (model blip-itm@" in refused.output and "Traceback" not in refused.output
     bad = runner.invoke(app, add + ["--tiers", "blip"])
     assert bad.exit_code == 2 and "needs its model folder" in bad.output
-    added = runner.invoke(app, add + ["--tiers", f"blip={blip_dir}", "--json"])
+    added = runner.invoke(app, add + ["--tiers", f"mid,blip={blip_dir}", "--json"])
     assert added.exit_code == 0, added.output
     info = runner.invoke(app, ["index", "info", "--index", str(blip_index[0])])
     assert "features blip: fp16 [17, 48]" in info.output

@@ -138,18 +138,18 @@ class _Overlaps:
         self.inner, self.running, self.most = inner, 0, 0
         self.fusion_weight = inner.fusion_weight
         self.features, self.feature_model, self.text_from_encoder = inner.features, inner.feature_model, True
-        self.feature_shape = inner.feature_shape
+        self.feature_shape, self.side = inner.feature_shape, inner.side
         self.lock = threading.Lock()
 
     def prepare(self, text: str) -> Query:
         return self.inner.prepare(text)
 
-    def log_match(self, query: Query, image_tokens: np.ndarray) -> np.ndarray:
+    def log_match(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> np.ndarray:
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)
         try:
-            return self.inner.log_match(query, image_tokens)
+            return self.inner.log_match(query, image_tokens, prepared)
         finally:
             with self.lock:
                 self.running -= 1
