@@ -55,6 +55,7 @@ def _tier_rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], t
     """Per kind: p@1, p@5 and ms p50 and mean of one tier; plus (log p(match), true) of every reranked candidate."""
     hits: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in KINDS}
     scored: list[tuple[float, bool]] = []
+    gallery = gallery.for_tier(reranker)  # as a default index holds it: with mid's image side
     for q, query in enumerate(queries):
         result = run_query(encoder, gallery, query.text, reranker, k, max(k, 5), auto_margin)
         top = result.ranking[:5]

@@ -44,6 +44,11 @@ class Gallery:
         """This (fp16) gallery with its tokens kept as an index built with `--tokens fmt` keeps them."""
         return Gallery(self.samples, self.index, encode(self.tokens, fmt), fmt, self.prepared)
 
+    def for_tier(self, reranker: Reranker | None) -> Gallery:
+        """What a default index holds for the tier: its image side where it has one (mid), else the tokens."""
+        side = reranker.side if reranker is not None else None
+        return self if side is None or self.prepared else self.with_side(side)
+
     def with_side(self, side: ImageSide) -> Gallery:
         """This (fp16) gallery holding the tier's image side instead of its tokens, as an index stores it (fp16)."""
         prepared = np.concatenate([side.encode_tokens(self.tokens[i : i + BATCH]).astype(np.float16)
@@ -135,8 +140,9 @@ def evaluate_tradeoff(encoder: DualEncoder, rerankers: dict[str, Reranker], n: i
     run_query(encoder, gallery, gallery.samples[0].caption, None, 0, 10)  # warm-up
     rows = [evaluate_tier(encoder, gallery, "late", None, 0, errors)]
     for tier, reranker in rerankers.items():
+        served = gallery.for_tier(reranker)
         for k in ks:
-            rows.append(evaluate_tier(encoder, gallery, tier, reranker, k, errors))
+            rows.append(evaluate_tier(encoder, served, tier, reranker, k, errors))
     return rows
 
 
@@ -195,19 +201,19 @@ class GateRun:
         """ms to rerank the query's first `depth` candidates, as the service does."""
         start = time.perf_counter()
         rerank_order(self.reranker, self.queries[q], self.gallery.candidates(self.ids[q, :depth]),
-                     self.cosine[q, :depth])
+                     self.cosine[q, :depth], self.gallery.prepared)
         return (time.perf_counter() - start) * 1000
 
 
 def gate_run(encoder: DualEncoder, reranker: Reranker, n: int, seed: int, k: int = 16) -> GateRun:
-    gallery = embed(encoder, n, seed)
+    gallery = embed(encoder, n, seed).for_tier(reranker)
     queries, rows = [], []
     for sample in gallery.samples:
         pooled, tokens, mask = encoder.encode_texts_and_tokens([sample.caption])
         cosine, ids = (a[0] for a in gallery.index.search(pooled, k))
         queries.append(Query(sample.caption, tokens[0], mask[0]))
         start = time.perf_counter()
-        log_p = reranker.log_match(queries[-1], gallery.candidates(ids))
+        log_p = reranker.log_match(queries[-1], gallery.candidates(ids), gallery.prepared)
         rows.append((cosine, ids, log_p, (time.perf_counter() - start) * 1000))
     cosine, ids, log_p, ms = (np.array(column) for column in zip(*rows, strict=True))
     return GateRun(reranker, gallery, queries, cosine, ids, log_p, ms)
