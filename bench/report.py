@@ -324,7 +324,9 @@ def section_tokens() -> str:
 `imsearch index build --tokens FORMAT` keeps them, then mid's image side kept in their place as `--tiers mid`
 stores it; the mid reranker at k = {r['k']} over each, one query at a time (ms p50 of the whole query; rerank
 ms p50 with the candidates' features read and decoded, every stored form taking its turn on each of 300
-queries; cost: that rerank against fp16 tokens).
+queries; cost: that rerank against fp16 tokens). A merged format (`+keepK`, K a quarter of the patches) keeps
+the K patches least like the image's median patch and stores the others as their mean; a read puts every patch
+back, so the rerank's cost is the unmerged one's.
 
 {table(["seed", "stored", "format", "bytes per image", "mid R@1", "loss (pt)", "binding", "ms p50", "rerank ms p50",
         "rerank cost"], rows)}
@@ -333,7 +335,7 @@ Target (issue 25): stored features ≤ 8 KB per image at ≤ 0.5 pt R@1 loss aga
 {verdict(bool(ok))}{f" with {', '.join(ok)}" if ok else ""}.
 {cost}
 
-The same formats for the real models' token shapes:
+The same formats for the real models' token shapes (their merged R@1 is not measured here: random weights):
 
 {table(["tokens of", "format", "bytes per image", "GB per million images", "of fp16"], shapes)}
 """

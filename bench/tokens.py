@@ -1,6 +1,7 @@
 """Benchmark, token store: bytes per image, the mid reranker's twin-gallery R@1 and its rerank ms over fp16, int8
-and int4 tokens, and over its image side stored instead (what `index build --tiers mid` adds), side by side on one
-embedding of each seed's gallery; bytes for the ViT-B-32 and BLIP shapes.
+and int4 tokens, whole and merged (a quarter of the patches kept), and over its image side stored instead (what
+`index build --tiers mid` adds), side by side on one embedding of each seed's gallery; bytes for the ViT-B-32 and
+BLIP shapes.
 
 Usage: python bench/tokens.py [--n 1000] [--seeds 2026,7] [--k 16] [--out bench/results/tokens.json]
 """
@@ -20,6 +21,13 @@ from indexer.tokens import FORMATS, token_format
 from reranker.score import Query, TokenReranker, load_tier, rerank_order
 from training.tradeoff import Gallery, embed, evaluate_tier, run_query
 
+
+def stores(shape: tuple[int, int]) -> list[str]:
+    """The formats measured: each of FORMATS whole, then int8 and int4 keeping a quarter of the patches."""
+    keep = (shape[0] - 1) // 4
+    return [*FORMATS, f"int8+keep{keep}", f"int4+keep{keep}"]
+
+
 SHAPES = {"ViT-B-32 (50 × 768)": (50, 768), "BLIP ViT-B/16 at 384 px (577 × 768)": (577, 768)}
 
 
@@ -34,8 +42,9 @@ def gallery_rows(n: int, seed: int, k: int) -> list[dict[str, Any]]:
     run_query(encoder, tokens, tokens.samples[0].caption, mid, k, k)  # warm-up
     rows, galleries = [], []
     for stored, gallery in (("tokens", tokens), ("mid side", side)):
-        for name in FORMATS:
-            fmt = token_format(name, encoder.token_shape if stored == "tokens" else mid.side.feature_shape)
+        shape = encoder.token_shape if stored == "tokens" else mid.side.feature_shape
+        for name in stores(shape):
+            fmt = token_format(name, shape)
             galleries.append(gallery if name == "fp16" else gallery.stored_as(fmt))
             row = evaluate_tier(encoder, galleries[-1], "mid", mid, k)
             rows.append({"seed": seed, "stored": stored, "format": name, "bytes_per_image": fmt.bytes_per_image,
@@ -69,7 +78,7 @@ def shape_rows() -> list[dict[str, Any]]:
     """Bytes per image of each format for the real models' token shapes, and GB per million images."""
     out = []
     for model, shape in SHAPES.items():
-        for name in FORMATS:
+        for name in stores(shape):
             size = token_format(name, shape).bytes_per_image
             out.append({"model": model, "format": name, "bytes_per_image": size, "gb_per_million": round(size / 1e3, 1),
                         "vs_fp16": round(size / token_format("fp16", shape).bytes_per_image, 3)})

@@ -67,12 +67,13 @@ class IndexType(StrEnum):
     ivfpq = "ivfpq"
 
 
-class TokenStore(StrEnum):
-    """How `--tokens` stores the rerankers' patch tokens (indexer.tokens): bytes per image against quality."""
+def _token_store(name: str | None) -> str | None:
+    """`--tokens` checked before any model loads: a format indexer.tokens knows (its shape is checked at build)."""
+    from indexer.tokens import NAME
 
-    fp16 = "fp16"
-    int8 = "int8"
-    int4 = "int4"
+    if name is not None and NAME.fullmatch(name.lower()) is None:
+        raise typer.BadParameter(f"{name!r} is none of fp16, int8, int4, or one of them +keepK (e.g. int8+keep16)")
+    return name.lower() if name else None
 
 
 def _index_progress(description: str) -> Progress:
@@ -158,14 +159,14 @@ def _served_tiers(raw: str | None) -> list[str]:
 
 def _options(batch_size: int, workers: int | None, index_type: IndexType, shard_size: int, max_pixels: int,
              memory_budget_mb: int | None, keep: int, ray: str | None = None, replace: bool = False,
-             tokens: TokenStore | None = None, features: tuple[Any, ...] = ()) -> Any:
+             tokens: str | None = None, features: tuple[Any, ...] = ()) -> Any:
     from indexer.build import BuildOptions, default_workers
     from indexer.distributed import RayOptions
 
     budget = memory_budget_mb * 1024 * 1024 if memory_budget_mb else None
     cluster = None if ray is None else RayOptions(address=None if ray == "local" else ray)
     return BuildOptions(batch_size, default_workers() if workers is None else workers, shard_size, index_type.value,
-                        budget, max_pixels, keep, cluster, replace, tokens=tokens.value if tokens else None,
+                        budget, max_pixels, keep, cluster, replace, tokens=tokens,
                         features=features)
 
 
@@ -179,8 +180,9 @@ ShardOpt = Annotated[int, typer.Option(min=1, help="images per shard (the resume
 PixelsOpt = Annotated[int, typer.Option(min=1, help="larger images are refused as decompression bombs")]
 BudgetOpt = Annotated[int | None, typer.Option(help="memory for the ANN index in MiB (tight: IVF-PQ)")]
 KeepOpt = Annotated[int, typer.Option(min=1, help="index versions to keep")]
-TokensOpt = Annotated[TokenStore | None, typer.Option(case_sensitive=False, help=(
-    "how the rerankers' patch tokens are stored: fp16, int8 (half the bytes) or int4 (a quarter and less); "
+TokensOpt = Annotated[str | None, typer.Option(callback=_token_store, help=(
+    "how the rerankers' patch tokens are stored: fp16, int8 (half the bytes) or int4 (a quarter and less), "
+    "+keepK to keep K patches and store the rest as their mean (int8+keep16: a seventh); "
     "default fp16, or for an add the index's own"))]
 TiersOpt = Annotated[str | None, typer.Option("--tiers", help=(
     "the rerank tiers that will score this index, comma-separated as IMSEARCH_RERANKERS names them (mid, early, "

@@ -8,6 +8,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictInt
 
+from indexer.tokens import PATTERN as TOKEN_FORMATS
 from service.names import JobState
 
 
@@ -34,7 +35,9 @@ class JobOptions(BaseModel):
     batch_size: StrictInt = Field(64, ge=1, le=4096)
     index_kind: Literal["auto", "flat", "hnsw", "ivf", "ivfpq"] = "auto"
     memory_budget_mb: StrictInt | None = Field(None, ge=1)
-    tokens: Literal["fp16", "int8", "int4"] | None = Field(None, description="token store (default: the index's)")
+    tokens: str | None = Field(None, pattern=TOKEN_FORMATS, description=(
+        "token store: fp16, int8 or int4, optionally +keepK (K patches kept, the rest as their mean); "
+        "default: the index's"))
 
 
 class JobRequest(BaseModel):

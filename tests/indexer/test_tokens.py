@@ -1,5 +1,5 @@
-"""Token store: fp16, int8 and int4 patch tokens written, read back within their quantization error, and
-scored by a reranker as the fp16 ones are; one format per index."""
+"""Token store: fp16, int8 and int4 patch tokens, whole or merged (+keepK), written, read back within their
+quantization error, and scored by a reranker as the fp16 ones are; one format per index."""
 
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ from reranker.score import Query, load_tier
 from training.scenes import write_scenes
 
 SHAPE = (65, 192)
+MERGED = "int8+keep24"
 
 
 def _tokens(n: int = 6, seed: int = 0) -> np.ndarray:
@@ -58,14 +59,51 @@ def test_fp16_is_the_tokens_as_stored_and_formats_are_told_apart() -> None:
         token_format("int2", SHAPE)
 
 
+@pytest.mark.parametrize("name", ["fp16+keep3", "int8+keep3", "int4+keep3"])
+def test_merged_tokens_keep_the_outlying_patches_and_store_the_rest_as_their_mean(name: str) -> None:
+    fmt = token_format(name, (10, 64))  # [CLS] and 9 patches
+    rng = np.random.default_rng(1)
+    tokens = np.repeat(rng.standard_normal((2, 1, 64)), 10, axis=1)  # a plain ground ...
+    tokens[:, 1:] += rng.standard_normal((2, 9, 64)) * 0.01  # ... not quite uniform
+    tokens[:, 0] = rng.standard_normal((2, 64))  # [CLS] is never merged
+    tokens[0, [2, 5, 9]] = rng.standard_normal((3, 64)) * 3  # three objects: the patches to keep
+    tokens[1, [1, 4, 8]] = rng.standard_normal((3, 64)) * 3
+    tokens = tokens.astype(np.float16).astype(np.float32)  # as an encoder hands them over
+    rows = encode(tokens, fmt)
+    assert (rows["where"] == [[1, 4, 8], [0, 3, 7]]).all()  # patch order, counted after [CLS]
+    assert fmt.stored == 5 and fmt.bytes_per_image == rows.dtype.itemsize
+    assert format_of(rows.dtype, rows.shape[1:]) == fmt
+    back = decode(rows, fmt)
+    assert back.shape == tokens.shape and back.dtype == np.float32
+    step = {"fp16": 1e-3, "int8": 0.5 / 127, "int4": 0.5 / 7}[fmt.base] * np.abs(tokens).max(-1, keepdims=True)
+    for image, objects in ((0, [2, 5, 9]), (1, [1, 4, 8])):
+        ground = [p for p in range(1, 10) if p not in objects]
+        for keep in [0, *objects]:
+            assert (np.abs(back[image, keep] - tokens[image, keep]) <= step[image, keep] * 1.01).all()
+        mean = tokens[image, ground].mean(axis=0)
+        assert (np.abs(back[image, ground] - mean) <= step[image, ground] * 1.01 + 1e-3).all()
+
+
+def test_merged_formats_name_their_limits() -> None:
+    assert token_format("int8+keep16", SHAPE).bytes_per_image == 18 * (192 + 2) + 16 * 2  # + which patches
+    assert token_format("int4+keep16", SHAPE).bytes_per_image < token_format("int4", SHAPE).bytes_per_image / 3
+    with pytest.raises(ValueError, match="keeps 64 patches; these tokens have 64 after"):
+        token_format("int8+keep64", SHAPE)
+    for wrong in ("int8+keep0", "int8+keep", "int8+16", "keep16"):
+        with pytest.raises(ValueError, match="unknown token format"):
+            token_format(wrong, SHAPE)
+    merged = token_format("int8+keep16", SHAPE).dtype
+    assert format_of(np.dtype([(n, merged[n]) for n in ("codes", "scales", "where")]), ()) is None  # no "full"
+
+
 @pytest.fixture(scope="module")
 def stores(tmp_path_factory: pytest.TempPathFactory, encoder: DualEncoder) -> dict[str, Path]:
     """The same 24 images indexed with each token format."""
     base = tmp_path_factory.mktemp("token-stores")
     write_scenes(base / "src", 12, seed=31, twins=True)
-    for name in FORMATS:
+    for name in (*FORMATS, MERGED):
         build_or_add(base / "src", base / name, encoder, BuildOptions(workers=0, shard_size=10, tokens=name), "build")
-    return {name: base / name for name in FORMATS}
+    return {name: base / name for name in (*FORMATS, MERGED)}
 
 
 def test_every_format_reads_back_the_fp16_tokens_and_reranks_alike(stores: dict[str, Path],
@@ -88,6 +126,27 @@ def test_every_format_reads_back_the_fp16_tokens_and_reranks_alike(stores: dict[
             log_p = mid.log_match(query, index.tokens(ids))
         assert np.argmax(log_p) == np.argmax(reference)
         assert np.abs(np.exp(log_p) - np.exp(reference)).max() < {"int8": 0.02, "int4": 0.1}[name]
+
+
+def test_a_merged_store_reads_back_its_merged_tokens_and_reranks_alike(stores: dict[str, Path],
+                                                                        encoder: DualEncoder) -> None:
+    mid = load_tier("mid", encoder)
+    fmt = token_format(MERGED, encoder.token_shape)
+    with Index.open(stores["fp16"]) as ref, Index.open(stores[MERGED]) as index:
+        ids = ref.ids()
+        exact = ref.tokens(ids).astype(np.float32)
+        assert index.manifest["tokens"] == fmt.describe() and index.token_format == fmt
+        for image, read in zip(exact[[5, 0, 17]], index.tokens(ids[[5, 0, 17]]), strict=True):  # across shards
+            close = (np.abs(read - image) <= np.abs(image).max(-1, keepdims=True) * (0.5 / 127 + 1e-3)).all(-1)
+            rows, counts = np.unique(read[1:], axis=0, return_counts=True)
+            ground = (read[1:] == rows[np.argmax(counts)]).all(-1)  # the 40 other patches, each their mean
+            assert close[0] and ground.sum() == 40 and close[1:][~ground].all()
+        captions = [str(m["caption"]) for m in ref.metadata(ids, ["caption"])]
+        merged = index.tokens(ids)
+    for i in (0, 7, 13):
+        _, text, mask = encoder.encode_texts_and_tokens([captions[i]])
+        query = Query(captions[i], text[0], mask[0])
+        assert np.argmax(mid.log_match(query, merged)) == np.argmax(mid.log_match(query, exact))
 
 
 def test_an_add_keeps_the_index_format_and_refuses_another(stores: dict[str, Path], encoder: DualEncoder,
@@ -118,3 +177,11 @@ def test_cli_builds_a_compressed_store_and_info_reports_its_bytes(stores: dict[s
     assert json.loads(old.output)["tokens"]["bytes_per_image"] == 24_960
     wrong = runner.invoke(app, ["index", "build", str(src), "--index", str(tmp_path / "j"), "--tokens", "int3"])
     assert wrong.exit_code == 2 and "int3" in wrong.output
+    merged = runner.invoke(app, ["index", "build", str(src), "--index", str(tmp_path / "m"), "--tokens", "INT4+keep16",
+                                 "--workers", "0"])
+    assert merged.exit_code == 0, merged.output
+    info = runner.invoke(app, ["index", "info", "--index", str(tmp_path / "m")])
+    assert "tokens   int4+keep16, 1,976 bytes per image" in info.output
+    too_many = runner.invoke(app, ["index", "build", str(src), "--index", str(tmp_path / "k"), "--tokens",
+                                   "int8+keep64"])
+    assert too_many.exit_code == 2 and "keeps 64 patches" in too_many.output

@@ -75,16 +75,17 @@ def test_a_job_chooses_the_token_store_and_an_add_keeps_it(corpus: tuple[Path, P
     source = str(root / "batch" / "captions.jsonl")
     with TestClient(create_app(_settings(index_dir, root))) as client:
         client.post("/v1/jobs/index", headers=KEY, json={"source": source, "mode": "build", "replace": True,
-                                                         "job_id": "b4", "options": {"tokens": "int4"}})
+                                                         "job_id": "b4", "options": {"tokens": "int4+keep16"}})
         built = wait_for(lambda: (j := _job(client, "b4"))["status"] in ("succeeded", "failed") and j)
         assert built["status"] == "succeeded", built
-        assert client.get("/v1/index").json()["manifest"]["tokens"]["format"] == "int4"
+        assert client.get("/v1/index").json()["manifest"]["tokens"]["format"] == "int4+keep16"
         client.post("/v1/jobs/index", headers=KEY, json={"source": str(root), "job_id": "a16",
                                                          "options": {"tokens": "fp16"}})
         refused = wait_for(lambda: (j := _job(client, "a16"))["status"] in ("succeeded", "failed") and j)
         assert refused["status"] == "failed" and "one index holds one format" in refused["error"]
-        wrong = client.post("/v1/jobs/index", headers=KEY, json={"source": source, "options": {"tokens": "int3"}})
-        assert wrong.status_code == 422 and "tokens" in wrong.json()["detail"]
+        for name in ("int3", "int4+16"):
+            wrong = client.post("/v1/jobs/index", headers=KEY, json={"source": source, "options": {"tokens": name}})
+            assert wrong.status_code == 422 and "tokens" in wrong.json()["detail"]
 
 
 @pytest.mark.parametrize(
