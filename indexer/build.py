@@ -89,6 +89,7 @@ class BuildReport:
     count: int
     failures_file: str | None = None  # every skipped file of this run with its reason (None: none, or unpublished)
     first_failures: list[dict[str, str]] = field(default_factory=list)  # the first few, for the summary
+    left_out: list[str] = field(default_factory=list)  # feature sets asked for and not stored, each with why
 
     def to_json(self) -> dict[str, Any]:
         rate = self.indexed / self.seconds if self.seconds > 0 else 0.0
@@ -166,16 +167,23 @@ def feature_formats(opts: BuildOptions, tokens: TokenFormat, parent: Index | Non
         raise BuildError(str(exc)) from None
 
 
-def kept_sources(sources: tuple[Source, ...], encoder: DualEncoder, parent: Index | None) -> tuple[Source, ...]:
-    """The feature sources a run computes. An image side (from the dual encoder's tokens) is a speed-up the tier
-    can do without: it is left out where it reads another encoder's tokens, and by an add whose index lacks it."""
+def kept_sources(sources: tuple[Source, ...], encoder: DualEncoder,
+                 parent: Index | None) -> tuple[tuple[Source, ...], list[str]]:
+    """The feature sources a run computes, and those left out with why. An image side (from the dual encoder's
+    tokens) is a speed-up the tier can do without: it is left out where it reads another encoder's tokens, and
+    by an add whose index lacks it."""
 
-    def kept(source: Source) -> bool:
+    def why_not(source: Source) -> str | None:
         if not isinstance(source, TokenFeatures):
-            return True
-        return encoder.is_model(source.encoder_id) and (parent is None or source.features in parent.feature_sets)
+            return None
+        if not encoder.is_model(source.encoder_id):
+            return f"{source.features} (its tier reads the tokens of {source.encoder_id}, not {encoder.model_id})"
+        if parent is not None and source.features not in parent.feature_sets:
+            return f"{source.features} (the index holds none: build it anew with the tier to store it)"
+        return None
 
-    return tuple(s for s in sources if kept(s))
+    reasons = {s.features: why_not(s) for s in sources}
+    return tuple(s for s in sources if reasons[s.features] is None), [r for r in reasons.values() if r]
 
 
 def check_model(parent: Index, encoder: DualEncoder) -> None:
@@ -374,7 +382,8 @@ def _ingest_locked(src: Path, out: Path, encoder: DualEncoder, opts: BuildOption
     parent = Index.open(out) if mode == "add" else None
     if parent is not None:
         check_model(parent, encoder)
-    opts = replace(opts, features=kept_sources(opts.features, encoder, parent))
+    kept, left_out = kept_sources(opts.features, encoder, parent)
+    opts = replace(opts, features=kept)
     tokens = choose_tokens(opts, encoder, parent)
     stored = feature_formats(opts, tokens, parent)
     sets = {f.features: features.describe(f, stored[f.features]) for f in opts.features}
@@ -390,7 +399,7 @@ def _ingest_locked(src: Path, out: Path, encoder: DualEncoder, opts: BuildOption
     shards = staged + writer.written
     report = _publish_ingest(out, src, encoder, opts, parent, shards, dups + _staged_dups(staged), (tokens, sets))
     shutil.rmtree(staging, ignore_errors=True)
-    report.seconds = time.perf_counter() - start
+    report.seconds, report.left_out = time.perf_counter() - start, left_out
     return report
 
 

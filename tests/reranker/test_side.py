@@ -3,6 +3,7 @@ weights, built by default, extended by adds, and never scored when other weights
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -113,8 +114,12 @@ def test_an_add_extends_the_side_its_index_holds_and_adds_none_it_lacks(built: P
     assert built_plain.exit_code == 0, built_plain.output
     with_side = shutil.copytree(built / "idx", tmp_path / "idx")
     for folder in (plain, with_side):  # the default tiers (mid, early) each time
-        added = runner.invoke(app, ["index", "add", str(tmp_path / "more"), "--index", str(folder), "--workers", "0"])
+        added = runner.invoke(app, ["index", "add", str(tmp_path / "more"), "--index", str(folder), "--workers", "0",
+                                    "--json"])
         assert added.exit_code == 0, added.output
+        left_out = json.loads(added.stdout)["left_out"]
+        assert left_out == (["mid (the index holds none: build it anew with the tier to store it)"]
+                            if folder == plain else [])
         verified = runner.invoke(app, ["index", "verify", "--index", str(folder)])
         assert verified.exit_code == 0, verified.output
     with Index.open(plain) as index:
