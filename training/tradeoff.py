@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import faiss
@@ -35,6 +35,7 @@ class Gallery:
     tokens: np.ndarray  # (n, t, w) float16, or (n,) rows of `store`
     store: TokenFormat | None = None  # a quantized token store (indexer.tokens); None: fp16
     prepared: bool = False  # `tokens` hold a tier's image side (ImageSide), not the dual encoder's tokens
+    sides: dict[str, Gallery] = field(default_factory=dict, repr=False)  # with_side's, by the side's model id
 
     def candidates(self, rows: np.ndarray) -> np.ndarray:
         """The tokens of gallery rows as a reranker gets them from an index (decoded from a quantized store)."""
@@ -50,10 +51,13 @@ class Gallery:
         return self if side is None or self.prepared else self.with_side(side)
 
     def with_side(self, side: ImageSide) -> Gallery:
-        """This (fp16) gallery holding the tier's image side instead of its tokens, as an index stores it (fp16)."""
-        prepared = np.concatenate([side.encode_tokens(self.tokens[i : i + BATCH]).astype(np.float16)
-                                   for i in range(0, len(self.tokens), BATCH)])
-        return Gallery(self.samples, self.index, prepared, None, True)
+        """This (fp16) gallery holding the tier's image side instead of its tokens, as an index stores it (fp16);
+        computed once per side (mid and auto score the same)."""
+        if side.feature_model not in self.sides:
+            prepared = np.concatenate([side.encode_tokens(self.tokens[i : i + BATCH]).astype(np.float16)
+                                       for i in range(0, len(self.tokens), BATCH)])
+            self.sides[side.feature_model] = Gallery(self.samples, self.index, prepared, None, True)
+        return self.sides[side.feature_model]
 
 
 def embed(encoder: DualEncoder, n: int, seed: int) -> Gallery:
