@@ -179,7 +179,7 @@ def kept_sources(sources: tuple[Source, ...], encoder: DualEncoder,
         if not encoder.is_model(source.encoder_id):
             return f"{source.features} (its tier reads the tokens of {source.encoder_id}, not {encoder.model_id})"
         if parent is not None and source.features not in parent.feature_sets:
-            return f"{source.features} (the index holds none: build it anew with the tier to store it)"
+            return f"{source.features} (the index holds none; a build with --replace and the tier stores one)"
         return None
 
     reasons = {s.features: why_not(s) for s in sources}

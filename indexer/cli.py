@@ -114,8 +114,10 @@ def _print_report(report: Any, as_json: bool) -> None:
     if as_json:
         sys.stdout.write(json.dumps(summary) + "\n")
         return
-    shown = {k: v for k, v in summary.items() if k not in ("failures_file", "first_failures")}
+    shown = {k: v for k, v in summary.items() if k not in ("failures_file", "first_failures", "left_out")}
     err.print(", ".join(f"{k}={v}" for k, v in shown.items()), highlight=False, markup=False, soft_wrap=True)
+    for left_out in report.left_out:
+        err.print(f"not stored: {left_out}", highlight=False, markup=False, soft_wrap=True)
     if report.skipped or report.duplicates:
         where = f"all listed in {report.failures_file}" if report.failures_file else "no new version was published"
         err.print(f"skipped {report.skipped + report.duplicates} files ({where}); the first:", highlight=False,

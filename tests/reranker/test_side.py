@@ -118,7 +118,7 @@ def test_an_add_extends_the_side_its_index_holds_and_adds_none_it_lacks(built: P
                                     "--json"])
         assert added.exit_code == 0, added.output
         left_out = json.loads(added.stdout)["left_out"]
-        assert left_out == (["mid (the index holds none: build it anew with the tier to store it)"]
+        assert left_out == (["mid (the index holds none; a build with --replace and the tier stores one)"]
                             if folder == plain else [])
         verified = runner.invoke(app, ["index", "verify", "--index", str(folder)])
         assert verified.exit_code == 0, verified.output
