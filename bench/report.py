@@ -261,7 +261,7 @@ def section_freeform() -> str:
     autos = [x["auto"] for x in (a, b) if x and x.get("auto")]
     auto = ("rerank auto (margin " + f"{autos[0]['margin']:.4f}): " + " / ".join(
         f"{x['gain_share']:.0%} of mid's p@1 gain over late at {x['cost_share']:.0%} of its rerank cost" for x in autos)
-        + " (each tier's mean ms over late's, same run; target ≥ 90 % at ≤ 30 %: "
+        + " (each tier's mean rerank ms, the tiers taking turns on every query; target ≥ 90 % at ≤ 30 %: "
         + verdict(all(x["gain_share"] >= 0.9 and x["cost_share"] <= 0.3 for x in autos)) + ").") if autos else ""
     return f"""## Queries as people type them (`imsearch eval freeform`)
 

@@ -3,6 +3,7 @@ of random scenes and their twins, where a hit counts when the description is tru
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -49,23 +50,36 @@ def truth(queries: list[Written], samples: list[Sample]) -> np.ndarray:
     return np.array([[holds(q.claim, s.scene) for s in samples] for q in queries], dtype=bool)
 
 
-def _tier_rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], true: np.ndarray, tier: str,
-               reranker: Reranker | None, k: int, auto_margin: float | None = None
-               ) -> tuple[list[dict[str, object]], list[tuple[float, bool]]]:
-    """Per kind: p@1, p@5 and ms p50 and mean of one tier; plus (log p(match), true) of every reranked candidate."""
-    hits: dict[str, list[tuple[float, float, float]]] = {kind: [] for kind in KINDS}
-    scored: list[tuple[float, bool]] = []
-    gallery = gallery.for_tier(reranker)  # as a default index holds it: with mid's image side
+@dataclass(frozen=True)
+class Arm:
+    """A tier of the table: its name, its reranker (None: late) and rerank "auto"'s margin (None: rerank all k)."""
+
+    tier: str
+    reranker: Reranker | None
+    margin: float | None = None
+
+
+def _rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], true: np.ndarray, arms: list[Arm], k: int
+          ) -> tuple[list[dict[str, object]], dict[str, list[tuple[float, bool]]]]:
+    """Per tier and kind: p@1, p@5, ms p50 and mean, rerank ms mean; plus, per tier, (log p(match), true) of every
+    reranked candidate. The tiers take turns on every query, so that the machine's drifting speed falls on all."""
+    hits: dict[str, dict[str, list[tuple[float, ...]]]] = {arm.tier: {kind: [] for kind in KINDS} for arm in arms}
+    scored: dict[str, list[tuple[float, bool]]] = {arm.tier: [] for arm in arms}
+    served = {arm.tier: gallery.for_tier(arm.reranker) for arm in arms}  # as a default index holds it
     for q, query in enumerate(queries):
-        result = run_query(encoder, gallery, query.text, reranker, k, max(k, 5), auto_margin)
-        top = result.ranking[:5]
-        hits[query.kind].append((float(true[q, top[0]]), float(true[q, top].mean()), result.ms))
-        if result.log_p is not None:
-            head = result.ranking[: len(result.log_p)]
-            scored += [(float(lp), bool(true[q, row])) for lp, row in zip(result.log_p, head, strict=True)]
+        for arm in arms:
+            depth = k if arm.reranker is not None else 0
+            result = run_query(encoder, served[arm.tier], query.text, arm.reranker, depth, max(depth, 5), arm.margin)
+            top = result.ranking[:5]
+            hits[arm.tier][query.kind].append((float(true[q, top[0]]), float(true[q, top].mean()), result.ms,
+                                               result.rerank_ms))
+            if result.log_p is not None:
+                head = result.ranking[: len(result.log_p)]
+                scored[arm.tier] += [(float(p), bool(true[q, row])) for p, row in zip(result.log_p, head, strict=True)]
     rows = [{"tier": tier, "kind": kind, "p1": float(np.mean([h[0] for h in got])),
              "p5": float(np.mean([h[1] for h in got])), "ms_p50": float(np.percentile([h[2] for h in got], 50)),
-             "ms_mean": float(np.mean([h[2] for h in got])), "queries": len(got)} for kind, got in hits.items() if got]
+             "ms_mean": float(np.mean([h[2] for h in got])), "rerank_ms_mean": float(np.mean([h[3] for h in got])),
+             "queries": len(got)} for tier, kinds in hits.items() for kind, got in kinds.items() if got]
     return rows, scored
 
 
@@ -90,16 +104,12 @@ def evaluate_freeform(encoder: DualEncoder, rerankers: dict[str, Reranker], n: i
     queries = freeform_queries(samples, per_kind, seed)
     true = truth(queries, samples)
     run_query(encoder, gallery, queries[0].text, None, 0, 10)  # warm-up
-    rows, _ = _tier_rows(encoder, gallery, queries, true, "late", None, 0)
-    calibration: dict[str, float] = {}
-    for tier, reranker in rerankers.items():
-        tier_rows, scored = _tier_rows(encoder, gallery, queries, true, tier, reranker, k)
-        rows += tier_rows
-        calibration[tier] = calibration_error(scored)
-    auto = None  # figures of rerank "auto"
+    arms = [Arm("late", None), *(Arm(tier, reranker) for tier, reranker in rerankers.items())]
     if auto_margin is not None and "mid" in rerankers:
-        rows += _tier_rows(encoder, gallery, queries, true, "auto", rerankers["mid"], k, auto_margin)[0]
-        auto = auto_shares(rows, auto_margin)
+        arms.append(Arm("auto", rerankers["mid"], auto_margin))
+    rows, scored = _rows(encoder, gallery, queries, true, arms, k)
+    calibration = {tier: calibration_error(scored[tier]) for tier in rerankers}
+    auto = auto_shares(rows, auto_margin) if arms[-1].tier == "auto" and auto_margin is not None else None
     return {"n": n, "seed": seed, "k": k, "queries": len(queries), "rows": rows, "calibration_error": calibration,
             "auto": auto,
             "examples": {kind: next(q.text for q in queries if q.kind == kind) for kind in KINDS}}
@@ -107,17 +117,16 @@ def evaluate_freeform(encoder: DualEncoder, rerankers: dict[str, Reranker], n: i
 
 def auto_shares(rows: list[dict[str, Any]], margin: float) -> dict[str, float]:
     """Over all queries: p@1 of late, mid and auto; auto's share of mid's gain over late, and of mid's rerank cost
-    (each tier's mean ms over late's, measured in the same run)."""
+    (each tier's mean rerank ms, 0 for a query auto does not rerank, the two timed in turns on every query)."""
     def overall(tier: str, key: str) -> float:
         mine = [r for r in rows if r["tier"] == tier]
         return sum(r[key] * r["queries"] for r in mine) / sum(r["queries"] for r in mine)
 
-    (late, mid, auto), (late_ms, mid_ms, auto_ms) = ([overall(t, key) for t in ("late", "mid", "auto")]
-                                                     for key in ("p1", "ms_mean"))
+    late, mid, auto = (overall(t, "p1") for t in ("late", "mid", "auto"))
+    mid_ms, auto_ms = (overall(t, "rerank_ms_mean") for t in ("mid", "auto"))
     return {"margin": margin, "late_p1": late, "mid_p1": mid, "auto_p1": auto,
             "gain_share": (auto - late) / (mid - late) if mid > late else 1.0,
-            "mid_rerank_ms": mid_ms - late_ms, "auto_rerank_ms": auto_ms - late_ms,
-            "cost_share": (auto_ms - late_ms) / (mid_ms - late_ms)}
+            "mid_rerank_ms": mid_ms, "auto_rerank_ms": auto_ms, "cost_share": auto_ms / mid_ms}
 
 
 def raw_margins(scored: list[tuple[float, bool]], cfg: RerankerConfig) -> tuple[np.ndarray, np.ndarray]:
@@ -147,7 +156,8 @@ def fit_calibration(encoder: DualEncoder, reranker: TokenReranker, n: int, seed:
     samples = freeform_gallery(n, seed)
     gallery = embed_samples(encoder, samples)
     queries = freeform_queries(samples, per_kind, seed)
-    _, scored = _tier_rows(encoder, gallery, queries, truth(queries, samples), reranker.name, reranker, k)
+    arm = Arm(reranker.name, reranker)
+    scored = _rows(encoder, gallery, queries, truth(queries, samples), [arm], k)[1][arm.tier]
     cfg = reranker.matcher.cfg
     margins, labels = raw_margins(scored, cfg)
     cfg.temperature, cfg.bias = best_calibration(margins, labels)

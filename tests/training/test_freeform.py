@@ -63,14 +63,14 @@ def test_eval_freeform_prints_rows_per_tier_and_kind() -> None:
 
 
 def test_auto_shares_weigh_each_kind_by_its_queries() -> None:
-    rows = [{"tier": t, "kind": kind, "p1": p1, "ms_mean": ms, "queries": n}
-            for t, kind, p1, ms, n in [("late", "a", 0.5, 2.0, 10), ("late", "b", 0.0, 2.0, 30),
-                                       ("mid", "a", 1.0, 12.0, 10), ("mid", "b", 0.8, 12.0, 30),
-                                       ("auto", "a", 1.0, 4.0, 10), ("auto", "b", 0.4, 6.0, 30)]]
+    rows = [{"tier": t, "kind": kind, "p1": p1, "rerank_ms_mean": ms, "queries": n}
+            for t, kind, p1, ms, n in [("late", "a", 0.5, 0.0, 10), ("late", "b", 0.0, 0.0, 30),
+                                       ("mid", "a", 1.0, 10.0, 10), ("mid", "b", 0.8, 10.0, 30),
+                                       ("auto", "a", 1.0, 2.0, 10), ("auto", "b", 0.4, 4.0, 30)]]
     shares = auto_shares(rows, 0.03)
     assert shares["late_p1"] == pytest.approx(0.125) and shares["mid_p1"] == pytest.approx(0.85)
     assert shares["auto_p1"] == pytest.approx(0.55) and shares["gain_share"] == pytest.approx(0.425 / 0.725)
-    assert shares["cost_share"] == pytest.approx((5.5 - 2.0) / 10.0)  # rerank cost: each tier's ms over late's
+    assert shares["cost_share"] == pytest.approx(3.5 / 10.0)  # mean rerank ms, each kind weighed by its queries
 
 
 def test_calibration_fit_recovers_an_over_confident_shifted_head() -> None:
