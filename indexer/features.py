@@ -53,8 +53,11 @@ def describe(source: Source, fmt: TokenFormat) -> dict[str, Any]:
 
 
 def formats(sources: Sequence[Source], tokens: TokenFormat) -> dict[str, TokenFormat]:
-    """Each feature set stored as the index stores its tokens (fp16, int8 or int4), at its own shape."""
-    return {s.features: token_format(tokens.name, s.feature_shape) for s in sources}
+    """Each feature set stored as the index stores its tokens (fp16, int8 or int4), at its own shape; merged
+    (+keepK) only where it holds the same patches (an image side): K of a tier's own tower's many more patches
+    would keep too few."""
+    return {s.features: token_format(tokens.name if isinstance(s, TokenFeatures) else tokens.base, s.feature_shape)
+            for s in sources}
 
 
 def mismatch(held: dict[str, dict[str, Any]], sources: Sequence[Source], where: str) -> str | None:

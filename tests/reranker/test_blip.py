@@ -113,6 +113,23 @@ def test_an_index_built_for_the_blip_tier_stores_its_vision_features(blip_dir: P
     assert BlipReranker(copy).feature_model == reranker.feature_model
 
 
+def test_a_merged_token_store_merges_the_image_side_and_not_blip_s_own_features(
+        blip_dir: Path, blip_index: tuple[Path, Path], tmp_path: Path) -> None:
+    from typer.testing import CliRunner
+
+    from imsearch.cli import app
+    from indexer.store import Index
+
+    built = CliRunner().invoke(app, ["index", "build", str(blip_index[1] / "captions.jsonl"), "--index",
+                                     str(tmp_path / "idx"), "--workers", "0", "--tokens", "int8+keep8",
+                                     "--tiers", f"mid,blip={blip_dir}"])
+    assert built.exit_code == 0, built.output
+    with Index.open(tmp_path / "idx") as index:
+        assert index.manifest["tokens"]["format"] == index.feature_sets["mid"]["format"] == "int8+keep8"
+        assert index.feature_sets["blip"]["format"] == "int8"  # its own 16 patches, not the encoder's 64
+        assert index.features("blip", index.ids()[:2]).shape == (2, 17, 48)
+
+
 def test_an_add_must_bring_the_features_its_index_holds(blip_dir: Path, blip_index: tuple[Path, Path],
                                                         tmp_path: Path) -> None:
     from typer.testing import CliRunner
