@@ -220,15 +220,18 @@ class Matcher(nn.Module):
 
     def ground_states(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
                       prepared: bool = False) -> torch.Tensor:
-        """(n, 1 + L', w) [ENC] + text states after block `ground_layer`, what `locate` reads: encode's
-        `hidden`, without the blocks after it (a third of the cost of scoring, for the committed tiers).
-        With `prepared`, `image` is already embed_image's output (an index's stored image side)."""
+        """(k, 1 + L', w) [ENC] + text states of one text against k images after block `ground_layer`, what
+        `locate` reads: encode's `hidden`, without the blocks after it, computed as score_one_text computes them.
+        With `prepared`, `image` is already embed_image's output (an index's stored image side).
+
+        Args:
+            image: (k, t, image_width), or with `prepared` (k, t, width); text: (1, L, text_width); mask: (1, L).
+        """
+        k = image.shape[0]
         img = image if prepared else self.embed_image(image)
-        txt, pad = self.embed_text(text, mask)
         if self.cfg.kind == "mid":
-            for block in list(self.blocks)[: self.cfg.ground_layer + 1]:
-                txt = block(txt, pad, img)
-            return txt
+            return self._folded_blocks(*self.embed_text(text, mask), img, self.cfg.ground_layer + 1)
+        txt, pad = self.embed_text(text.expand(k, -1, -1), mask.expand(k, -1))
         seq, full_pad = self._stream(txt, pad, img)
         for layer in list(self.stream.layers)[: self.cfg.ground_layer + 1]:
             seq = layer(seq, src_key_padding_mask=full_pad)
@@ -269,16 +272,23 @@ class Matcher(nn.Module):
         if self.cfg.kind != "mid":
             return self._early_at_enc(image, text.expand(k, -1, -1), mask.expand(k, -1), prepared)
         img = image if prepared else self.embed_image(image)
-        txt, pad = self.embed_text(text, mask)
-        blocks = cast(list[CrossBlock], list(self.blocks))
-        last = len(blocks) - 1
-        txt = blocks[0].self_part(txt, pad, rows=1 if last == 0 else None)  # (1, L, w): attend_folded broadcasts
-        pad = pad.expand(k, -1)
-        for i, block in enumerate(blocks):
+        txt = self._folded_blocks(*self.embed_text(text, mask), img, len(self.blocks), enc_last=True)
+        return self.head(self.ln_out(txt[:, 0]))
+
+    def _folded_blocks(self, txt: torch.Tensor, pad: torch.Tensor, img: torch.Tensor, blocks: int,
+                       enc_last: bool = False) -> torch.Tensor:
+        """(k, rows, w) states after the first `blocks` mid blocks of one text's (1, L, w) rows against k embedded
+        images: the first block's self-attention runs once (it sees no image; attend_folded broadcasts its rows);
+        with `enc_last`, the last block's outputs at [ENC] only."""
+        chain = cast(list[CrossBlock], list(self.blocks))[:blocks]
+        last = len(chain) - 1 if enc_last else -1
+        txt = chain[0].self_part(txt, pad, rows=1 if last == 0 else None)
+        pad = pad.expand(img.shape[0], -1)
+        for i, block in enumerate(chain):
             if i > 0:
                 txt = block.self_part(txt, pad, rows=1 if i == last else None)
             txt = block.attend_folded(txt, img)
-        return self.head(self.ln_out(txt[:, 0]))
+        return txt
 
     def _stream(self, txt: torch.Tensor, pad: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Early fusion's input: [text; image] with type embeddings, and its padding mask (image: none)."""

@@ -142,10 +142,8 @@ class TokenReranker:
         where = [p for p, t in enumerate(ids) if t in self._nouns and query.mask[p]]
         if not where or not len(image_tokens):
             return [[] for _ in range(len(image_tokens))]
-        k = len(image_tokens)
         image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
-        text = torch.from_numpy(query.tokens).float()[None].expand(k, -1, -1)
-        mask = torch.from_numpy(query.mask)[None].expand(k, -1)
+        text, mask = torch.from_numpy(query.tokens).float()[None], torch.from_numpy(query.mask)[None]
         states = self.matcher.ground_states(image, text, mask, prepared)[:, [1 + p for p in where]]  # 1: [ENC]
         xy = ((self.matcher.locate(states).clamp(-1, 1) + 1) / 2).numpy()  # (k, nouns, 2) in [0, 1]
         phrases = [self._phrase(ids, p) for p in where]

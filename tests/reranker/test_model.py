@@ -52,12 +52,15 @@ def test_a_batch_scores_like_single_calls(matcher: Matcher) -> None:
     torch.testing.assert_close(batched, single, rtol=1e-4, atol=1e-5)
 
 
-@pytest.mark.parametrize("layers", [1, 3])
-def test_one_text_against_k_images_scores_like_the_full_batch(matcher: Matcher, layers: int) -> None:
+@pytest.mark.parametrize(("layers", "ground_layer"), [(1, 0), (3, 0), (3, 1)])
+def test_one_text_against_k_images_scores_like_the_full_batch(matcher: Matcher, layers: int,
+                                                              ground_layer: int) -> None:
     """The fast path (first block's self-attention once, last block at [ENC] only, with the image
-    projections folded into the text rows of every block) changes nothing."""
+    projections folded into the text rows of every block) changes nothing, nor do the grounding
+    states it computes up to the grounding layer."""
     torch.manual_seed(1)
-    model = Matcher(RerankerConfig(kind=matcher.cfg.kind, layers=layers, image_mix=64)).eval()
+    model = Matcher(RerankerConfig(kind=matcher.cfg.kind, layers=layers, image_mix=64,
+                                   ground_layer=ground_layer)).eval()
     nn_init = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for p in model.image_mix.parameters() if model.image_mix else []:
@@ -70,6 +73,8 @@ def test_one_text_against_k_images_scores_like_the_full_batch(matcher: Matcher, 
         full = model(image, one_text.expand(6, -1, -1), one_mask.expand(6, -1))
         torch.testing.assert_close(model.score_one_text(image, one_text, one_mask), full, rtol=1e-4, atol=1e-5)
         assert not torch.allclose(full[0], full[1])  # the images do differ
+        hidden = model.encode(image, one_text.expand(6, -1, -1), one_mask.expand(6, -1))[1]
+        torch.testing.assert_close(model.ground_states(image, one_text, one_mask), hidden, rtol=1e-4, atol=1e-5)
 
 
 def test_an_added_image_block_starts_as_identity_then_learns_neighbourhoods() -> None:
