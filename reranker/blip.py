@@ -93,6 +93,10 @@ class BlipReranker:
     def explain(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> list[list[Located]]:
         raise ValueError("the blip tier cannot explain its matches: use a tier with a grounding head (mid, early)")
 
+    def rescore(self, query: Query, image_tokens: np.ndarray, prepared: bool = False,
+                explain: bool = False) -> tuple[np.ndarray, list[list[Located]] | None]:
+        return self.log_match(query, image_tokens), self.explain(query, image_tokens) if explain else None
+
 
 def _weights_sha(folder: Path) -> str:
     """The first 16 hex of the sha256 over the config and weights: the model's id however its folder is named."""

@@ -230,7 +230,7 @@ class Matcher(nn.Module):
         k = image.shape[0]
         img = image if prepared else self.embed_image(image)
         if self.cfg.kind == "mid":
-            return self._folded_blocks(*self.embed_text(text, mask), img, self.cfg.ground_layer + 1)
+            return self._folded_blocks(*self.embed_text(text, mask), img, self.cfg.ground_layer + 1)[0]
         txt, pad = self.embed_text(text.expand(k, -1, -1), mask.expand(k, -1))
         seq, full_pad = self._stream(txt, pad, img)
         for layer in list(self.stream.layers)[: self.cfg.ground_layer + 1]:
@@ -268,27 +268,38 @@ class Matcher(nn.Module):
             image: (k, t, image_width), or with `prepared` embed_image's (k, t, width); text: (1, L, text_width);
                 mask: (1, L).
         """
+        return self.score_and_ground(image, text, mask, prepared, ground=False)[0]
+
+    def score_and_ground(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor, prepared: bool = False,
+                         ground: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """score_one_text's logits and, with `ground`, ground_states' states, in one pass where the grounding
+        layer is not mid's last (its blocks up to that layer are the score's own)."""
         k = image.shape[0]
         if self.cfg.kind != "mid":
-            return self._early_at_enc(image, text.expand(k, -1, -1), mask.expand(k, -1), prepared)
+            logits = self._early_at_enc(image, text.expand(k, -1, -1), mask.expand(k, -1), prepared)
+            return logits, self.ground_states(image, text, mask, prepared) if ground else None
         img = image if prepared else self.embed_image(image)
-        txt = self._folded_blocks(*self.embed_text(text, mask), img, len(self.blocks), enc_last=True)
-        return self.head(self.ln_out(txt[:, 0]))
+        txt, states = self._folded_blocks(*self.embed_text(text, mask), img, len(self.blocks), enc_last=True)
+        if ground and states is None:
+            states = self.ground_states(img, text, mask, prepared=True)
+        return self.head(self.ln_out(txt[:, 0])), states if ground else None
 
     def _folded_blocks(self, txt: torch.Tensor, pad: torch.Tensor, img: torch.Tensor, blocks: int,
-                       enc_last: bool = False) -> torch.Tensor:
+                       enc_last: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """(k, rows, w) states after the first `blocks` mid blocks of one text's (1, L, w) rows against k embedded
         images: the first block's self-attention runs once (it sees no image; attend_folded broadcasts its rows);
-        with `enc_last`, the last block's outputs at [ENC] only."""
+        with `enc_last`, the last block's outputs at [ENC] only. Also the states after block `ground_layer` where
+        it ran for every row (else None)."""
         chain = cast(list[CrossBlock], list(self.blocks))[:blocks]
         last = len(chain) - 1 if enc_last else -1
-        txt = chain[0].self_part(txt, pad, rows=1 if last == 0 else None)
+        txt, grounded = chain[0].self_part(txt, pad, rows=1 if last == 0 else None), None
         pad = pad.expand(img.shape[0], -1)
         for i, block in enumerate(chain):
             if i > 0:
                 txt = block.self_part(txt, pad, rows=1 if i == last else None)
             txt = block.attend_folded(txt, img)
-        return txt
+            grounded = txt if i == self.cfg.ground_layer and i != last else grounded
+        return txt, grounded
 
     def _stream(self, txt: torch.Tensor, pad: torch.Tensor, img: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Early fusion's input: [text; image] with type embeddings, and its padding mask (image: none)."""

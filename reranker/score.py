@@ -57,6 +57,11 @@ class Reranker(Protocol):
 
     def explain(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> list[list[Located]]: ...
 
+    def rescore(self, query: Query, image_tokens: np.ndarray, prepared: bool = False,
+                explain: bool = False) -> tuple[np.ndarray, list[list[Located]] | None]:
+        """log_match and, with `explain`, explain, in one call (a tier may share their work)."""
+        ...
+
 
 class ImageSide:
     """A mid tier's image side (Matcher.embed_image: the dual encoder's tokens through its input projection,
@@ -115,7 +120,6 @@ class TokenReranker:
         _, tokens, mask = self.encoder.encode_texts_and_tokens([text])
         return Query(text, tokens[0], mask[0])
 
-    @torch.inference_mode()
     def log_match(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> np.ndarray:
         """(k,) log p(match) for k candidates, all in one batch.
 
@@ -124,28 +128,45 @@ class TokenReranker:
             image_tokens: (k, t, w) float16/float32 tokens from the index's token store, or with `prepared`
                 their image side as the index stored it (self.side).
         """
+        return self.rescore(query, image_tokens, prepared)[0]
+
+    @torch.inference_mode()
+    def rescore(self, query: Query, image_tokens: np.ndarray, prepared: bool = False,
+                explain: bool = False) -> tuple[np.ndarray, list[list[Located]] | None]:
+        """log_match's (k,) and, with `explain`, explain's answer, from one pass: the grounding states are the
+        score's own after the grounding layer."""
         k = len(image_tokens)
         if k == 0:
-            return np.zeros(0, np.float32)
+            return np.zeros(0, np.float32), [] if explain else None
+        ids, where = self._nouns_at(query) if explain else ([], [])
         image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
-        text = torch.from_numpy(query.tokens).float()[None]
-        mask = torch.from_numpy(query.mask)[None]
-        logits = self.matcher.score_one_text(image, text, mask, prepared)
-        return Matcher.log_match(logits, self.matcher.cfg.temperature, self.matcher.cfg.bias).numpy()
+        text, mask = torch.from_numpy(query.tokens).float()[None], torch.from_numpy(query.mask)[None]
+        logits, states = self.matcher.score_and_ground(image, text, mask, prepared, ground=bool(where))
+        log_p = Matcher.log_match(logits, self.matcher.cfg.temperature, self.matcher.cfg.bias).numpy()
+        if not explain:
+            return log_p, None
+        return log_p, self._located(ids, where, states) if states is not None else [[] for _ in range(k)]
 
     @torch.inference_mode()
     def explain(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> list[list[Located]]:
         """Per candidate, where each noun of the query is: the grounding head read off that noun's state
         after the block it was trained at (the blocks after it do not run). Nouns outside the head's
         vocabulary are not located; a plural ("shapes") is none of its words."""
-        ids = self.encoder.tokenize([query.text])[0].tolist()
-        where = [p for p, t in enumerate(ids) if t in self._nouns and query.mask[p]]
+        ids, where = self._nouns_at(query)
         if not where or not len(image_tokens):
             return [[] for _ in range(len(image_tokens))]
         image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
         text, mask = torch.from_numpy(query.tokens).float()[None], torch.from_numpy(query.mask)[None]
-        states = self.matcher.ground_states(image, text, mask, prepared)[:, [1 + p for p in where]]  # 1: [ENC]
-        xy = ((self.matcher.locate(states).clamp(-1, 1) + 1) / 2).numpy()  # (k, nouns, 2) in [0, 1]
+        return self._located(ids, where, self.matcher.ground_states(image, text, mask, prepared))
+
+    def _nouns_at(self, query: Query) -> tuple[list[int], list[int]]:
+        """The query's token ids and the positions of the nouns the grounding head locates."""
+        ids = self.encoder.tokenize([query.text])[0].tolist()
+        return ids, [p for p, t in enumerate(ids) if t in self._nouns and query.mask[p]]
+
+    def _located(self, ids: list[int], where: list[int], states: torch.Tensor) -> list[list[Located]]:
+        """Per candidate, each noun's phrase and (x, y) in [0, 1], read by the grounding head off its state."""
+        xy = ((self.matcher.locate(states[:, [1 + p for p in where]]).clamp(-1, 1) + 1) / 2).numpy()  # 1: [ENC]
         phrases = [self._phrase(ids, p) for p in where]
         return [[Located(ph, round(float(x), 4), round(float(y), 4)) for ph, (x, y) in zip(phrases, row, strict=True)]
                 for row in xy]

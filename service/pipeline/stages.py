@@ -200,8 +200,7 @@ def rerank_stage(chunks: list[RerankChunk]) -> list[Any]:
         start = time.perf_counter()
         name, prepared = scored_features(chunk.reranker, chunk.index)
         features = chunk.index.features(name, chunk.ids)
-        log_p = chunk.reranker.log_match(chunk.query, features, prepared)
-        located = chunk.reranker.explain(chunk.query, features, prepared) if chunk.explain else None
+        log_p, located = chunk.reranker.rescore(chunk.query, features, prepared, chunk.explain)
         return Scored(log_p, located, time.perf_counter() - start)
 
     return per_item(score, chunks)

@@ -53,6 +53,21 @@ def test_the_stored_side_scores_and_explains_as_the_raw_tokens(mid: TokenReranke
         assert all(abs(a.x - b.x) < 0.01 and abs(a.y - b.y) < 0.01 for a, b in zip(got, want, strict=True))
 
 
+@pytest.mark.parametrize("kind", ["mid", "early"])
+def test_one_rescore_pass_scores_and_explains_as_the_two_calls(kind: str, encoder: DualEncoder, built: Path) -> None:
+    tier = load_tier(kind, encoder)
+    with Index.open(built / "idx") as index:
+        name, prepared = ("mid", True) if kind == "mid" else ("tokens", False)
+        features = index.features(name, index.ids())
+    query = tier.prepare(TEXT)
+    log_p, located = tier.rescore(query, features, prepared, explain=True)
+    np.testing.assert_allclose(log_p, tier.log_match(query, features, prepared), atol=1e-5)
+    assert located == tier.explain(query, features, prepared) and len(located) == len(features)
+    assert [p.phrase for p in located[0]] == ["small red circle", "large blue square"]
+    assert tier.rescore(query, features, prepared)[1] is None
+    assert tier.rescore(query, features[:0], prepared, explain=True) == (pytest.approx(np.zeros(0)), [])
+
+
 def test_the_side_s_id_follows_the_weights_that_compute_it(tmp_path: Path) -> None:
     matcher = load_reranker(MODELS_DIR / "reranker-mid.safetensors")
     same = ImageSide(load_reranker(MODELS_DIR / "reranker-mid.safetensors")).feature_model

@@ -15,7 +15,7 @@ import pytest
 from indexer.build import BuildOptions, build_or_add
 from indexer.encoder import DualEncoder
 from indexer.store import Index
-from reranker.score import Query, Reranker, load_tier
+from reranker.score import Located, Query, Reranker, load_tier
 from service.config import Settings
 from service.metrics import Metrics
 from service.pipeline.batcher import Overloaded
@@ -144,12 +144,13 @@ class _Overlaps:
     def prepare(self, text: str) -> Query:
         return self.inner.prepare(text)
 
-    def log_match(self, query: Query, image_tokens: np.ndarray, prepared: bool = False) -> np.ndarray:
+    def rescore(self, query: Query, image_tokens: np.ndarray, prepared: bool = False,
+                explain: bool = False) -> tuple[np.ndarray, list[list[Located]] | None]:
         with self.lock:
             self.running += 1
             self.most = max(self.most, self.running)
         try:
-            return self.inner.log_match(query, image_tokens, prepared)
+            return self.inner.rescore(query, image_tokens, prepared, explain)
         finally:
             with self.lock:
                 self.running -= 1
