@@ -153,6 +153,7 @@ def plot(rows: list[dict[str, Any]]) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
     styles = {"late": ("#444444", "o"), "mid": ("#1f77b4", "s"), "early": ("#d62728", "^")}
@@ -168,6 +169,10 @@ def plot(rows: list[dict[str, Any]]) -> None:
                 ax.annotate(f"k={p['k']}", (p["ms_p50"], p["r1"]), textcoords="offset points", xytext=(4, -10),
                             fontsize=7, color=colour)
     ax.set_xscale("log")
+    # plain numbers at 1-2-5 steps: the log axis's default minor labels (2 x 10^0, 3 x 10^0, ...) overlap
+    ax.xaxis.set_major_locator(matplotlib.ticker.FixedLocator([1, 2, 5, 10, 20, 50, 100, 200, 500]))
+    ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("milliseconds per query, p50 (encode + search + rerank), 2 CPU cores")
     ax.set_ylabel("R@1 on the twin gallery (n 1000)")
     ax.set_title("Speed vs depth: late, mid and early fusion")
