@@ -69,11 +69,15 @@ class IndexType(StrEnum):
 
 def _token_store(name: str | None) -> str | None:
     """`--tokens` checked before any model loads: a format indexer.tokens knows (its shape is checked at build)."""
-    from indexer.tokens import NAME
+    from indexer.tokens import parse_name
 
-    if name is not None and NAME.fullmatch(name.lower()) is None:
-        raise typer.BadParameter(f"{name!r} is none of fp16, int8, int4, or one of them +keepK (e.g. int8+keep16)")
-    return name.lower() if name else None
+    if name is None:
+        return None
+    try:
+        parse_name(name.lower())
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc)) from None
+    return name.lower()
 
 
 def _index_progress(description: str) -> Progress:

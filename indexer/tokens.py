@@ -65,13 +65,18 @@ class TokenFormat:
         return {"format": self.name, "shape": list(self.shape), "bytes_per_image": self.bytes_per_image}
 
 
-def token_format(name: str, shape: tuple[int, int]) -> TokenFormat:
-    """The format `name` for tokens of `shape`; ValueError for an unknown name or a shape it cannot store."""
+def parse_name(name: str) -> tuple[str, int]:
+    """A format's name as (base, patches kept: 0 for all); ValueError naming the formats for any other name."""
     match = NAME.fullmatch(name)
     if match is None:
         raise ValueError(f"unknown token format {name!r}: use one of {', '.join(FORMATS)}, optionally "
                          "merged as FORMAT+keepK (e.g. int8+keep16: K patches kept, the rest stored as their mean)")
-    base, keep = match.group(1), int(match.group(2) or 0)
+    return match.group(1), int(match.group(2) or 0)
+
+
+def token_format(name: str, shape: tuple[int, int]) -> TokenFormat:
+    """The format `name` for tokens of `shape`; ValueError for an unknown name or a shape it cannot store."""
+    base, keep = parse_name(name)
     t, w = shape
     if keep and not keep < t - 1 <= 65_535:
         raise ValueError(f"{name} keeps {keep} patches; these tokens have {t - 1} after [CLS]: keep fewer")

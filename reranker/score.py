@@ -139,9 +139,7 @@ class TokenReranker:
         if k == 0:
             return np.zeros(0, np.float32), [] if explain else None
         ids, where = self._nouns_at(query) if explain else ([], [])
-        image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
-        text, mask = torch.from_numpy(query.tokens).float()[None], torch.from_numpy(query.mask)[None]
-        logits, states = self.matcher.score_and_ground(image, text, mask, prepared, ground=bool(where))
+        logits, states = self.matcher.score_and_ground(*_tensors(query, image_tokens), prepared, ground=bool(where))
         log_p = Matcher.log_match(logits, self.matcher.cfg.temperature, self.matcher.cfg.bias).numpy()
         if not explain:
             return log_p, None
@@ -155,9 +153,7 @@ class TokenReranker:
         ids, where = self._nouns_at(query)
         if not where or not len(image_tokens):
             return [[] for _ in range(len(image_tokens))]
-        image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
-        text, mask = torch.from_numpy(query.tokens).float()[None], torch.from_numpy(query.mask)[None]
-        return self._located(ids, where, self.matcher.ground_states(image, text, mask, prepared))
+        return self._located(ids, where, self.matcher.ground_states(*_tensors(query, image_tokens), prepared))
 
     def _nouns_at(self, query: Query) -> tuple[list[int], list[int]]:
         """The query's token ids and the positions of the nouns the grounding head locates."""
@@ -181,6 +177,12 @@ class TokenReranker:
                 return " ".join(words)
             words.insert(0, before[1])
             start -= len(before[0])
+
+
+def _tensors(query: Query, image_tokens: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A Matcher's one-text inputs: (k, t, w) float32 image features, (1, L, text width) text tokens, (1, L) mask."""
+    image = torch.from_numpy(np.asarray(image_tokens, dtype=np.float32))
+    return image, torch.from_numpy(query.tokens).float()[None], torch.from_numpy(query.mask)[None]
 
 
 def word_tokens(encoder: DualEncoder, words: list[str]) -> dict[str, tuple[int, ...]]:

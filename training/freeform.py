@@ -104,12 +104,12 @@ def evaluate_freeform(encoder: DualEncoder, rerankers: dict[str, Reranker], n: i
     queries = freeform_queries(samples, per_kind, seed)
     true = truth(queries, samples)
     run_query(encoder, gallery, queries[0].text, None, 0, 10)  # warm-up
+    auto_margin = auto_margin if "mid" in rerankers else None  # rerank "auto" is mid's
     arms = [Arm("late", None), *(Arm(tier, reranker) for tier, reranker in rerankers.items())]
-    if auto_margin is not None and "mid" in rerankers:
-        arms.append(Arm("auto", rerankers["mid"], auto_margin))
+    arms += [Arm("auto", rerankers["mid"], auto_margin)] if auto_margin is not None else []
     rows, scored = _rows(encoder, gallery, queries, true, arms, k)
     calibration = {tier: calibration_error(scored[tier]) for tier in rerankers}
-    auto = auto_shares(rows, auto_margin) if arms[-1].tier == "auto" and auto_margin is not None else None
+    auto = auto_shares(rows, auto_margin) if auto_margin is not None else None
     return {"n": n, "seed": seed, "k": k, "queries": len(queries), "rows": rows, "calibration_error": calibration,
             "auto": auto,
             "examples": {kind: next(q.text for q in queries if q.kind == kind) for kind in KINDS}}
