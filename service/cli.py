@@ -7,9 +7,9 @@ import json
 import math
 import os
 import re
-import socket
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -55,41 +55,24 @@ def serve(
 
 def _serve_many(settings: Settings, host: str, port: int) -> None:
     """Worker processes, each loading its own engine (one process's Python holds one GIL: a loaded
-    server keeps about one core busy); shard embeddings and tokens are memory-mapped, so shared."""
-    import uvicorn
-
+    server keeps about one core busy) and accepting on its own SO_REUSEPORT socket (see service.workers);
+    shard embeddings and tokens are memory-mapped, so shared."""
     from service.metrics import MULTIPROC_ENV
-    from service.server import protocol
-    from service.workers import APP, Listen, Supervisor, check_settings, claim_port, reuse_port_supported
+    from service.workers import Listen, Supervisor, check_settings, claim_port
 
-    lock = claim_port(host, port) if reuse_port_supported() else None
-    if reuse_port_supported() and lock is None:
-        fail(f"cannot listen on {host}:{port}: the address is in use")
+    if not sys.platform.startswith("linux"):
+        fail("--workers above 1 needs Linux (each worker's own SO_REUSEPORT socket); serve one process here")
+    lock = claim_port(host, port)
     if lock is None:
-        _bind(host, port).close()  # uvicorn's workers bind it themselves: refuse a taken port before loading
+        fail(f"cannot listen on {host}:{port}: the address is in use")
     try:
         names = check_settings(settings)  # a bad index or model is refused here, once
     except ValueError as exc:
         fail(str(exc))
     err.print(f"serving {', '.join(names)} on http://{host}:{port} with {settings.workers} worker processes")
-    with tempfile.TemporaryDirectory(prefix="imsearch-metrics-") as shared:
+    with tempfile.TemporaryDirectory(prefix="imsearch-metrics-") as shared, lock:
         os.environ[MULTIPROC_ENV] = shared  # /metrics sums what every worker writes there
-        if lock is None:  # uvicorn's workers then share one socket (see service.workers)
-            uvicorn.run(APP, factory=True, workers=settings.workers, host=host, port=port, log_level="info",
-                        access_log=settings.access_log, http=protocol(settings.header_timeout_s))
-            return
-        with lock:
-            Supervisor(Listen(host, port, settings.header_timeout_s, settings.access_log), settings.workers).run()
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A socket bound to host:port (not shared), or a one-line error when the address is taken or not ours."""
-    from service.workers import open_socket
-
-    try:
-        return open_socket(host, port, listen=False, reuse_port=False)
-    except OSError as exc:
-        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
+        Supervisor(Listen(host, port, settings.header_timeout_s, settings.access_log), settings.workers).run()
 
 
 def _serve_one(settings: Settings, host: str, port: int) -> None:
@@ -101,8 +84,12 @@ def _serve_one(settings: Settings, host: str, port: int) -> None:
     from service.errors import StartupError
     from service.server import server_config
     from service.state import configure_process, load_engine
+    from service.workers import open_socket
 
-    sock = _bind(host, port)
+    try:  # not shared: a taken port is refused before any model loads
+        sock = open_socket(host, port, listen=False, reuse_port=False)
+    except OSError as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror or exc}")
     configure_process(settings)
     try:
         engine = load_engine(settings)
@@ -146,11 +133,9 @@ def search(
     from indexer.filters import Filter
     from service.config import Settings
 
-    query = _query(text, image, term, k, rerank, rerank_k)
-    query.filter = Filter(path_glob, caption_contains, parse_where(where or []))
-    query.min_score_ratio = min_score_ratio
-    query.order_by = (order_by, descending) if order_by else None
-    query.explain = explain
+    query = replace(_query(text, image, term, k, rerank, rerank_k), explain=explain, min_score_ratio=min_score_ratio,
+                    filter=Filter(path_glob, caption_contains, parse_where(where or [])),
+                    order_by=(order_by, descending) if order_by else None)
     tier = "mid" if rerank == "auto" else rerank  # auto reranks with mid when its gate opens
     settings = Settings(indexes=[str(index_dir)], model=model, pretrained=pretrained, device=device,
                         rerankers=[] if rerank == "none" else [f"{tier}={checkpoint}" if checkpoint else tier],

@@ -12,6 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from reranker import DEFAULT_TIERS
 from reranker.gate import AUTO_MARGIN
+from service.names import TIER_NAME
 
 PINNED = re.compile(r"(.+)@(v\d{6,})")  # DIR@VERSION in an index spec
 
@@ -29,10 +30,10 @@ class Settings(BaseSettings):
     search_device: str = Field("auto", pattern="^(cpu|cuda|auto)$",
                                description="FAISS search on a GPU copy of each index (auto: when faiss-gpu sees one)")
     rerankers: list[str] = Field(default_factory=lambda: list(DEFAULT_TIERS))
-    default_rerank: str = Field("none", pattern=r"^[a-z][a-z0-9_-]{0,31}$")  # none, or a tier of `rerankers`
+    default_rerank: str = Field("none", pattern=TIER_NAME)  # none, or a tier of `rerankers`
     max_k: int = Field(1000, ge=1)
     max_rerank_k: int = Field(256, ge=1)
-    auto_tier: str = Field("mid", pattern=r"^[a-z][a-z0-9_-]{0,31}$")  # the tier rerank "auto" uses when it does
+    auto_tier: str = Field("mid", pattern=TIER_NAME)  # the tier rerank "auto" uses when it does
     auto_margin: float = Field(AUTO_MARGIN, ge=0.0, le=2.0)  # reranker.gate.auto_depth: its fitted default
     default_rerank_k: int = Field(16, ge=1)
     redis_url: str | None = None

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any
 
 import redis
@@ -51,10 +51,12 @@ def _queue_down(exc: redis.RedisError) -> JSONResponse:
     return _detail(503, "the job queue (Redis) is unavailable right now; retry in a few seconds", 5)
 
 
-def _invalid(exc: RequestValidationError) -> JSONResponse:
-    first = exc.errors()[0] if exc.errors() else {}
-    where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-    return _detail(422, f"{where}: {first.get('msg', 'invalid request')}" if where else first.get("msg", ""))
+def error_text(errors: Sequence[Mapping[str, Any]], *prefix: str) -> str:
+    """A validation's first error as "where: what" (FastAPI's `body` left out of where)."""
+    first = errors[0] if errors else {}
+    where = ".".join([*prefix, *(str(p) for p in first.get("loc", ()) if p != "body")])
+    what = str(first.get("msg", "invalid request"))
+    return f"{where}: {what}" if where else what
 
 
 def _unexpected(exc: Exception) -> JSONResponse:
@@ -74,7 +76,7 @@ RESPONSES: dict[type[Exception], Callable[[Any], JSONResponse]] = {
     # only a body nested thousands deep gets here (the JSON decoders recurse per level)
     RecursionError: lambda _: _detail(400, "the request body is nested too deeply"),
     redis.RedisError: _queue_down,
-    RequestValidationError: _invalid,
+    RequestValidationError: lambda exc: _detail(422, error_text(exc.errors())),
     Exception: _unexpected,  # a bare 500, logged, never echoed
 }
 

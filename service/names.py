@@ -16,6 +16,7 @@ QUEUE = f"{NAMESPACE}index"  # the RQ queue of indexing jobs (RQ keeps it as rq:
 RECENT_JOBS = f"{NAMESPACE}jobs:recent"  # sorted set: job id → time enqueued
 JOB_KEEP_S = 7 * 86400  # how long a finished job's result, failure and place in RECENT_JOBS are kept
 RECENT_JOBS_MAX = 10_000  # RECENT_JOBS holds at most this many ids (the oldest go first)
+TIER_NAME = r"^[a-z][a-z0-9_-]{0,31}$"  # a rerank tier's name, as settings and requests give it
 
 
 class JobState(StrEnum):

@@ -4,25 +4,15 @@ from __future__ import annotations
 
 from typing import Annotated, Any
 
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    StrictInt,
-    field_validator,
-    model_validator,
-)
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, field_validator, model_validator
 
-from indexer.filters import Filter
-
-TIER_NAME = r"^[a-z][a-z0-9_-]{0,31}$"
-
-
-RANGE_KEYS = ("gte", "gt", "lte", "lt")
+from indexer.filters import RANGE_OPS, Filter
+from service.names import TIER_NAME
 
 
 class FilterIn(BaseModel):
-    """Conditions on the stored metadata, applied inside the search: k hits whenever k images match."""
+    """Conditions on the stored metadata, applied inside the search: k hits whenever k images match. Each
+    `where` condition is checked against the index's columns when the search applies it (indexer.filters)."""
 
     model_config = ConfigDict(extra="forbid")
 
@@ -34,29 +24,11 @@ class FilterIn(BaseModel):
             "dates sort as dates); FIELD: path, caption, width, height, bytes, sha256 or a column of the source list"),
         json_schema_extra={"additionalProperties": {"anyOf": [
             {"type": ["string", "number", "boolean"]},
-            {"type": "object", "properties": {k: {"type": ["string", "number"]} for k in RANGE_KEYS},
+            {"type": "object", "properties": {k: {"type": ["string", "number"]} for k in RANGE_OPS},
              "additionalProperties": False, "minProperties": 1}]}})
-
-    @field_validator("where")
-    @classmethod
-    def _conditions(cls, where: dict[str, Any]) -> dict[str, Any]:
-        for name, value in where.items():
-            if isinstance(value, dict):
-                if not value or set(value) - set(RANGE_KEYS):
-                    raise ValueError(f"where.{name}: a range takes at least one of gte, gt, lte, lt "
-                                     f"(got {sorted(value) or 'none'})")
-                if not all(_scalar(v) and not isinstance(v, bool) for v in value.values()):
-                    raise ValueError(f"where.{name}: a range's bounds are numbers or text")
-            elif not _scalar(value):
-                raise ValueError(f"where.{name} must be a value (text, number, true/false) or a range {{gte: ...}}")
-        return where
 
     def to_filter(self) -> Filter:
         return Filter(self.path_glob, self.caption_contains, dict(self.where))
-
-
-def _scalar(value: Any) -> bool:
-    return isinstance(value, str | int | float | bool)
 
 
 class TermIn(BaseModel):

@@ -45,11 +45,6 @@ class Listen:
     access_log: bool = True
 
 
-def reuse_port_supported() -> bool:
-    """Linux balances connections over SO_REUSEPORT sockets; elsewhere the option differs or is absent."""
-    return sys.platform.startswith("linux") and hasattr(socket, "SO_REUSEPORT")
-
-
 def open_socket(host: str, port: int, listen: bool = True, reuse_port: bool = True) -> socket.socket:
     """A bound TCP socket, with SO_REUSEPORT unless `reuse_port` is False (listening unless `listen` is)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET

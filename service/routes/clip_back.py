@@ -14,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictInt, ValidationError, f
 from indexer.reader import BadImage
 from indexer.store import Index, UnknownImage
 from service.deps import EngineDep
+from service.errors import error_text
 from service.pipeline.query import QueryInput, SearchOutput, decode_base64
 from service.pipeline.stages import BadQuery
 from service.routes.images import read_indexed, thumbnail_jpeg
@@ -79,8 +80,7 @@ def _parse(model: type[KnnRequest] | type[MetadataRequest], data: Any) -> Any:
     try:
         return model.model_validate(data)
     except ValidationError as exc:
-        first = exc.errors()[0]
-        raise BadQuery(f"{'.'.join(str(p) for p in first['loc'])}: {first['msg']}") from None
+        raise BadQuery(error_text(exc.errors())) from None
 
 
 def _query(body: KnnRequest, engine: Engine) -> QueryInput:

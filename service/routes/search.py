@@ -19,7 +19,7 @@ from pydantic import BaseModel, ValidationError
 from indexer.reader import LIST_EXTENSIONS
 from indexer.store import Index
 from service.deps import ApiKeyDep, EngineDep
-from service.errors import CursorExpired
+from service.errors import CursorExpired, error_text
 from service.pipeline.query import QueryInput, SearchOutput, Term, decode_base64
 from service.pipeline.stages import BadQuery
 from service.schemas import FilterIn, HitOut, SearchRequest, SearchResponse, Timings
@@ -170,9 +170,7 @@ async def search_upload(
     try:
         conditions = FilterIn.model_validate_json(filter).to_filter() if filter else None
     except ValidationError as exc:
-        first = exc.errors()[0]
-        where = ".".join(["filter", *(str(p) for p in first["loc"])])
-        raise BadQuery(f"{where}: {first['msg']}") from None
+        raise BadQuery(error_text(exc.errors(), "filter")) from None
     # image queries rank by the dual encoder: the rerankers match text against images
     return await answer(engine, index, QueryInput(image=data, k=min(k, engine.settings.max_k), filter=conditions))
 

@@ -12,10 +12,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from pydantic import ValidationError
 
-from service.names import normalise_text, result_key, text_key
+from service.names import TIER_NAME, normalise_text, result_key, text_key
 from service.pipeline.query import decode_base64
 from service.pipeline.stages import BadQuery
-from service.schemas import TIER_NAME, SearchRequest
+from service.schemas import SearchRequest
 
 JSON = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
                     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
