@@ -7,7 +7,7 @@ import hashlib
 import json
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from typing import Any
 
 import numpy as np
@@ -43,6 +43,7 @@ from service.pipeline.stages import (
     Found,
     ImageStage,
     RerankChunk,
+    Reranked,
     TextEncoding,
     TextStage,
     order,
@@ -155,17 +156,17 @@ class Pipeline:
         found = await self._find(index, q)
         searched = time.perf_counter()
         reranked: Reranked | None = None
-        scores, ids = found.scores, found.ids
         # "auto" reranks only the head whose cosines are not clearly apart from the best, when there is one
-        depth = min(q.rerank_k, len(ids)) if q.rerank != AUTO else auto_depth(scores[: q.rerank_k], self.auto_margin)
+        depth = (min(q.rerank_k, len(found.ids)) if q.rerank != AUTO
+                 else auto_depth(found.scores[: q.rerank_k], self.auto_margin))
         if ticket is not None and depth:
             reranker = self.rerankers[self._tier(q)]
             text = str(rerank_text(q))
             query = (Query(text, found.encoding.tokens, found.encoding.mask) if reranker.text_from_encoder
                      else reranker.prepare(text))  # its own tokenizer: no model runs
-            scores, ids, reranked = await self._rerank(index, q, query, (scores, ids, depth), ticket)
+            reranked = await self._rerank(index, q, query, found, depth, ticket)
         reranked_at = time.perf_counter()
-        hits = _hits(index, scores, ids, reranked, q, columns)
+        hits = _hits(index, found.scores, found.ids, reranked, q, columns)
         marks = (start, searched - found.search_s, searched, reranked_at, time.perf_counter())
         return SearchOutput(hits, _timings(marks), index.version, reranked=reranked is not None)
 
@@ -218,12 +219,11 @@ class Pipeline:
         vector, at = normalised(total.tolist(), dim), rerank_term(terms)
         return vector, vector if at is None else parts[at]
 
-    async def _rerank(self, index: Index, q: QueryInput, query: Query, head: tuple[np.ndarray, np.ndarray, int],
-                      ticket: Ticket) -> tuple[np.ndarray, np.ndarray, Reranked]:
-        """Score the candidates' first `depth` (scores, ids, depth), RERANK_STEP at a time (each step queued again,
-        smallest query first), then order."""
-        reranker = self.rerankers[self._tier(q)]
-        scores, ids, depth = head
+    async def _rerank(self, index: Index, q: QueryInput, query: Query, found: Found, depth: int,
+                      ticket: Ticket) -> Reranked:
+        """Score the first `depth` candidates found, RERANK_STEP at a time (each step queued again, smallest
+        query first), then order them all."""
+        reranker, ids = self.rerankers[self._tier(q)], found.ids
         parts: list[np.ndarray] = []
         located: dict[int, list[Located]] = {}
         for at in range(0, depth, RERANK_STEP):
@@ -232,9 +232,10 @@ class Pipeline:
             self.admission.scored(ticket, len(chunk), scored.seconds)
             parts.append(scored.log_p)
             located.update(zip(chunk.tolist(), scored.located or [], strict=False))
-        log_p = np.concatenate(parts) if parts else np.zeros(0, np.float32)
-        scores, ids, (log_p, fused) = order(log_p, scores, ids, reranker.fusion_weight)
-        return scores, ids, Reranked(log_p, fused, located)
+        reranked = order(np.concatenate(parts) if parts else np.zeros(0, np.float32), found.scores, ids,
+                         reranker.fusion_weight)
+        reranked.located = located
+        return reranked
 
 
 def _from_cache(data: dict[str, Any], start: float) -> SearchOutput:
@@ -251,19 +252,12 @@ def _timings(marks: tuple[float, ...]) -> dict[str, float]:
     return {k: round(v * 1000, 3) for k, v in {**spans, "total": marks[-1] - marks[0]}.items()}
 
 
-@dataclass
-class Reranked:
-    """A reranked answer: log p(match) and fused score per candidate in its new order (NaN past rerank_k),
-    and with explain where each reranked candidate's named objects are, by image id."""
-
-    log_p: np.ndarray
-    fused: np.ndarray
-    located: dict[int, list[Located]]
-
-
 def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: Reranked | None,
           q: QueryInput, columns: Sequence[str] | None) -> list[Hit]:
-    """The first k hits (after min_similarity); score is the fused score of a rerank, else the cosine."""
+    """The first k hits (after min_similarity), in the rerank's order when there is one; score is the fused
+    score of a rerank, else the cosine."""
+    if reranked is not None:
+        cosine, ids = reranked.cosine, reranked.ids
     keep = np.ones(len(ids), bool) if q.min_similarity is None else cosine >= q.min_similarity
     if q.min_score_ratio is not None and len(cosine) and cosine.max() > 0:  # relative to the best similarity
         keep &= cosine >= q.min_score_ratio * float(cosine.max())

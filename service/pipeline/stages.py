@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
 import faiss
@@ -206,22 +206,28 @@ def rerank_stage(chunks: list[RerankChunk]) -> list[Any]:
     return per_item(score, chunks)
 
 
-def order(log_p: np.ndarray, cosine: np.ndarray, ids: np.ndarray,
-          weight: float) -> tuple[np.ndarray, np.ndarray, tuple[np.ndarray, np.ndarray]]:
-    """Reorder the len(log_p) candidates at the head by fused score; the rest keep the dual encoder's
-    order below them.
+@dataclass
+class Reranked:
+    """A reranked answer in its new order: the cosines and ids, log p(match) (NaN past the head) and the fused
+    score, and with explain where each reranked candidate's named objects are, by image id."""
 
-    Returns (cosine, ids, (log p(match), score)) in the new order: log p is NaN past the head, and
-    the score goes on below the lowest fused score there, falling as the cosine falls, so that it is
-    non-increasing in rank throughout (a client may sort on it).
-    """
+    cosine: np.ndarray
+    ids: np.ndarray
+    log_p: np.ndarray
+    fused: np.ndarray
+    located: dict[int, list[Located]] = field(default_factory=dict)
+
+
+def order(log_p: np.ndarray, cosine: np.ndarray, ids: np.ndarray, weight: float) -> Reranked:
+    """The len(log_p) candidates at the head reordered by fused score; the rest keep the dual encoder's
+    order below them. The score goes on below the lowest fused score of the head, falling as the cosine
+    falls, so that it is non-increasing in rank throughout (a client may sort on it)."""
     k = len(log_p)
     head = ids[:k]
     fused = fuse(log_p, cosine[:k], weight)
     rank = np.argsort(-fused, kind="stable")
     tail_cos = cosine[k:]
     tail_score = (fused.min() - (cosine[:k].min() - tail_cos)) if len(head) else tail_cos
-    new_ids = np.concatenate([head[rank], ids[k:]])
-    new_cos = np.concatenate([cosine[:k][rank], tail_cos])
-    log_p = np.concatenate([log_p[rank], np.full(len(tail_cos), np.nan)])
-    return new_cos, new_ids, (log_p, np.concatenate([fused[rank], tail_score]))
+    return Reranked(np.concatenate([cosine[:k][rank], tail_cos]), np.concatenate([head[rank], ids[k:]]),
+                    np.concatenate([log_p[rank], np.full(len(tail_cos), np.nan)]),
+                    np.concatenate([fused[rank], tail_score]))
