@@ -167,6 +167,8 @@ def _answer(settings: Any, tier: str, query: Any) -> Any:
     from service.pipeline.stages import BadQuery
     from service.state import load_engine
 
+    if settings.rerankers == ["blip"]:  # no folder given: say how the command takes one
+        fail("--rerank blip needs --checkpoint MODEL_DIR, the folder of an HF BLIP ITM model")
     try:
         engine = load_engine(settings)
     except StartupError as exc:

@@ -63,6 +63,7 @@ def test_search_explain_prints_where_each_named_object_is(index_dir: Path) -> No
     (("search", "--index", "IDX"), "give a text"),
     (("search", "   ", "--index", "IDX"), "empty"),
     (("search", "x", "--index", "IDX", "--rerank", "deepest"), "unknown rerank tier"),
+    (("search", "x", "--index", "IDX", "--rerank", "blip"), "--rerank blip needs --checkpoint MODEL_DIR"),
     (("search", "--index", "IDX", "--image", "/dev/zero"), "not a regular file"),
     (("search", "x", "--index", "/nowhere"), "no published index"),
     (("search", "a red circle", "--index", "IDX", "--explain"), "pick a rerank tier"),
