@@ -43,6 +43,8 @@ class Gallery:
 
     def stored_as(self, fmt: TokenFormat) -> Gallery:
         """This (fp16) gallery with its tokens kept as an index built with `--tokens fmt` keeps them."""
+        if self.store is not None:
+            raise ValueError(f"this gallery is stored as {self.store.name} already: store the fp16 one")
         return Gallery(self.samples, self.index, encode(self.tokens, fmt), fmt, self.prepared)
 
     def for_tier(self, reranker: Reranker | None) -> Gallery:
@@ -53,6 +55,8 @@ class Gallery:
     def with_side(self, side: ImageSide) -> Gallery:
         """This (fp16) gallery holding the tier's image side instead of its tokens, as an index stores it (fp16);
         computed once per side (mid and auto score the same)."""
+        if self.store is not None or self.prepared:
+            raise ValueError("an image side is computed from fp16 tokens: call with_side before stored_as")
         if side.feature_model not in self.sides:
             prepared = np.concatenate([side.encode_tokens(self.tokens[i : i + BATCH]).astype(np.float16)
                                        for i in range(0, len(self.tokens), BATCH)])

@@ -144,3 +144,21 @@ def test_an_add_extends_the_side_its_index_holds_and_adds_none_it_lacks(built: P
     refused = runner.invoke(app, ["index", "add", str(tmp_path / "more"), "--index", str(with_side), "--workers", "0",
                                   "--tiers", "early"])
     assert refused.exit_code == 2 and "mid (model mid-side@" in refused.output and "Traceback" not in refused.output
+
+
+def test_an_eval_gallery_holds_the_side_once_and_only_from_fp16_tokens(mid: TokenReranker,
+                                                                       encoder: DualEncoder) -> None:
+    from indexer.tokens import token_format
+    from training.tradeoff import embed
+
+    gallery = embed(encoder, 8, seed=7)
+    assert mid.side is not None
+    side = gallery.with_side(mid.side)
+    assert side.prepared and gallery.for_tier(mid) is side and side.for_tier(mid) is side  # computed once
+    np.testing.assert_allclose(side.candidates(np.arange(8)).astype(np.float32),
+                               mid.side.encode_tokens(gallery.tokens), atol=2e-2)  # fp16, as an index stores it
+    int8 = gallery.stored_as(token_format("int8", encoder.token_shape))
+    with pytest.raises(ValueError, match="from fp16 tokens"):
+        int8.with_side(mid.side)  # its tokens are codes: a side from them would be noise
+    with pytest.raises(ValueError, match="stored as int8 already"):
+        int8.stored_as(token_format("int4", encoder.token_shape))
