@@ -276,8 +276,10 @@ class Matcher(nn.Module):
         layer is not mid's last (its blocks up to that layer are the score's own)."""
         k = image.shape[0]
         if self.cfg.kind != "mid":
-            logits = self._early_at_enc(image, text.expand(k, -1, -1), mask.expand(k, -1), prepared)
-            return logits, self.ground_states(image, text, mask, prepared) if ground else None
+            logits, states = self._early_at_enc(image, text.expand(k, -1, -1), mask.expand(k, -1), prepared)
+            if ground and states is None:  # grounded at the last layer, which runs at [ENC] only
+                states = self.ground_states(image, text, mask, prepared)
+            return logits, states if ground else None
         img = image if prepared else self.embed_image(image)
         txt, states = self._folded_blocks(*self.embed_text(text, mask), img, len(self.blocks), enc_last=True)
         if ground and states is None:
@@ -308,20 +310,23 @@ class Matcher(nn.Module):
         return seq, torch.cat([pad, no_pad], dim=1)
 
     def _early_at_enc(self, image: torch.Tensor, text: torch.Tensor, mask: torch.Tensor,
-                      prepared: bool = False) -> torch.Tensor:
+                      prepared: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Early fusion's logits, its last layer computed at [ENC] only: the head reads nothing else,
         so that layer's attention output and feed-forward run for one row instead of every token
-        (its keys and values still come from all of them)."""
+        (its keys and values still come from all of them). Also ground_states' states, where the
+        grounding layer is not the last (else None)."""
         txt, pad = self.embed_text(text, mask)
         seq, full_pad = self._stream(txt, pad, image if prepared else self.embed_image(image))
         layers = cast(list[nn.TransformerEncoderLayer], list(self.stream.layers))
-        for layer in layers[:-1]:
+        states = None
+        for i, layer in enumerate(layers[:-1]):
             seq = layer(seq, src_key_padding_mask=full_pad)
+            states = seq[:, : txt.shape[1]] if i == self.cfg.ground_layer else states
         last = layers[-1]  # norm_first: x + attention(norm1(x)), then + feed-forward(norm2(x))
         h = last.norm1(seq)
         row = seq[:, :1] + last.self_attn(h[:, :1], h, h, key_padding_mask=full_pad, need_weights=False)[0]
         row = row + last.linear2(last.activation(last.linear1(last.norm2(row))))
-        return self.head(self.ln_out(row[:, 0]))
+        return self.head(self.ln_out(row[:, 0])), states
 
     @staticmethod
     def log_match(logits: torch.Tensor, temperature: float = 1.0, bias: float = 0.0) -> torch.Tensor:
