@@ -257,9 +257,11 @@ def section_freeform() -> str:
     seven = {(r["tier"], r["kind"]): r for r in b["rows"]} if b else {}
     kinds = list(a["examples"])
     tiers = list(dict.fromkeys(r["tier"] for r in a["rows"]))
-    rows = [[kind, f"`{a['examples'][kind]}`",
-             *(f"{by[(t, kind)]['p1']:.2f} / {seven[(t, kind)]['p1']:.2f}" if seven else f"{by[(t, kind)]['p1']:.2f}"
-               for t in tiers)] for kind in kinds]
+    def both(key: str, tier: str, kind: str) -> str:
+        return " / ".join(f"{run[(tier, kind)].get(key, float('nan')):.2f}" for run in (by, seven) if run)
+
+    rows = [[kind, f"`{a['examples'][kind]}`", *(both("p1", t, kind) for t in tiers), both("recall_at_k", "late", kind)]
+            for kind in kinds]
     ms = ", ".join(f"{t} {statistics.median(r['ms_p50'] for r in a['rows'] if r['tier'] == t):.1f} ms"
                    for t in tiers)
     calibration = ", ".join(f"{t} {e:.3f}" for t, e in a["calibration_error"].items())
@@ -273,14 +275,28 @@ def section_freeform() -> str:
 `{STEP["freeform"].command()}` and `{STEP["freeform_seed7"].command()}` — a gallery of
 {a['n']:,} images ({a['n'] // 2:,} random scenes and their twins, not deduplicated: many images can be
 right), {a['queries']:,} queries ({a['queries'] // len(kinds)} per kind); a hit is right when the
-description is true of it. p@1 per tier (seed 2026 / seed 7), rerankers at k = {a['k']}; ms p50 per
-query: {ms}. Calibration error of p(match) over the reranked candidates (seed 2026): {calibration}.
+description is true of it. p@1 per tier (seed 2026 / seed 7), rerankers at k = {a['k']}, and recall@{a['k']}: the
+share of queries with a true image among the dual encoder's top {a['k']}, the most a reranker at k = {a['k']} can get
+right; ms p50 per query: {ms}. Calibration error of p(match) over the reranked candidates (seed 2026): {calibration}.
 {auto}
 
-{table(["kind", "example", *(f"{t} p@1" for t in tiers)], rows)}
+{table(["kind", "example", *(f"{t} p@1" for t in tiers), f"recall@{a['k']}"], rows)}
 
 {freeform_targets([x for x in (a, b) if x])}
+
+{ceiling(by, seven, kinds, a['k'])}
 """
+
+
+def ceiling(by: dict[tuple[str, str], Any], seven: dict[tuple[str, str], Any], kinds: list[str], k: int) -> str:
+    """A sentence on the most a reranker at k can reach on the kind whose candidates hold a true image least often."""
+    runs = [run for run in (by, seven) if run]
+    if not all(("late", kind) in run and "recall_at_k" in run[("late", kind)] for run in runs for kind in kinds):
+        return ""
+    worst = min(kinds, key=lambda kind: min(run[("late", kind)]["recall_at_k"] for run in runs))
+    values = " / ".join(f"{run[('late', worst)]['recall_at_k']:.2f}" for run in runs)
+    return (f"The rerankers' ceiling at k = {k} is the dual encoder's recall@{k}; on the kind where it is lowest "
+            f"({worst}) it is {values}: no reranker of these candidates can rank a true image first more often.")
 
 
 RELATION_KINDS = ("full", "no_size", "two_of_three", "relation_synonym")  # the kinds whose queries name relations

@@ -61,25 +61,27 @@ class Arm:
 
 def _rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], true: np.ndarray, arms: list[Arm], k: int
           ) -> tuple[list[dict[str, object]], dict[str, list[tuple[float, bool]]]]:
-    """Per tier and kind: p@1, p@5, ms p50 and mean, rerank ms mean; plus, per tier, (log p(match), true) of every
-    reranked candidate. The tiers take turns on every query, so that the machine's drifting speed falls on all."""
+    """Per tier and kind: p@1, p@5, ms p50 and mean, rerank ms mean, and recall@k (the share of queries with a true
+    image among the dual encoder's top k: what a reranker at k can find at best); plus, per tier, (log p(match),
+    true) of every reranked candidate. The tiers take turns on every query, so that the machine's drifting speed
+    falls on all."""
     hits: dict[str, dict[str, list[tuple[float, ...]]]] = {arm.tier: {kind: [] for kind in KINDS} for arm in arms}
     scored: dict[str, list[tuple[float, bool]]] = {arm.tier: [] for arm in arms}
     served = {arm.tier: gallery.for_tier(arm.reranker) for arm in arms}  # as a default index holds it
     for q, query in enumerate(queries):
         for arm in arms:
             depth = k if arm.reranker is not None else 0
-            result = run_query(encoder, served[arm.tier], query.text, arm.reranker, depth, max(depth, 5), arm.margin)
+            result = run_query(encoder, served[arm.tier], query.text, arm.reranker, depth, max(k, 5), arm.margin)
             top = result.ranking[:5]
             hits[arm.tier][query.kind].append((float(true[q, top[0]]), float(true[q, top].mean()), result.ms,
-                                               result.rerank_ms))
+                                               result.rerank_ms, float(true[q, result.ranking[:k]].any())))
             if result.log_p is not None:
                 head = result.ranking[: len(result.log_p)]
                 scored[arm.tier] += [(float(p), bool(true[q, row])) for p, row in zip(result.log_p, head, strict=True)]
     rows = [{"tier": tier, "kind": kind, "p1": float(np.mean([h[0] for h in got])),
              "p5": float(np.mean([h[1] for h in got])), "ms_p50": float(np.percentile([h[2] for h in got], 50)),
              "ms_mean": float(np.mean([h[2] for h in got])), "rerank_ms_mean": float(np.mean([h[3] for h in got])),
-             "queries": len(got)} for tier, kinds in hits.items() for kind, got in kinds.items() if got]
+             "recall_at_k": float(np.mean([h[4] for h in got])), "queries": len(got)} for tier, kinds in hits.items() for kind, got in kinds.items() if got]
     return rows, scored
 
 

@@ -58,6 +58,9 @@ def test_eval_freeform_prints_rows_per_tier_and_kind() -> None:
     assert report["auto"]["margin"] > 0 and {"gain_share", "cost_share"} <= set(report["auto"])
     assert all(0.0 <= r["p1"] <= 1.0 and 0.0 <= r["p5"] <= 1.0 and r["queries"] == 3 for r in report["rows"])
     assert 0.0 <= report["calibration_error"]["mid"] <= 1.0 and set(report["examples"]) == set(KINDS)
+    recall = {(r["tier"], r["kind"]): r["recall_at_k"] for r in report["rows"]}
+    assert all(recall[(t, k)] == recall[("late", k)] for t, k in recall)  # a rerank reorders the same k candidates
+    assert all(r["p1"] <= r["recall_at_k"] for r in report["rows"])  # so none is right more often than they hold one
     refused = CliRunner().invoke(app, ["eval", "freeform", "--seed", "1"])
     assert refused.exit_code == 2 and "validation" in refused.output
 
