@@ -81,7 +81,8 @@ def _rows(encoder: DualEncoder, gallery: Gallery, queries: list[Written], true: 
     rows = [{"tier": tier, "kind": kind, "p1": float(np.mean([h[0] for h in got])),
              "p5": float(np.mean([h[1] for h in got])), "ms_p50": float(np.percentile([h[2] for h in got], 50)),
              "ms_mean": float(np.mean([h[2] for h in got])), "rerank_ms_mean": float(np.mean([h[3] for h in got])),
-             "recall_at_k": float(np.mean([h[4] for h in got])), "queries": len(got)} for tier, kinds in hits.items() for kind, got in kinds.items() if got]
+             "recall_at_k": float(np.mean([h[4] for h in got])), "queries": len(got)}
+            for tier, kinds in hits.items() for kind, got in kinds.items() if got]
     return rows, scored
 
 
