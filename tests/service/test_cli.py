@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 from pathlib import Path
+from unittest.mock import patch
 
 import pytest
 from click.testing import Result
@@ -89,3 +91,12 @@ def test_serve_refuses_a_busy_port_before_loading_anything(index_dir: Path) -> N
                               capture_output=True, text=True, timeout=120)
     assert done.returncode == 2 and f"127.0.0.1:{port}" in done.stderr and "in use" in done.stderr
     assert "no-such-model" not in done.stderr and "Traceback" not in done.stderr
+
+
+def test_serve_with_worker_processes_is_refused_off_linux(index_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("sys.platform", "darwin")  # the workers' SO_REUSEPORT balance is Linux's
+    monkeypatch.setenv("IMSEARCH_REDIS_URL", "redis://127.0.0.1:6379/3")  # what else --workers needs
+    with patch.dict(os.environ):  # serve hands its options to the workers in IMSEARCH_*: none may outlive the test
+        done = _run("serve", "--index", str(index_dir), "--workers", "2", "--port", str(free_port()))
+    assert done.exit_code == 2 and "--workers above 1 needs Linux" in done.stderr, done.output
+    assert "IMSEARCH_WORKERS" not in os.environ
