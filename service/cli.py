@@ -237,13 +237,14 @@ def _print_hits(out: Any, as_json: bool) -> None:
     if as_json:
         hits = [{"rank": r, "id": h.id, "score": h.score, "similarity": h.similarity, "rerank_score": h.rerank_score,
                  **h.meta, "explain": h.explain} for r, h in enumerate(out.hits, 1)]
-        sys.stdout.write(json.dumps({"hits": hits, "timings_ms": out.timings_ms,
-                                     "index_version": out.index_version}) + "\n")
+        sys.stdout.write(json.dumps({"hits": hits, "timings_ms": out.timings_ms, "index_version": out.index_version,
+                                     "reranked": out.reranked}) + "\n")
         return
     for rank, hit in enumerate(out.hits, 1):
         places = "".join(f"\t{p['phrase']} at ({p['x']:.2f}, {p['y']:.2f})" for p in hit.explain or [])
         sys.stdout.write(f"{rank}\t{hit.score:.4f}\t{hit.meta.get('path')}{places}\n")
-    err.print(f"{len(out.hits)} hits in {out.timings_ms['total']:.1f} ms (index version {out.index_version})",
+    how = ", reranked" if out.reranked else ""  # rerank auto says whether its gate opened
+    err.print(f"{len(out.hits)} hits in {out.timings_ms['total']:.1f} ms (index version {out.index_version}{how})",
               highlight=False)
 
 

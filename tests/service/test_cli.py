@@ -44,6 +44,8 @@ def test_search_prints_rank_score_and_path(index_dir: Path) -> None:
     answer = json.loads(deep.stdout)
     assert deep.exit_code == 0 and len(answer["hits"]) == 3
     assert all(h["rerank_score"] is not None for h in answer["hits"]) and answer["timings_ms"]["rerank"] > 0
+    assert answer["reranked"] is True and "reranked" not in fast.stderr
+    assert "reranked)" in _run("search", "a small red circle", "--index", str(index_dir), "--rerank", "mid").stderr
     by_image = _run("search", "--image", rows[0][2], "--index", str(index_dir), "-k", "1")
     assert by_image.exit_code == 0 and by_image.stdout.split("\t")[2].strip() == rows[0][2]
 
