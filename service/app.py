@@ -36,6 +36,8 @@ def create_app(settings: Settings | None = None, engine: Engine | None = None, o
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.engine = engine or load_engine(settings)
+        for tier, why in app.state.engine.failed_tiers.items():  # served without it: /readyz says degraded
+            log.warning("rerank tier %s unavailable: %s", tier, why)
         app.state.engine.start()
         log_write_policy(settings)
         yield

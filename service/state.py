@@ -150,7 +150,7 @@ def load_tiers(tiers: list[str], encoder: DualEncoder,
                device: str = "cpu") -> tuple[dict[str, Reranker], dict[str, str]]:
     """(loaded tier → reranker, failed tier → why) from TIER or TIER=CHECKPOINT entries (a reranker of that
     kind trained for this encoder, e.g. by `imsearch train reranker --data`, or blip=MODEL_FOLDER); a tier
-    that cannot load is served without, and reported."""
+    that cannot load is served without, and reported (the caller says so: a server in its log, the CLI as its error)."""
     rerankers: dict[str, Reranker] = {}
     failed: dict[str, str] = {}
     for entry in tiers:
@@ -158,7 +158,6 @@ def load_tiers(tiers: list[str], encoder: DualEncoder,
         try:
             rerankers[tier] = load_kind(tier, encoder, checkpoint, device)
         except (EncoderUnavailable, OSError, ValueError) as exc:
-            log.warning("rerank tier %s unavailable: %s", tier, exc)
             failed[tier] = str(exc)
     return rerankers, failed
 

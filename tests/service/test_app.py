@@ -6,6 +6,7 @@ import asyncio
 import base64
 import io
 import json
+import logging
 import os
 import shutil
 import threading
@@ -204,9 +205,12 @@ def test_service_refuses_an_index_of_another_model(index_dir: Path, tmp_path: Pa
         load_engine(Settings())
 
 
-def test_a_tier_that_fails_to_load_is_reported_and_the_default_tier_must_load(index_dir: Path) -> None:
-    with TestClient(create_app(Settings(indexes=[str(index_dir)], rerankers=["mid", "deepest"]))) as client:
+def test_a_tier_that_fails_to_load_is_reported_and_the_default_tier_must_load(index_dir: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.WARNING), TestClient(
+            create_app(Settings(indexes=[str(index_dir)], rerankers=["mid", "deepest"]))) as client:
         ready = client.get("/readyz").json()
+    assert any("rerank tier deepest unavailable" in r.getMessage() for r in caplog.records)  # the server's log
     assert ready["status"] == "degraded" and ready["rerankers"] == ["none", "mid"]
     assert "deepest" in ready["failed_rerankers"] and "unknown rerank tier" in ready["failed_rerankers"]["deepest"]
     with pytest.raises(StartupError, match="IMSEARCH_DEFAULT_RERANK is 'early'.*not in IMSEARCH_RERANKERS"):

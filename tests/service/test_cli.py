@@ -63,6 +63,12 @@ def test_search_explain_prints_where_each_named_object_is(index_dir: Path) -> No
     assert [p["phrase"] for p in answer["hits"][0]["explain"]] == ["small red circle", "large blue square"]
 
 
+def test_a_tier_that_cannot_load_is_one_line_in_a_terminal(index_dir: Path) -> None:
+    done = subprocess.run([CLI, "search", "x", "--index", str(index_dir), "--rerank", "deepest"],
+                          capture_output=True, text=True, timeout=120)  # a process of its own: logging as a user's
+    assert done.returncode == 2 and done.stderr.count("\n") == 1 and "unknown rerank tier" in done.stderr, done.stderr
+
+
 @pytest.mark.parametrize(("args", "message"), [
     (("search", "--index", "IDX"), "give a text"),
     (("search", "   ", "--index", "IDX"), "empty"),
