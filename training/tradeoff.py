@@ -56,7 +56,7 @@ class Gallery:
         """This (fp16) gallery holding the tier's image side instead of its tokens, as an index stores it (fp16);
         computed once per side (mid and auto score the same)."""
         if self.store is not None or self.prepared:
-            raise ValueError("an image side is computed from fp16 tokens: call with_side before stored_as")
+            raise ValueError("an image side is computed from the fp16 tokens, not from stored codes or another side")
         if side.feature_model not in self.sides:
             prepared = np.concatenate([side.encode_tokens(self.tokens[i : i + BATCH]).astype(np.float16)
                                        for i in range(0, len(self.tokens), BATCH)])

@@ -166,7 +166,7 @@ class Pipeline:
                      else reranker.prepare(text))  # its own tokenizer: no model runs
             reranked = await self._rerank(index, q, query, found, depth, ticket)
         reranked_at = time.perf_counter()
-        hits = _hits(index, found.scores, found.ids, reranked, q, columns)
+        hits = _hits(index, found, reranked, q, columns)
         marks = (start, searched - found.search_s, searched, reranked_at, time.perf_counter())
         return SearchOutput(hits, _timings(marks), index.version, reranked=reranked is not None)
 
@@ -252,12 +252,11 @@ def _timings(marks: tuple[float, ...]) -> dict[str, float]:
     return {k: round(v * 1000, 3) for k, v in {**spans, "total": marks[-1] - marks[0]}.items()}
 
 
-def _hits(index: Index, cosine: np.ndarray, ids: np.ndarray, reranked: Reranked | None,
-          q: QueryInput, columns: Sequence[str] | None) -> list[Hit]:
+def _hits(index: Index, found: Found, reranked: Reranked | None, q: QueryInput,
+          columns: Sequence[str] | None) -> list[Hit]:
     """The first k hits (after min_similarity), in the rerank's order when there is one; score is the fused
     score of a rerank, else the cosine."""
-    if reranked is not None:
-        cosine, ids = reranked.cosine, reranked.ids
+    cosine, ids = (reranked.cosine, reranked.ids) if reranked is not None else (found.scores, found.ids)
     keep = np.ones(len(ids), bool) if q.min_similarity is None else cosine >= q.min_similarity
     if q.min_score_ratio is not None and len(cosine) and cosine.max() > 0:  # relative to the best similarity
         keep &= cosine >= q.min_score_ratio * float(cosine.max())

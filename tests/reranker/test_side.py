@@ -158,7 +158,7 @@ def test_an_eval_gallery_holds_the_side_once_and_only_from_fp16_tokens(mid: Toke
     np.testing.assert_allclose(side.candidates(np.arange(8)).astype(np.float32),
                                mid.side.encode_tokens(gallery.tokens), atol=2e-2)  # fp16, as an index stores it
     int8 = gallery.stored_as(token_format("int8", encoder.token_shape))
-    with pytest.raises(ValueError, match="from fp16 tokens"):
+    with pytest.raises(ValueError, match="from the fp16 tokens"):
         int8.with_side(mid.side)  # its tokens are codes: a side from them would be noise
     with pytest.raises(ValueError, match="stored as int8 already"):
         int8.stored_as(token_format("int4", encoder.token_shape))
