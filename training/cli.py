@@ -120,7 +120,8 @@ def train_reranker_cmd(
     steps: Annotated[int, typer.Option(min=1)] = 1500,
     batch: Annotated[int, typer.Option(min=2, help="positives per step (each with 5 negatives)")] = 32,
     lr: Annotated[float, typer.Option(min=0.0)] = 3e-4,
-    layers: Annotated[int, typer.Option(min=1, max=12)] = 3,
+    layers: Annotated[int | None, typer.Option(min=1, max=12, help="blocks (default 3; with --init its own, or fewer: "
+                                               "its first ones)")] = None,
     ground_weight: Annotated[float, typer.Option(min=0.0, help="auxiliary grounding loss (0: off)")] = 1.0,
     val_n: Annotated[int, typer.Option(min=2, help="validation gallery for the fusion weight")] = 2000,
     out: Annotated[Path | None, typer.Option(help="checkpoint (default models/reranker-KIND.safetensors)")] = None,

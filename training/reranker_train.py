@@ -58,7 +58,7 @@ class RerankTrainConfig:
     warmup: int = 100
     weight_decay: float = 0.05
     seed: int = TRAIN_SEED
-    layers: int = 3
+    layers: int | None = None  # default 3; a warm start keeps its init's, or cuts it to its first `layers` blocks
     width: int = 192
     out: Path | None = None  # default models/reranker-<kind>.safetensors
     mined_temperature: float = 0.05  # ITC-mined negatives are sampled by softmax(similarity / T)
@@ -295,13 +295,27 @@ def new_matcher(encoder: DualEncoder, cfg: RerankTrainConfig) -> Matcher:
         model.cfg.encoder_id = encoder.model_id  # a warm start onto a fine-tuned encoder of the same architecture
         if model.cfg.ground:
             model.cfg.nouns, model.cfg.modifiers = list(GROUND_NOUNS), list(GROUND_MODIFIERS)
+        model = shallower(model, cfg.layers or model.cfg.layers)
         return with_image_mix(model, cfg.image_mix) if cfg.image_mix else model
     text_width = int(encoder.model.transformer.width)
-    return Matcher(RerankerConfig(kind=cfg.kind, width=cfg.width, layers=cfg.layers, text_width=text_width,
+    return Matcher(RerankerConfig(kind=cfg.kind, width=cfg.width, layers=cfg.layers or 3, text_width=text_width,
                                   image_width=encoder.token_shape[1], image_tokens=encoder.token_shape[0],
                                   encoder_id=encoder.model_id, coords=True, ground=cfg.ground_weight > 0,
                                   image_mix=cfg.image_mix, nouns=list(GROUND_NOUNS) if cfg.ground_weight > 0 else [],
                                   modifiers=list(GROUND_MODIFIERS) if cfg.ground_weight > 0 else []))
+
+
+def shallower(model: Matcher, layers: int) -> Matcher:
+    """A mid matcher cut to its first `layers` blocks (a warm start for a cheaper reranker: the last block runs
+    at [ENC] only, so each block cut saves a whole block's text rows per candidate); `layers` as deep: unchanged."""
+    if layers == model.cfg.layers:
+        return model
+    if model.cfg.kind != "mid" or not 0 < layers < model.cfg.layers or layers <= model.cfg.ground_layer:
+        raise ValueError(f"cannot cut a {model.cfg.layers}-layer {model.cfg.kind} reranker (grounded at layer "
+                         f"{model.cfg.ground_layer}) to {layers} layers: only a mid one, to fewer, past its grounding")
+    model.blocks = model.blocks[:layers]
+    model.cfg.layers = layers
+    return model
 
 
 def with_image_mix(model: Matcher, hidden: int) -> Matcher:

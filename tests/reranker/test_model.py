@@ -98,6 +98,31 @@ def test_an_added_image_block_starts_as_identity_then_learns_neighbourhoods() ->
         with_image_mix(grown, 64)
 
 
+def test_a_mid_reranker_cut_to_its_first_blocks_scores_as_those_blocks_alone(tmp_path: Path) -> None:
+    """A cheaper warm start: the cut model is the deep one's first blocks and head, and saves as a shallow one."""
+    from training.reranker_train import shallower
+
+    torch.manual_seed(0)
+    deep = Matcher(RerankerConfig(kind="mid", layers=3, ground=True)).eval()
+    state = {k: v.clone() for k, v in deep.state_dict().items()}
+    cut = shallower(deep, 2)
+    alone = Matcher(RerankerConfig(kind="mid", layers=2, ground=True)).eval()
+    alone.load_state_dict({k: v for k, v in state.items() if not k.startswith("blocks.2.")})
+    image, text, mask = _inputs()
+    with torch.no_grad():
+        torch.testing.assert_close(cut(image, text, mask), alone(image, text, mask))
+        torch.testing.assert_close(cut.score_one_text(image, text[:1], mask[:1]),
+                                   alone(image, text[:1].expand(3, -1, -1), mask[:1].expand(3, -1)),
+                                   rtol=1e-4, atol=1e-5)
+    assert load_reranker(save_reranker(cut, tmp_path / "cut.safetensors")).cfg.layers == 2
+    assert shallower(cut, 2) is cut  # as deep: unchanged
+    refused = [(RerankerConfig(kind="mid", layers=2), 3), (RerankerConfig(kind="mid", layers=2), 0),
+               (RerankerConfig(kind="mid", layers=2, ground_layer=1), 1), (RerankerConfig(kind="early", layers=3), 2)]
+    for cfg, layers in refused:  # deeper, no blocks, cut before its grounding layer, not mid
+        with pytest.raises(ValueError, match="cannot cut"):
+            shallower(Matcher(cfg), layers)
+
+
 def test_unknown_kind_is_refused() -> None:
     with pytest.raises(ValueError, match="unknown reranker kind"):
         Matcher(RerankerConfig(kind="late"))
