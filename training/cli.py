@@ -126,6 +126,8 @@ def train_reranker_cmd(
     val_n: Annotated[int, typer.Option(min=2, help="validation gallery for the fusion weight")] = 2000,
     out: Annotated[Path | None, typer.Option(help="checkpoint (default models/reranker-KIND.safetensors)")] = None,
     init: Annotated[Path | None, typer.Option(help="continue training this checkpoint (warm start)")] = None,
+    teacher: Annotated[Path | None, typer.Option(help="distil this reranker's p(match) of every pair (a deeper "
+                                                 "checkpoint of the same kind, e.g. for a --layers cut)")] = None,
     first_step: Annotated[int, typer.Option(min=0, help="skip this many steps of the scene stream")] = 0,
     image_mix: Annotated[int, typer.Option(min=0, help="image-side neighbourhood block width (0: none)")] = 0,
     shape_negatives: Annotated[bool, typer.Option(help="a 6th negative: the image with one shape changed")] = False,
@@ -167,7 +169,7 @@ def train_reranker_cmd(
     cfg = guarded(lambda: RerankTrainConfig(
         kind=kind, steps=steps, batch=batch, lr=lr, layers=layers, out=out, ground_weight=ground_weight, init=init,
         first_step=first_step, image_mix=image_mix, shape_negatives=shape_negatives, layout_negatives=layout_negatives,
-        describe_share=describe_share, hard_share=hard_share, warmup=warmup,
+        describe_share=describe_share, hard_share=hard_share, warmup=warmup, teacher=teacher,
         command=" ".join(["imsearch", *sys.argv[1:]])))
     matcher, log = _run_training(cfg, partial(train_reranker, encoder, cfg))
     fitted = _calibrate(TokenReranker(matcher, encoder), val_n, CALIBRATION_PER_KIND)

@@ -67,6 +67,8 @@ class RerankTrainConfig:
     shape_negatives: bool = False  # and against its image with one object's shape changed (a 6th negative)
     layout_negatives: bool = False  # and against its image transposed, a row made a column (a 7th negative)
     init: Path | None = None  # warm start: continue from this checkpoint instead of random weights
+    teacher: Path | None = None  # distil: a reranker of the same kind whose p(match) of each pair is a soft target
+    distill_weight: float = 1.0  # of the teacher's term in the loss
     first_step: int = 0  # data stream offset, so a continued run sees scenes the first run did not
     image_mix: int = 0  # hidden width of the image-side neighbourhood block (0: none); may be added on a warm start
     describe_share: float = 0.0  # share of positives described as people write them (training.descriptions)
@@ -270,10 +272,17 @@ def make_pairs(encoder: DualEncoder, cfg: RerankTrainConfig, step: int) -> PairB
     )
 
 
-def pair_loss(model: Matcher, batch: PairBatch, class_weight: torch.Tensor, ground_weight: float) -> torch.Tensor:
-    """ITM cross-entropy, plus the grounding loss (MSE of named objects' positions) when enabled."""
+def pair_loss(model: Matcher, batch: PairBatch, class_weight: torch.Tensor, ground_weight: float,
+              teacher: Matcher | None = None, distill_weight: float = 1.0) -> torch.Tensor:
+    """ITM cross-entropy, plus the grounding loss (MSE of named objects' positions) when enabled, plus with a
+    teacher the divergence from its 2-way distribution on every pair (how sure it is, not only which side)."""
     logits, hidden, enc = model.encode(batch.image, batch.text, batch.mask)
     loss = F.cross_entropy(logits, batch.labels, weight=class_weight)
+    if teacher is not None:
+        with torch.no_grad():
+            target = F.log_softmax(teacher(batch.image, batch.text, batch.mask), dim=-1)
+        loss = loss + distill_weight * F.kl_div(F.log_softmax(logits, dim=-1), target, log_target=True,
+                                                reduction="batchmean")
     if ground_weight > 0 and model.cfg.ground and batch.ground is not None and len(batch.ground[0]):
         rows, positions, xy = batch.ground
         loss = loss + ground_weight * F.mse_loss(model.locate(hidden[rows, 1 + positions]), xy)  # 1: [ENC]
@@ -344,6 +353,7 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig, on_step: Callab
     resumed = log.step
     model = (_resumed(cfg, encoder) if resumed else new_matcher(encoder, cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    teacher = _teacher(cfg, model)
     losses = log.losses
     start = time.perf_counter() - log.seconds
     for step in range(resumed, cfg.steps):
@@ -352,7 +362,7 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig, on_step: Callab
         batch = pairs(cfg.first_step + step)
         positives = max(1, int(batch.labels.sum()))
         class_weight = torch.tensor([1.0, (len(batch.labels) - positives) / positives])
-        loss = pair_loss(model, batch, class_weight, cfg.ground_weight)
+        loss = pair_loss(model, batch, class_weight, cfg.ground_weight, teacher, cfg.distill_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -368,6 +378,17 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig, on_step: Callab
     log.step, log.seconds = cfg.steps, round(time.perf_counter() - start, 1)
     save_log(cfg.run_log(), log, cfg)
     return model, {"seconds": log.seconds, "losses": losses, "commands": log.commands}
+
+
+def _teacher(cfg: RerankTrainConfig, student: Matcher) -> Matcher | None:
+    """The frozen teacher a run distils, checked to read the same tokens as the student."""
+    if cfg.teacher is None:
+        return None
+    teacher = load_reranker(cfg.teacher).eval().requires_grad_(False)
+    if (teacher.cfg.kind, teacher.cfg.encoder_id) != (student.cfg.kind, student.cfg.encoder_id):
+        raise ValueError(f"the teacher {cfg.teacher} is a {teacher.cfg.kind} reranker for {teacher.cfg.encoder_id!r}; "
+                         f"the student is {student.cfg.kind} for {student.cfg.encoder_id!r}")
+    return teacher
 
 
 def _resumed(cfg: RerankTrainConfig, encoder: DualEncoder) -> Matcher:

@@ -20,6 +20,7 @@ from training.reranker_train import (
     make_pairs,
     new_matcher,
     object_xy,
+    pair_loss,
     train_reranker,
 )
 from training.scenes import Scene, SceneObject, write_scenes
@@ -83,6 +84,29 @@ def _mean_accuracy(reranker: TokenReranker, encoder: DualEncoder, seeds: tuple[i
     """_pairwise_accuracy averaged over one batch per seed."""
     runs = [_pairwise_accuracy(reranker, encoder, seed) for seed in seeds]
     return {name: float(np.mean([run[name] for run in runs])) for name in runs[0]}
+
+
+def test_distillation_adds_the_divergence_from_the_teacher(encoder: DualEncoder, tmp_path: Path) -> None:
+    """A student distils its teacher's 2-way distribution: nothing to add when it is the teacher, a positive
+    term when it is not; a teacher of another kind (or over other tokens) is refused."""
+    from reranker.model import save_reranker
+    from training.reranker_train import _teacher
+
+    cfg = RerankTrainConfig(kind="mid", batch=4, layers=1, width=64, image_negatives=False)
+    torch.manual_seed(0)
+    student = new_matcher(encoder, cfg).eval()
+    batch = make_pairs(encoder, cfg, step=0)
+    weight = torch.tensor([1.0, 4.0])
+    with torch.no_grad():
+        alone = pair_loss(student, batch, weight, 0.0)
+        assert torch.allclose(pair_loss(student, batch, weight, 0.0, student), alone)
+        other = new_matcher(encoder, replace(cfg, seed=1)).eval()
+        assert pair_loss(student, batch, weight, 0.0, other) > alone
+    saved = save_reranker(other, tmp_path / "teacher.safetensors")
+    assert _teacher(replace(cfg, teacher=saved), student) is not None
+    early = save_reranker(new_matcher(encoder, replace(cfg, kind="early")), tmp_path / "early.safetensors")
+    with pytest.raises(ValueError, match="teacher"):
+        _teacher(replace(cfg, teacher=early), student)
 
 
 @pytest.mark.slow
