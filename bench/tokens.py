@@ -4,7 +4,7 @@ and int4 tokens, whole and merged (a quarter of the patches kept), and over its 
 earlier mid checkpoint over fp16 tokens, the cost a user had before (timed in the same turns); bytes for the
 ViT-B-32 and BLIP shapes.
 
-Usage: python bench/tokens.py [--n 1000] [--seeds 2026,7] [--k 16] [--baseline CHECKPOINT]
+Usage: python bench/tokens.py [--n 1000] [--seeds 2026,7] [--k 16] [--mid CHECKPOINT] [--baseline CHECKPOINT]
                               [--out bench/results/tokens.json]
 """
 
@@ -33,12 +33,13 @@ def stores(shape: tuple[int, int]) -> list[str]:
 SHAPES = {"ViT-B-32 (50 × 768)": (50, 768), "BLIP ViT-B/16 at 384 px (577 × 768)": (577, 768)}
 
 
-def gallery_rows(n: int, seed: int, k: int, baseline: Path | None = None) -> list[dict[str, Any]]:
+def gallery_rows(n: int, seed: int, k: int, baseline: Path | None = None,
+                 checkpoint: Path | None = None) -> list[dict[str, Any]]:
     """One row per stored feature set and format (the dual encoder's tokens, then mid's image side; first, with
     `baseline`, that checkpoint over fp16 tokens): bytes per image, mid R@1 and binding at k, ms per query and of
     its rerank, loss and rerank cost against the first row, and the cost against this mid's own fp16 tokens."""
     encoder = load_encoder()
-    mid = load_tier("mid", encoder)
+    mid = load_tier("mid", encoder, checkpoint)
     assert mid.side is not None
     tokens = embed(encoder, n, seed)
     side = tokens.with_side(mid.side)
@@ -99,12 +100,15 @@ def main() -> None:
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--seeds", default="2026,7")
     parser.add_argument("--k", type=int, default=16)
+    parser.add_argument("--mid", type=Path, default=None, help="the mid checkpoint measured (default: the committed)")
     parser.add_argument("--baseline", type=Path, default=None,
                         help="an earlier mid checkpoint: its rerank over fp16 tokens is the cost baseline")
     parser.add_argument("--out", type=Path, default=Path("bench/results/tokens.json"))
     args = parser.parse_args()
-    rows = [row for seed in args.seeds.split(",") for row in gallery_rows(args.n, int(seed), args.k, args.baseline)]
-    result = {"k": args.k, "baseline": str(args.baseline) if args.baseline else None, "gallery": rows,
+    rows = [row for seed in args.seeds.split(",")
+            for row in gallery_rows(args.n, int(seed), args.k, args.baseline, args.mid)]
+    result = {"k": args.k, "mid": str(args.mid) if args.mid else None,
+              "baseline": str(args.baseline) if args.baseline else None, "gallery": rows,
               "shapes": shape_rows()}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
