@@ -352,7 +352,8 @@ def section_tokens() -> str:
 `imsearch index build --tokens FORMAT` keeps them, then mid's image side kept in their place as `--tiers mid`
 stores it; the mid reranker at k = {r['k']} over each, one query at a time (ms p50 of the whole query; rerank
 ms p50 with the candidates' features read and decoded, every stored form taking its turn on each of 300
-queries; cost: that rerank against fp16 tokens). A merged format (`+keepK`, K a quarter of the patches) keeps
+queries; loss and cost: against the first row, fp16 tokens or with `--baseline` an earlier mid over them).
+A merged format (`+keepK`, K a quarter of the patches) keeps
 the K patches least like the image's median patch and stores the others as their mean; a read puts every patch
 back, so the rerank's cost is the unmerged one's.
 
