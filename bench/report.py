@@ -379,13 +379,14 @@ def section_tokens_cut() -> str:
              x["binding_acc"], x["rerank_ms_p50"], x["rerank_cost"]] for x in keep]
     small = [x for x in r["gallery"] if x["stored"] == "mid side" and x["bytes_per_image"] <= 8000]
     both = [x for x in small if x["r1_loss_pt"] <= 0.5 and x["rerank_cost"] <= 0.4]
+    log = json.loads((ROOT / CUT_MID).with_suffix(".json").read_text())
+    runs = [*(_commands(json.loads((ROOT / log["init"]).with_suffix(".json").read_text())) if log.get("init") else []),
+            *_commands(log)]
     return f"""### A cheaper mid: its first two blocks, distilled (`{STEP["tokens_cut"].command()}`)
 
-The committed mid's first two blocks (the second, now the last, runs at [ENC] only), trained 1,500 steps on the
-scene recipe, then 1,000 more distilling the committed mid's p(match) of every pair
-(`imsearch train reranker --layers 2 --teacher models/reranker-mid.safetensors`; the run's log is in
-`{CUT_MID.replace(".safetensors", ".json")}`). It is not the default: on queries as people type them it loses
-ground (seed 2026 p@1 by kind in the README). Serve it as `IMSEARCH_RERANKERS='["mid={CUT_MID}"]'`. Loss and cost
+The committed mid's first two blocks (the second, now the last, runs at [ENC] only), trained by
+{" then ".join(f"`{c}`" for c in runs)}. It is not the default: on queries as people type them it loses
+ground (p@1 by kind in the README). Serve it as `IMSEARCH_RERANKERS='["mid={CUT_MID}"]'`. Loss and cost
 against the first row, the committed mid over fp16 tokens, timed in the same turns:
 
 {table(["seed", "stored", "format", "mid blocks", "bytes per image", "mid R@1", "loss (pt)", "binding",
