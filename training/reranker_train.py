@@ -386,8 +386,9 @@ def _teacher(cfg: RerankTrainConfig, student: Matcher) -> Matcher | None:
         return None
     teacher = load_reranker(cfg.teacher).eval().requires_grad_(False)
     if (teacher.cfg.kind, teacher.cfg.encoder_id) != (student.cfg.kind, student.cfg.encoder_id):
-        raise ValueError(f"the teacher {cfg.teacher} is a {teacher.cfg.kind} reranker for {teacher.cfg.encoder_id!r}; "
-                         f"the student is {student.cfg.kind} for {student.cfg.encoder_id!r}")
+        raise ValueError(f"the teacher {cfg.teacher} is a reranker of kind {teacher.cfg.kind} over "
+                         f"{teacher.cfg.encoder_id!r}; the student is of kind {student.cfg.kind} over "
+                         f"{student.cfg.encoder_id!r}")
     return teacher
 
 
