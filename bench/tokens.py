@@ -44,18 +44,18 @@ def gallery_rows(n: int, seed: int, k: int, baseline: Path | None = None,
     tokens = embed(encoder, n, seed)
     side = tokens.with_side(mid.side)
     run_query(encoder, tokens, tokens.samples[0].caption, mid, k, k)  # warm-up
-    arms = [("baseline tokens", "fp16", load_tier("mid", encoder, baseline), tokens)] if baseline else []
+    fp16 = token_format("fp16", encoder.token_shape)
+    arms = [("baseline tokens", fp16, load_tier("mid", encoder, baseline), tokens)] if baseline else []
     for stored, gallery in (("tokens", tokens), ("mid side", side)):
         shape = encoder.token_shape if stored == "tokens" else mid.side.feature_shape
-        arms += [(stored, name, mid, gallery if name == "fp16" else gallery.stored_as(token_format(name, shape)))
-                 for name in stores(shape)]
+        formats = [token_format(name, shape) for name in stores(shape)]
+        arms += [(stored, fmt, mid, gallery if fmt.name == "fp16" else gallery.stored_as(fmt)) for fmt in formats]
     rows: list[dict[str, Any]] = []
-    for stored, name, reranker, gallery in arms:
+    for stored, fmt, reranker, gallery in arms:
         row: dict[str, Any] = evaluate_tier(encoder, gallery, "mid", reranker, k)
-        shape = mid.side.feature_shape if gallery.prepared else encoder.token_shape
-        rows.append({"seed": seed, "stored": stored, "format": name, "layers": reranker.matcher.cfg.layers,
-                     "bytes_per_image": token_format(name, shape).bytes_per_image, "r1": row["r1"],
-                     "binding_acc": row["binding_acc"], "ms_p50": round(float(row["ms_p50"]), 2), "n": n})
+        rows.append({"seed": seed, "stored": stored, "format": fmt.name, "layers": reranker.matcher.cfg.layers,
+                     "bytes_per_image": fmt.bytes_per_image, "r1": row["r1"], "binding_acc": row["binding_acc"],
+                     "ms_p50": round(float(row["ms_p50"]), 2), "n": n})
     timed = interleaved_rerank_ms(encoder, [(reranker, gallery) for _, _, reranker, gallery in arms], k)
     own = 1 if baseline else 0  # this mid over fp16 tokens
     for row, ms in zip(rows, timed, strict=True):

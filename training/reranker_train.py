@@ -353,7 +353,7 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig, on_step: Callab
     resumed = log.step
     model = (_resumed(cfg, encoder) if resumed else new_matcher(encoder, cfg)).train()
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    teacher = _teacher(cfg, model)
+    teacher = _teacher(cfg, encoder)
     losses = log.losses
     start = time.perf_counter() - log.seconds
     for step in range(resumed, cfg.steps):
@@ -380,15 +380,14 @@ def train_reranker(encoder: DualEncoder, cfg: RerankTrainConfig, on_step: Callab
     return model, {"seconds": log.seconds, "losses": losses, "commands": log.commands}
 
 
-def _teacher(cfg: RerankTrainConfig, student: Matcher) -> Matcher | None:
-    """The frozen teacher a run distils, checked to read the same tokens as the student."""
+def _teacher(cfg: RerankTrainConfig, encoder: DualEncoder) -> Matcher | None:
+    """The frozen teacher a run distils, checked to be of its kind and to read this encoder's tokens."""
     if cfg.teacher is None:
         return None
     teacher = load_reranker(cfg.teacher).eval().requires_grad_(False)
-    if (teacher.cfg.kind, teacher.cfg.encoder_id) != (student.cfg.kind, student.cfg.encoder_id):
+    if teacher.cfg.kind != cfg.kind or not encoder.is_model(teacher.cfg.encoder_id):
         raise ValueError(f"the teacher {cfg.teacher} is a reranker of kind {teacher.cfg.kind} over "
-                         f"{teacher.cfg.encoder_id!r}; the student is of kind {student.cfg.kind} over "
-                         f"{student.cfg.encoder_id!r}")
+                         f"{teacher.cfg.encoder_id!r}; this run trains kind {cfg.kind} over {encoder.model_id!r}")
     return teacher
 
 

@@ -103,10 +103,10 @@ def test_distillation_adds_the_divergence_from_the_teacher(encoder: DualEncoder,
         other = new_matcher(encoder, replace(cfg, seed=1)).eval()
         assert pair_loss(student, batch, weight, 0.0, other) > alone
     saved = save_reranker(other, tmp_path / "teacher.safetensors")
-    assert _teacher(replace(cfg, teacher=saved), student) is not None
+    assert _teacher(replace(cfg, teacher=saved), encoder) is not None
     early = save_reranker(new_matcher(encoder, replace(cfg, kind="early")), tmp_path / "early.safetensors")
     with pytest.raises(ValueError, match="teacher"):
-        _teacher(replace(cfg, teacher=early), student)
+        _teacher(replace(cfg, teacher=early), encoder)
 
 
 @pytest.mark.slow
